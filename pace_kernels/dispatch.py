@@ -1,0 +1,90 @@
+"""Backend dispatch for the fused linear ops.
+
+``backend="auto"`` runs the Triton kernels on CUDA tensors and the reference on anything else;
+``"triton"`` forces the kernels (on CPU tensors they run in Triton's interpreter, which is how the
+tests exercise them without a GPU); ``"torch"`` forces the reference.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Callable, Optional
+
+import torch
+
+from . import reference
+from ._checks import check_backend, check_linear_inputs
+
+# op name -> "module:function" of its Triton implementation (same signature as the reference).
+_TRITON_IMPLS = {
+    "lora_add_linear": "pace_kernels.lora_add:lora_add_linear_triton",
+    "lora_mul_linear": "pace_kernels.lora_mul:lora_mul_linear_triton",
+}
+
+
+def _triton_impl(op: str) -> Callable:
+    module_name, fn_name = _TRITON_IMPLS[op].split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:  # triton missing, or the kernel module not built for this platform
+        raise NotImplementedError(f"{op}: backend='triton' is unavailable here ({exc})") from exc
+    return getattr(module, fn_name)
+
+
+def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    if device_type not in ("cuda", "cpu"):
+        return None
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def _cast(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    return None if t is None else t.to(dtype)
+
+
+def _dispatch(op: str, backend: str, x, weight, bias, lora_a, lora_b, delta_bias, noise) -> torch.Tensor:
+    check_backend(backend)
+    if isinstance(x, torch.Tensor):
+        amp_dtype = _autocast_dtype(x.device.type)
+        if amp_dtype is not None and x.is_floating_point():
+            # Under autocast a linear layer computes in the autocast dtype; cast every operand (the
+            # noise stays as given) so both backends see one dtype, as F.linear would.
+            x, weight, bias, lora_a, lora_b, delta_bias = (
+                _cast(t, amp_dtype) for t in (x, weight, bias, lora_a, lora_b, delta_bias)
+            )
+    use_triton = backend == "triton" or (backend == "auto" and isinstance(x, torch.Tensor) and x.is_cuda)
+    if not use_triton:
+        return getattr(reference, op)(x, weight, bias, lora_a, lora_b, delta_bias, noise)
+    check_linear_inputs(op, x, weight, bias, lora_a, lora_b, delta_bias, noise)
+    return _triton_impl(op)(x, weight, bias, lora_a, lora_b, delta_bias, noise)
+
+
+def lora_add_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    delta_bias: Optional[torch.Tensor] = None,
+    noise: Optional[torch.Tensor] = None,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """``Y = x W0^T + b0 + Z * ((x A^T) B^T + db)``; see :func:`pace_kernels.reference.lora_add_linear`."""
+    return _dispatch("lora_add_linear", backend, x, weight, bias, lora_a, lora_b, delta_bias, noise)
+
+
+def lora_mul_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    delta_bias: Optional[torch.Tensor] = None,
+    noise: Optional[torch.Tensor] = None,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """``Y = x W0^T + b0 + Z * (x (W0 * (B A))^T + db)``; see :func:`pace_kernels.reference.lora_mul_linear`."""
+    return _dispatch("lora_mul_linear", backend, x, weight, bias, lora_a, lora_b, delta_bias, noise)
