@@ -1,0 +1,37 @@
+"""pace: fast PACE fine-tuning.
+
+PACE (NeurIPS 2024) multiplies each adapter's output by per-sample noise ``N(1, sigma^2)`` and
+adds a consistency loss between noisy copies of the network. This package provides the drop-in
+layers (:class:`PaceLinear`), their injection into timm models (:func:`inject`), the noise schedule,
+the PACE / PACE_fast / PACE_lazy_half / FPA objectives (:class:`PaceCriterion`), merge for
+inference (:func:`merge`) and adapter I/O; the fused kernels live in :mod:`pace_kernels`.
+"""
+
+from .dropout import SharedDropout, SharedDropPath, set_copies
+from .inject import (
+    SCHEDULES,
+    adapters_disabled,
+    block_indices,
+    fp_distance,
+    inject,
+    merge,
+    schedule_factors,
+    set_backend,
+    set_sigma,
+    trainable_parameters,
+)
+from .io import load_adapter, save_adapter
+from .layers import ADAPTER_KINDS, PaceLinear, SSFNorm
+from .losses import MODES, PaceCriterion, PaceOutput, consistency
+from .noise import NOISE_KINDS, draw_noise
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ADAPTER_KINDS", "MODES", "NOISE_KINDS", "SCHEDULES",
+    "PaceLinear", "SSFNorm", "SharedDropPath", "SharedDropout",
+    "PaceCriterion", "PaceOutput", "consistency",
+    "inject", "merge", "set_sigma", "set_backend", "set_copies", "trainable_parameters",
+    "adapters_disabled", "fp_distance", "block_indices", "schedule_factors",
+    "save_adapter", "load_adapter", "draw_noise",
+]

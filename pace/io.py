@@ -1,0 +1,91 @@
+"""Saving and loading the trainable adapter tensors (safetensors) with a small JSON config.
+
+A saved adapter is two files, ``NAME.safetensors`` (trainable tensors by their module path and SPEC
+names, e.g. ``blocks.3.attn.qkv.lora_a``) and ``NAME.json`` (``pace.inject``'s arguments), so it can
+be re-applied to a fresh copy of the pre-trained model. Both are written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Union
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from .inject import inject
+from .layers import PaceLinear
+
+__all__ = ["save_adapter", "load_adapter", "atomic_write"]
+
+FORMAT_VERSION = 1
+PathLike = Union[str, os.PathLike]
+
+
+def _paths(path: PathLike) -> tuple:
+    p = Path(path)
+    if p.suffix in (".safetensors", ".json"):
+        p = p.with_suffix("")
+    return p.with_name(p.name + ".safetensors"), p.with_name(p.name + ".json")
+
+
+def atomic_write(path: PathLike, write) -> None:
+    """Call ``write(tmp_path)`` then rename over ``path``: a killed process never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_adapter(model: nn.Module, path: PathLike) -> Path:
+    """Write the trainable tensors of an injected ``model`` and its PACE config; returns the
+    ``.safetensors`` path."""
+    config = getattr(model, "pace_config", None)
+    if not isinstance(config, dict):
+        raise ValueError("save_adapter: model has no PACE adapters (call pace.inject first)")
+    tensors = {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    st_path, json_path = _paths(path)
+    meta = {"format_version": FORMAT_VERSION, "config": config, "tensors": sorted(tensors)}
+    atomic_write(st_path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pace-adapter"}))
+    atomic_write(json_path, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2, sort_keys=True)))
+    return st_path
+
+
+def load_adapter(model: nn.Module, path: PathLike) -> nn.Module:
+    """Load a saved adapter into ``model``, first injecting it as the saved config says when the
+    model holds no PACE layers yet (a fresh pre-trained model)."""
+    st_path, json_path = _paths(path)
+    for p in (st_path, json_path):
+        if not p.is_file():
+            raise FileNotFoundError(f"load_adapter: {p} does not exist")
+    try:
+        meta = json.loads(json_path.read_text())
+        config = dict(meta["config"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"load_adapter: {json_path} is not a PACE adapter config ({exc})") from exc
+    if not any(isinstance(m, PaceLinear) for m in model.modules()):
+        head = config.pop("head", None)
+        inject(model, head=head if head is not None else None, **config)
+    tensors = load_file(str(st_path))
+    params = dict(model.named_parameters())
+    missing = sorted(set(tensors) - set(params))
+    if missing:
+        raise ValueError(f"load_adapter: the model has no parameters named {missing[:5]} (different model or config?)")
+    with torch.no_grad():
+        for name, t in tensors.items():
+            p = params[name]
+            if p.shape != t.shape:
+                raise ValueError(f"load_adapter: {name} has shape {list(t.shape)} in the file, {list(p.shape)} in the model")
+            p.copy_(t)
+    return model
