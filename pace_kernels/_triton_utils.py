@@ -1,17 +1,30 @@
-"""Pieces every Triton kernel module shares: interpreter detection and the compile-check registry.
+"""Pieces every Triton kernel module shares: interpreter detection, autotune switch, dot helper,
+torch.library registration and the compile-check machinery.
 
 Each kernel module (``lora_add``, ``lora_mul``) exposes ``compile_specs() -> list[CompileSpec]``:
 one entry per kernel and shipped config, which ``python -m pace_kernels.compile_check`` compiles
-for a GPU target without a GPU (SPEC section 7).
+for a GPU target without a GPU (SPEC section 7) through :func:`compile_for_arch`.
+
+Everything here is public to the kernel modules and stays backward compatible: add, do not change.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import subprocess
+import tempfile
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
+
+try:  # the module must import (for is_interpreting, CompileSpec) even where triton is missing
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - triton ships with torch on Linux
+    triton = None
+    tl = None
 
 
 def is_interpreting() -> bool:
@@ -24,8 +37,12 @@ class CompileSpec:
     """One kernel in one config, as ``triton.compile(ASTSource(...))`` needs it.
 
     ``signature`` maps every non-constexpr argument name to its Triton type string (``"*bf16"``,
-    ``"i32"``, ``"fp32"``); ``constexprs`` maps the constexpr argument names to their values.
+    ``"i32"``, ``"fp32"``); ``constexprs`` maps the constexpr argument names to their values
+    (an argument the runtime specialises, such as a stride equal to 1, may be listed here too).
     ``dtype`` is the operand dtype the row stands for (fp16/bf16 rows must use wgmma).
+    ``divisible`` names the integer arguments the real launches see as multiples of 16 (the
+    runtime specialises on that, and it changes vectorisation); pointer arguments are always
+    taken as 16-byte aligned, as every torch allocation is.
     """
 
     name: str
@@ -36,6 +53,207 @@ class CompileSpec:
     num_stages: int
     dtype: torch.dtype
     note: str = field(default="")
+    divisible: Tuple[str, ...] = field(default=())
 
 
 TRITON_DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+"""Operand dtypes the kernels take (float64 inputs go to the reference)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Autotuning: real lists on a GPU, one fixed config in the interpreter.
+
+def autotune_enabled() -> bool:
+    """Whether kernels autotune over their Hopper config lists.
+
+    Off in the interpreter, where every config would be *run* (slowly) to time it. The environment
+    variable ``PACE_KERNELS_AUTOTUNE=0`` also turns it off on a GPU (first config of each list is
+    used), which makes start-up fast and launches reproducible across processes.
+    """
+    if is_interpreting():
+        return False
+    return os.environ.get("PACE_KERNELS_AUTOTUNE", "1") not in ("", "0")
+
+
+def pick_configs(gpu_configs: Sequence[Any], interpreter_config: Any) -> List[Any]:
+    """The configs an autotuner gets: ``gpu_configs`` when autotuning, else one fixed config
+    (``interpreter_config`` when interpreting, the first GPU config otherwise). An autotuner with
+    a single config launches it without benchmarking."""
+    if autotune_enabled():
+        return list(gpu_configs)
+    return [interpreter_config if is_interpreting() else gpu_configs[0]]
+
+
+def dot_upcast(dtype: torch.dtype) -> bool:
+    """Whether dot operands must be upcast to fp32: in the interpreter ``tl.dot`` on bfloat16
+    operands returns garbage (SPEC section 7); fp16 and fp32 are right there."""
+    return is_interpreting() and dtype == torch.bfloat16
+
+
+def fp32_dot_precision() -> str:
+    """``input_precision`` for fp32 operands: follow torch's own switch, so a kernel is as exact as
+    the ``F.linear`` it replaces (tf32 only where torch would use tf32 too)."""
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+if triton is not None:
+
+    @triton.jit
+    def dot_acc(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+        """``acc + a @ b`` with fp32 accumulation; ``UPCAST`` works around the interpreter's bf16 dot."""
+        if UPCAST:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+        else:
+            return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+# --------------------------------------------------------------------------------------------
+# torch.library registration.
+
+def wrap_triton(kernel: Any) -> Any:
+    """``torch.library.wrap_triton`` where this torch has it (``capture_triton`` in 2.5), else the
+    kernel itself: a launch through it is traceable by make_fx / torch.compile."""
+    wrapper = getattr(torch.library, "wrap_triton", None) or getattr(torch.library, "capture_triton", None)
+    if wrapper is None or is_interpreting():
+        return kernel
+    return wrapper(kernel)
+
+
+def uses_triton_op() -> bool:
+    """Whether :func:`register_op` makes a Triton-aware op (``torch.library.triton_op``, torch >= 2.6).
+
+    Not in the interpreter: a triton_op is traced into (its body must run on fake tensors), and an
+    interpreted kernel cannot run on them; there the op stays opaque with a registered fake."""
+    return hasattr(torch.library, "triton_op") and not is_interpreting()
+
+
+def register_op(qualname: str, fn: Callable, fake: Callable, *, mutates_args: Sequence[str] = ()) -> Any:
+    """Register ``fn`` (which launches Triton kernels through :func:`wrap_triton`) as the op
+    ``qualname`` (``"pace::name"``) and return its ``CustomOpDef`` (``.register_autograd`` etc.).
+
+    With ``torch.library.triton_op`` the body is traced into by torch.compile, so Inductor sees the
+    kernels and ``fn`` itself serves as the fake; otherwise ``torch.library.custom_op`` keeps the op
+    opaque and ``fake`` (shapes only) is registered for tracing.
+    """
+    if uses_triton_op():
+        return torch.library.triton_op(qualname, fn, mutates_args=tuple(mutates_args))
+    op = torch.library.custom_op(qualname, fn, mutates_args=tuple(mutates_args))
+    op.register_fake(fake)
+    return op
+
+
+# --------------------------------------------------------------------------------------------
+# Compile check: compile a CompileSpec for a GPU target without a GPU, read ptxas -v.
+
+@dataclass(frozen=True)
+class CompileReport:
+    """What compiling one :class:`CompileSpec` for a CUDA arch gave."""
+
+    spec: CompileSpec
+    registers: int = -1
+    spill_stores: int = -1
+    spill_loads: int = -1
+    shared_bytes: int = -1
+    wgmma: bool = False
+    error: str = ""
+
+    @property
+    def spill_bytes(self) -> int:
+        return max(self.spill_stores, 0) + max(self.spill_loads, 0)
+
+    @property
+    def needs_wgmma(self) -> bool:
+        return self.spec.dtype in (torch.float16, torch.bfloat16)
+
+    @property
+    def ok(self) -> bool:
+        if self.error:
+            return False
+        return self.spill_bytes == 0 and (self.wgmma or not self.needs_wgmma)
+
+
+def ptxas_path() -> str:
+    """The ptxas bundled with triton (``TRITON_PTXAS_PATH`` overrides)."""
+    env = os.environ.get("TRITON_PTXAS_PATH")
+    if env:
+        return env
+    if triton is None:
+        raise RuntimeError("triton is not installed")
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+
+
+_PTXAS_SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+_PTXAS_REGS = re.compile(r"Used (\d+) registers")
+
+
+def parse_ptxas(text: str) -> Tuple[int, int, int]:
+    """``(registers, spill store bytes, spill load bytes)`` from ``ptxas -v`` output (one kernel)."""
+    regs = _PTXAS_REGS.search(text)
+    spill = _PTXAS_SPILL.search(text)
+    if regs is None or spill is None:
+        raise ValueError(f"could not parse ptxas -v output:\n{text}")
+    return int(regs.group(1)), int(spill.group(1)), int(spill.group(2))
+
+
+def _raw_jit_function(fn: Any) -> Any:
+    from triton.runtime.autotuner import Autotuner, Heuristics
+
+    while isinstance(fn, (Autotuner, Heuristics)):
+        fn = fn.fn
+    return fn
+
+
+def compile_for_arch(spec: CompileSpec, arch: int = 90) -> CompileReport:
+    """Compile ``spec`` for ``sm_<arch>`` (no GPU needed) and report registers, spills, shared
+    memory and whether the PTX uses ``wgmma``. Needs the real compiler: not under the interpreter."""
+    if is_interpreting():
+        raise RuntimeError("compile_for_arch needs TRITON_INTERPRET unset (the interpreter compiles nothing)")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = _raw_jit_function(spec.fn)
+    try:
+        signature = {}
+        for name in fn.arg_names:
+            if name in spec.constexprs:
+                signature[name] = "constexpr"
+            elif name in spec.signature:
+                signature[name] = spec.signature[name]
+            else:
+                raise KeyError(f"{spec.name}: argument {name!r} is in neither signature nor constexprs")
+        attrs = {}
+        for i, name in enumerate(fn.arg_names):
+            ty = signature[name]
+            if ty.startswith("*") or name in spec.divisible:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        src = ASTSource(fn=fn, signature=signature, constexprs=dict(spec.constexprs), attrs=attrs)
+        arch_name = f"{arch}a" if arch >= 90 else str(arch)
+        kernel = triton.compile(
+            src,
+            target=GPUTarget("cuda", arch, 32),
+            options=dict(num_warps=spec.num_warps, num_stages=spec.num_stages),
+        )
+        ptx = kernel.asm["ptx"]
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "kernel.ptx")
+            with open(path, "w") as f:
+                f.write(ptx)
+            out = subprocess.run(
+                [ptxas_path(), "-v", f"--gpu-name=sm_{arch_name}", path, "-o", os.path.join(tmp, "k.cubin")],
+                capture_output=True, text=True, check=True,
+            )
+        regs, st, ld = parse_ptxas(out.stdout + out.stderr)
+        return CompileReport(spec, regs, st, ld, int(kernel.metadata.shared), "wgmma" in ptx)
+    except Exception as exc:  # reported as a failed row, not a crash of the whole check
+        return CompileReport(spec, error=f"{type(exc).__name__}: {exc}".splitlines()[0][:200])
+
+
+def config_label(constexprs: Dict[str, Any], keys: Sequence[str], num_warps: int, num_stages: int) -> str:
+    """Short label for a config row, e.g. ``BM128 BN128 BK64 w8 s3``."""
+    parts = []
+    for k in keys:
+        short = k.replace("BLOCK_", "B")
+        parts.append(f"{short}{constexprs[k]}")
+    return " ".join(parts + [f"w{num_warps}", f"s{num_stages}"])

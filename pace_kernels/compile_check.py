@@ -1,0 +1,100 @@
+"""Compile every shipped kernel config for a GPU architecture without a GPU and check it.
+
+    python -m pace_kernels.compile_check --arch 90
+
+For each kernel module that imports, every entry of its ``compile_specs()`` is compiled with
+``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``; the bundled
+``ptxas -v`` gives registers and spill bytes, the PTX tells whether tensor cores (``wgmma``) are
+used (SPEC section 7). Exit status 1 when an fp16/bf16 row lacks wgmma, any row spills, or a
+config fails to compile; only configs that pass may ship in the autotune lists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import subprocess
+import sys
+from typing import List, Optional, Sequence
+
+KERNEL_MODULES = ["pace_kernels.lora_add", "pace_kernels.lora_mul"]
+
+
+def _load_specs(modules: Sequence[str], only: Optional[str]) -> list:
+    specs = []
+    for name in modules:
+        try:
+            module = importlib.import_module(name)
+        except ImportError as exc:
+            print(f"# {name}: not imported ({exc}); skipped")
+            continue
+        if not hasattr(module, "compile_specs"):
+            print(f"# {name}: has no compile_specs(); skipped")
+            continue
+        for spec in module.compile_specs():
+            if only is None or only in spec.name:
+                specs.append(spec)
+    return specs
+
+
+def run_check(arch: int = 90, modules: Sequence[str] = KERNEL_MODULES, only: Optional[str] = None,
+              limit: Optional[int] = None) -> int:
+    """Compile and print the table; return the process exit status (0 all good, 1 otherwise)."""
+    from ._triton_utils import TRITON_DTYPE_NAMES, compile_for_arch
+
+    specs = _load_specs(modules, only)
+    if limit is not None:
+        specs = specs[:limit]
+    if not specs:
+        print("no kernel specs found")
+        return 1
+    header = f"{'kernel':<44} {'dtype':<5} {'config':<44} {'regs':>4} {'spill':>5} {'smem':>6} {'wgmma':>5}  status"
+    print(f"# compile_check for sm_{arch}")
+    print(header)
+    print("-" * len(header))
+    failed = 0
+    for spec in specs:
+        report = compile_for_arch(spec, arch)
+        dtype = TRITON_DTYPE_NAMES.get(spec.dtype, str(spec.dtype))
+        if report.error:
+            status = f"FAIL: {report.error}"
+        elif not report.ok:
+            why = []
+            if report.spill_bytes:
+                why.append("spills")
+            if report.needs_wgmma and not report.wgmma:
+                why.append("no wgmma")
+            status = "FAIL: " + ", ".join(why)
+        else:
+            status = "ok"
+        failed += 0 if report.ok else 1
+        print(
+            f"{spec.name:<44} {dtype:<5} {spec.note:<44} {report.registers:>4} {report.spill_bytes:>5} "
+            f"{report.shared_bytes:>6} {'yes' if report.wgmma else 'no':>5}  {status}",
+            flush=True,
+        )
+    print(f"# {len(specs) - failed}/{len(specs)} configs pass")
+    return 1 if failed else 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability as an int (90 = Hopper)")
+    parser.add_argument("--module", action="append", help="kernel module(s) to check (default: all)")
+    parser.add_argument("--only", help="check only specs whose name contains this string")
+    parser.add_argument("--limit", type=int, help="check only the first N matching specs")
+    args = parser.parse_args(argv)
+
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        # The interpreter replaces triton.jit functions with Python ones that cannot be compiled;
+        # run again in a fresh process without it.
+        env = dict(os.environ)
+        env.pop("TRITON_INTERPRET")
+        cmd = [sys.executable, "-m", "pace_kernels.compile_check"] + list(sys.argv[1:] if argv is None else argv)
+        return subprocess.call(cmd, env=env)
+    return run_check(args.arch, args.module or KERNEL_MODULES, args.only, args.limit)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
