@@ -109,18 +109,21 @@ class PaceLinear(nn.Module):
         if kind in ("lora_add", "lora_mul", "lora_mul_vpt_add"):
             self.lora_a = nn.Parameter(torch.empty(r, k, **kw))
             self.lora_b = nn.Parameter(torch.empty(d, r, **kw))
+        # Adapter bias terms live only where the frozen layer has a bias, so merging gives back the
+        # original architecture (Swin's bias-free patch merging stays bias-free); VPT is the exception:
+        # its whole adapter is a bias, and merging it adds one.
+        has_bias = self.bias is not None
         if kind == "lora_add":
-            self.delta_bias = nn.Parameter(torch.empty(d, **kw))
+            self.delta_bias = nn.Parameter(torch.empty(d, **kw)) if has_bias else None
         if kind in ("vpt_add", "lora_mul_vpt_add"):
             self.prompt_down = nn.Parameter(torch.empty(k, r, **kw))
             self.prompt_up = nn.Parameter(torch.empty(r, 1, **kw))
         if kind in ("lora_mul", "lora_mul_vpt_add"):
-            # db = b0 * bias_scale: without a pre-trained bias there is nothing to scale.
-            self.bias_scale = nn.Parameter(torch.empty(d, **kw)) if self.bias is not None else None
+            self.bias_scale = nn.Parameter(torch.empty(d, **kw)) if has_bias else None
         if kind == "rlrr":
             self.scale_left = nn.Parameter(torch.empty(d, 1, **kw))
             self.scale_right = nn.Parameter(torch.empty(1, k, **kw))
-            self.shift = nn.Parameter(torch.empty(d, **kw))
+            self.shift = nn.Parameter(torch.empty(d, **kw)) if has_bias else None
 
     def reset_parameters(self) -> None:
         """nn.Linear's init for the (stand-in) pre-trained layer, SPEC section 2's for the adapter."""
