@@ -93,14 +93,28 @@ def dot_upcast(dtype: torch.dtype) -> bool:
 
 
 def fp32_dot_precision() -> str:
-    """``input_precision`` for fp32 operands: follow torch's own switch, so a kernel is as exact as
-    the ``F.linear`` it replaces (tf32 only where torch would use tf32 too)."""
-    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    """``input_precision`` for fp32 operands: follow torch's own switch. Where torch would use tf32,
+    so do the kernels; otherwise ``tf32x3`` (three tf32 products, about fp32 accuracy, still on
+    tensor cores). Plain ``ieee`` FMA dots spill registers at rank 64 in every tile tried on sm_90."""
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3"
+
+
+def jit_helper(fn: Callable) -> Callable:
+    """``triton.jit`` for a helper that kernels call; under the interpreter the plain function.
+
+    The interpreter re-patches ``triton.language`` on every call of a nested jit function (about
+    10 ms each, more than the arithmetic of a small tile), while a plain Python function called
+    from an interpreted kernel runs as is. Helpers must then avoid Python builtins that the
+    compiler rewrites (use ``tl.minimum``, not ``min``).
+    """
+    if is_interpreting():
+        return fn
+    return triton.jit(fn)
 
 
 if triton is not None:
 
-    @triton.jit
+    @jit_helper
     def dot_acc(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
         """``acc + a @ b`` with fp32 accumulation; ``UPCAST`` works around the interpreter's bf16 dot."""
         if UPCAST:
@@ -158,6 +172,7 @@ class CompileReport:
     shared_bytes: int = -1
     wgmma: bool = False
     error: str = ""
+    arch: int = 90
 
     @property
     def spill_bytes(self) -> int:
@@ -168,10 +183,19 @@ class CompileReport:
         return self.spec.dtype in (torch.float16, torch.bfloat16)
 
     @property
+    def shared_over_limit(self) -> bool:
+        limit = MAX_SHARED_BYTES.get(self.arch)
+        return limit is not None and self.shared_bytes > limit
+
+    @property
     def ok(self) -> bool:
         if self.error:
             return False
-        return self.spill_bytes == 0 and (self.wgmma or not self.needs_wgmma)
+        return self.spill_bytes == 0 and (self.wgmma or not self.needs_wgmma) and not self.shared_over_limit
+
+
+MAX_SHARED_BYTES = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+"""Shared memory one block may use, per compute capability (a config over it fails at launch)."""
 
 
 def ptxas_path() -> str:
@@ -245,9 +269,9 @@ def compile_for_arch(spec: CompileSpec, arch: int = 90) -> CompileReport:
                 capture_output=True, text=True, check=True,
             )
         regs, st, ld = parse_ptxas(out.stdout + out.stderr)
-        return CompileReport(spec, regs, st, ld, int(kernel.metadata.shared), "wgmma" in ptx)
+        return CompileReport(spec, regs, st, ld, int(kernel.metadata.shared), "wgmma" in ptx, arch=arch)
     except Exception as exc:  # reported as a failed row, not a crash of the whole check
-        return CompileReport(spec, error=f"{type(exc).__name__}: {exc}".splitlines()[0][:200])
+        return CompileReport(spec, error=f"{type(exc).__name__}: {exc}".splitlines()[0][:200], arch=arch)
 
 
 def config_label(constexprs: Dict[str, Any], keys: Sequence[str], num_warps: int, num_stages: int) -> str:

@@ -12,11 +12,13 @@ config fails to compile; only configs that pass may ship in the autotune lists.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import importlib
+import multiprocessing
 import os
 import subprocess
 import sys
-from typing import List, Optional, Sequence
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 KERNEL_MODULES = ["pace_kernels.lora_add", "pace_kernels.lora_mul"]
 
@@ -38,10 +40,42 @@ def _load_specs(modules: Sequence[str], only: Optional[str]) -> list:
     return specs
 
 
+_SPECS: list = []  # the specs being checked, inherited by forked workers
+
+
+def _compile_one(job: Tuple[int, int]) -> tuple:
+    from ._triton_utils import compile_for_arch
+
+    index, arch = job
+    r = compile_for_arch(_SPECS[index], arch)
+    return (r.registers, r.spill_stores, r.spill_loads, r.shared_bytes, r.wgmma, r.error)
+
+
+def _compile_all(specs: list, arch: int, jobs: int) -> Iterator:
+    """Reports in spec order; compiled by ``jobs`` forked processes (triton.compile is CPU-bound)."""
+    from ._triton_utils import CompileReport
+
+    _SPECS[:] = specs
+    work = [(i, arch) for i in range(len(specs))]
+    if jobs <= 1 or len(specs) <= 1:
+        results = map(_compile_one, work)
+        pool = None
+    else:
+        pool = concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork"))
+        results = pool.map(_compile_one, work)
+    try:
+        for spec, fields in zip(specs, results):
+            regs, st, ld, smem, wgmma, error = fields
+            yield CompileReport(spec, regs, st, ld, smem, wgmma, error, arch=arch)
+    finally:
+        if pool is not None:
+            pool.shutdown()
+
+
 def run_check(arch: int = 90, modules: Sequence[str] = KERNEL_MODULES, only: Optional[str] = None,
-              limit: Optional[int] = None) -> int:
+              limit: Optional[int] = None, jobs: int = 1) -> int:
     """Compile and print the table; return the process exit status (0 all good, 1 otherwise)."""
-    from ._triton_utils import TRITON_DTYPE_NAMES, compile_for_arch
+    from ._triton_utils import TRITON_DTYPE_NAMES
 
     specs = _load_specs(modules, only)
     if limit is not None:
@@ -54,8 +88,8 @@ def run_check(arch: int = 90, modules: Sequence[str] = KERNEL_MODULES, only: Opt
     print(header)
     print("-" * len(header))
     failed = 0
-    for spec in specs:
-        report = compile_for_arch(spec, arch)
+    for report in _compile_all(specs, arch, jobs):
+        spec = report.spec
         dtype = TRITON_DTYPE_NAMES.get(spec.dtype, str(spec.dtype))
         if report.error:
             status = f"FAIL: {report.error}"
@@ -65,6 +99,8 @@ def run_check(arch: int = 90, modules: Sequence[str] = KERNEL_MODULES, only: Opt
                 why.append("spills")
             if report.needs_wgmma and not report.wgmma:
                 why.append("no wgmma")
+            if report.shared_over_limit:
+                why.append("shared memory over the limit")
             status = "FAIL: " + ", ".join(why)
         else:
             status = "ok"
@@ -84,6 +120,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--module", action="append", help="kernel module(s) to check (default: all)")
     parser.add_argument("--only", help="check only specs whose name contains this string")
     parser.add_argument("--limit", type=int, help="check only the first N matching specs")
+    parser.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1),
+                        help="compile in this many processes (default: up to 4)")
     args = parser.parse_args(argv)
 
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -93,7 +131,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         env.pop("TRITON_INTERPRET")
         cmd = [sys.executable, "-m", "pace_kernels.compile_check"] + list(sys.argv[1:] if argv is None else argv)
         return subprocess.call(cmd, env=env)
-    return run_check(args.arch, args.module or KERNEL_MODULES, args.only, args.limit)
+    return run_check(args.arch, args.module or KERNEL_MODULES, args.only, args.limit, args.jobs)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,581 @@
+"""Fused ``lora_add`` linear layer: Triton kernels, autograd and the ``torch.library`` op.
+
+    Y = X W0^T + b0 + Zr * (U B^T + db),   U = X A^T        (SPEC section 3)
+
+Forward, one kernel (``_fwd_kernel``): each program owns a ``[BLOCK_M, BLOCK_N]`` tile of ``Y``
+and, in the same K loop that accumulates ``X W0^T``, accumulates ``U = X A^T`` (``[BLOCK_M, R]``,
+``R`` the rank padded to a power of two >= 16), so ``X`` is read once. The epilogue adds
+``U B^T + db``, scales it by the noise row of each output row (``row // rows_per_noise``), adds
+``b0`` and stores ``Y``; the programs of the first column tile also store ``U``. Saved for
+backward: ``X``, ``U [N, r]``, the noise and the parameters; no ``N x D`` activation.
+
+Backward, three launches, no ``N x D`` temporary besides ``G`` and no atomics:
+- ``_bwd_dx_kernel``: ``dX = G W0 + (Gz B) A``. Each program owns a ``[BLOCK_M, BLOCK_K]`` tile
+  of ``dX`` and loops over D; ``Gz = Zr * G`` is formed in registers from the ``G`` tile it loaded
+  for ``G W0``, and ``P = Gz B`` (``[BLOCK_M, R]``) is accumulated beside it. The epilogue adds
+  ``P A``; the first column tile stores ``P`` (``N x r``, small) for ``dA``.
+- ``_rank_grad_kernel`` twice: ``dB = Gz^T U`` with ``d db = colsum(Gz)``, and ``dA^T = X^T P``.
+  Rows are split into a fixed number of chunks (chosen from the shapes only); every program sums
+  its chunk into its own slot of an fp32 ``[splits, F, r]`` buffer, and the slots are summed by
+  ``torch.sum`` in a fixed order: deterministic, bitwise identical run to run.
+
+All dots accumulate in fp32; ``U`` and ``P`` are rounded to the input dtype like the reference's
+intermediate results. In the interpreter bf16 dot operands are upcast (SPEC section 7).
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from . import reference
+from ._checks import check_linear_inputs
+from ._triton_utils import (
+    KERNEL_DTYPES,
+    TRITON_DTYPE_NAMES,
+    CompileSpec,
+    config_label,
+    dot_acc,
+    dot_upcast,
+    fp32_dot_precision,
+    jit_helper,
+    pick_configs,
+    register_op,
+    wrap_triton,
+)
+
+__all__ = ["lora_add_linear_triton", "LoraAddFunction", "compile_specs", "MAX_RANK"]
+
+MAX_RANK = 64
+"""Largest rank the kernels take; larger ranks run the reference path."""
+
+
+def padded_rank(rank: int) -> int:
+    """The rank as the kernels see it: a power of two >= 16 (the smallest ``tl.dot`` K/N size)."""
+    return max(16, triton.next_power_of_2(rank))
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels
+
+
+@jit_helper
+def _tile_ids(pid, n_rows, n_cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    # Grouped ordering: GROUP_M row tiles sweep the column tiles together, so the weight tiles
+    # they share stay in L2.
+    num_pid_m = tl.cdiv(n_rows, BLOCK_M)
+    num_pid_n = tl.cdiv(n_cols, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _fwd_kernel(
+    x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, db_ptr, z_ptr, y_ptr, u_ptr,
+    N, D, K, RANK, rows_per_noise,
+    stride_xm, stride_xk,
+    stride_wd, stride_wk,
+    stride_ar, stride_ak,
+    stride_bd, stride_br,
+    stride_zm, stride_zd,
+    stride_ym, stride_yd,
+    stride_um, stride_ur,
+    HAS_BIAS: tl.constexpr, HAS_DB: tl.constexpr, HAS_NOISE: tl.constexpr,
+    R: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid_m, pid_n = _tile_ids(tl.program_id(0), N, D, BLOCK_M, BLOCK_N, GROUP_M)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, R)
+    # Rows and columns past the edge wrap onto valid ones, so the K loop needs masks along K only;
+    # their results are dropped by the store masks. Row offsets are int64: N*K may pass 2^31.
+    rows = (offs_m % N).to(tl.int64)
+    cols = offs_n % D
+    x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    w_ptrs = w_ptr + offs_k[:, None] * stride_wk + cols[None, :] * stride_wd
+    a_ptrs = a_ptr + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar
+    r_ok = offs_r < RANK
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    u = tl.zeros((BLOCK_M, R), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_ok = offs_k < K - k * BLOCK_K
+        x = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
+        a = tl.load(a_ptrs, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
+        acc = dot_acc(x, w, acc, UPCAST, PRECISION)
+        u = dot_acc(x, a, u, UPCAST, PRECISION)
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+        a_ptrs += BLOCK_K * stride_ak
+
+    m_ok = offs_m < N
+    n_ok = offs_n < D
+    # U is rounded to the input dtype, as the reference's F.linear(x, A) is.
+    u_lo = u.to(y_ptr.dtype.element_ty)
+    if pid_n == 0:
+        u_ptrs = u_ptr + offs_m.to(tl.int64)[:, None] * stride_um + offs_r[None, :] * stride_ur
+        tl.store(u_ptrs, u_lo, mask=m_ok[:, None] & r_ok[None, :])
+
+    bt_ptrs = b_ptr + offs_r[:, None] * stride_br + cols[None, :] * stride_bd
+    bt = tl.load(bt_ptrs, mask=r_ok[:, None], other=0.0)
+    delta = dot_acc(u_lo, bt, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), UPCAST, PRECISION)
+    if HAS_DB:
+        delta += tl.load(db_ptr + cols).to(tl.float32)[None, :]
+    if HAS_NOISE:
+        z_rows = (rows // rows_per_noise).to(tl.int64)
+        z = tl.load(z_ptr + z_rows[:, None] * stride_zm + cols[None, :] * stride_zd)
+        delta = delta * z.to(tl.float32)
+    acc += delta
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
+
+    y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :] * stride_yd
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _bwd_dx_kernel(
+    g_ptr, w_ptr, a_ptr, b_ptr, z_ptr, dx_ptr, p_ptr,
+    N, D, K, RANK, rows_per_noise,
+    stride_gm, stride_gd,
+    stride_wd, stride_wk,
+    stride_ar, stride_ak,
+    stride_bd, stride_br,
+    stride_zm, stride_zd,
+    stride_dxm, stride_dxk,
+    stride_pm, stride_pr,
+    HAS_NOISE: tl.constexpr, COMPUTE_DX: tl.constexpr,
+    R: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid_m, pid_k = _tile_ids(tl.program_id(0), N, K, BLOCK_M, BLOCK_K, GROUP_M)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_r = tl.arange(0, R)
+    rows = (offs_m % N).to(tl.int64)
+    cols = offs_k % K
+    r_ok = offs_r < RANK
+    g_ptrs = g_ptr + rows[:, None] * stride_gm + offs_d[None, :] * stride_gd
+    w_ptrs = w_ptr + offs_d[:, None] * stride_wd + cols[None, :] * stride_wk
+    b_ptrs = b_ptr + offs_d[:, None] * stride_bd + offs_r[None, :] * stride_br
+    if HAS_NOISE:
+        z_rows = (rows // rows_per_noise).to(tl.int64)
+        z_ptrs = z_ptr + z_rows[:, None] * stride_zm + offs_d[None, :] * stride_zd
+
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    p = tl.zeros((BLOCK_M, R), dtype=tl.float32)
+    for d in range(0, tl.cdiv(D, BLOCK_D)):
+        d_ok = offs_d < D - d * BLOCK_D
+        g = tl.load(g_ptrs, mask=d_ok[None, :], other=0.0)
+        if COMPUTE_DX:
+            w = tl.load(w_ptrs, mask=d_ok[:, None], other=0.0)
+            acc = dot_acc(g, w, acc, UPCAST, PRECISION)
+        if HAS_NOISE:
+            # Gz exists only in registers; rounded to the input dtype as the reference's G * z is.
+            z = tl.load(z_ptrs, mask=d_ok[None, :], other=0.0)
+            g = (g.to(tl.float32) * z.to(tl.float32)).to(g_ptr.dtype.element_ty)
+            z_ptrs += BLOCK_D * stride_zd
+        lb = tl.load(b_ptrs, mask=d_ok[:, None] & r_ok[None, :], other=0.0)
+        p = dot_acc(g, lb, p, UPCAST, PRECISION)
+        g_ptrs += BLOCK_D * stride_gd
+        w_ptrs += BLOCK_D * stride_wd
+        b_ptrs += BLOCK_D * stride_bd
+
+    m_ok = offs_m < N
+    p_lo = p.to(dx_ptr.dtype.element_ty)
+    if pid_k == 0:
+        p_ptrs = p_ptr + offs_m.to(tl.int64)[:, None] * stride_pm + offs_r[None, :] * stride_pr
+        tl.store(p_ptrs, p_lo, mask=m_ok[:, None] & r_ok[None, :])
+    if COMPUTE_DX:
+        a = tl.load(a_ptr + offs_r[:, None] * stride_ar + cols[None, :] * stride_ak, mask=r_ok[:, None], other=0.0)
+        acc = dot_acc(p_lo, a, acc, UPCAST, PRECISION)
+        dx_ptrs = dx_ptr + offs_m.to(tl.int64)[:, None] * stride_dxm + offs_k[None, :] * stride_dxk
+        tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & (offs_k < K)[None, :])
+
+
+@triton.jit
+def _rank_grad_kernel(
+    l_ptr, z_ptr, r_ptr, out_ptr, colsum_ptr,
+    N, F, RANK, rows_per_noise, rows_per_split,
+    stride_lm, stride_lf,
+    stride_zm, stride_zf,
+    stride_rm, stride_rr,
+    stride_os, stride_of, stride_or,
+    stride_cs, stride_cf,
+    HAS_NOISE: tl.constexpr, HAS_COLSUM: tl.constexpr,
+    R: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_F: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # out[s] = L[rows of split s]^T (Zr *) Rm[rows of split s]: a [F, r] partial sum per split.
+    # Used for dB = Gz^T U (with colsum(Gz) for d db) and for dA^T = X^T P.
+    pid_f = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_f = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, R)
+    f_ok = offs_f < F
+    r_ok = offs_r < RANK
+    row_start = pid_s.to(tl.int64) * rows_per_split
+    row_end = tl.minimum(row_start + rows_per_split, N)
+
+    acc = tl.zeros((BLOCK_F, R), dtype=tl.float32)
+    colsum = tl.zeros((BLOCK_F,), dtype=tl.float32)
+    for n0 in range(0, rows_per_split, BLOCK_N):
+        rows = row_start + n0 + offs_n
+        row_ok = rows < row_end
+        # L^T tile [BLOCK_F, BLOCK_N], read straight from row-major L.
+        lt = tl.load(l_ptr + offs_f[:, None] * stride_lf + rows[None, :] * stride_lm,
+                     mask=f_ok[:, None] & row_ok[None, :], other=0.0)
+        if HAS_NOISE:
+            z_rows = rows // rows_per_noise
+            z = tl.load(z_ptr + offs_f[:, None] * stride_zf + z_rows[None, :] * stride_zm,
+                        mask=f_ok[:, None] & row_ok[None, :], other=0.0)
+            lt = (lt.to(tl.float32) * z.to(tl.float32)).to(l_ptr.dtype.element_ty)
+        if HAS_COLSUM:
+            colsum += tl.sum(lt.to(tl.float32), axis=1)
+        rm = tl.load(r_ptr + rows[:, None] * stride_rm + offs_r[None, :] * stride_rr,
+                     mask=row_ok[:, None] & r_ok[None, :], other=0.0)
+        acc = dot_acc(lt, rm, acc, UPCAST, PRECISION)
+
+    out_ptrs = out_ptr + pid_s * stride_os + offs_f[:, None] * stride_of + offs_r[None, :] * stride_or
+    tl.store(out_ptrs, acc, mask=f_ok[:, None] & r_ok[None, :])
+    if HAS_COLSUM:
+        tl.store(colsum_ptr + pid_s * stride_cs + offs_f * stride_cf, colsum, mask=f_ok)
+
+
+# --------------------------------------------------------------------------------------------
+# Configs. Hopper lists: every entry compiles for sm_90 with wgmma and no spills at rank <= 64
+# (``python -m pace_kernels.compile_check``). The interpreter runs one small config instead.
+
+
+def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int, names=("BLOCK_M", "BLOCK_N", "BLOCK_K")) -> triton.Config:
+    return triton.Config({names[0]: bm, names[1]: bn, names[2]: bk, "GROUP_M": 8}, num_warps=warps, num_stages=stages)
+
+
+_DX_NAMES = ("BLOCK_M", "BLOCK_K", "BLOCK_D")
+_RG_NAMES = ("BLOCK_F", "BLOCK_N")
+
+
+def _rg_cfg(bf: int, bn: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_F": bf, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+
+
+# 16-bit lists: 128x128 tiles for the large GEMMs, 128x64 / 64x128 for narrow layers and few rows.
+# 8 warps throughout: at 4 warps the 128-row tiles spill (SPEC section 7; seen again here).
+FWD_CONFIGS_16 = [
+    _cfg(128, 128, 64, 8, 3),
+    _cfg(128, 128, 32, 8, 4),
+    _cfg(128, 64, 64, 8, 4),
+    _cfg(64, 128, 64, 8, 4),
+]
+DX_CONFIGS_16 = [
+    _cfg(128, 128, 64, 8, 3, _DX_NAMES),
+    _cfg(128, 128, 32, 8, 4, _DX_NAMES),
+    _cfg(128, 64, 64, 8, 3, _DX_NAMES),
+    _cfg(64, 128, 64, 8, 3, _DX_NAMES),
+]
+RANK_GRAD_CONFIGS_16 = [
+    _rg_cfg(128, 64, 8, 3),
+    _rg_cfg(64, 64, 4, 3),
+]
+# fp32 (tf32 / tf32x3 dots): twice the bytes per element, so smaller K steps.
+FWD_CONFIGS_32 = [
+    _cfg(128, 64, 32, 8, 3),
+    _cfg(64, 64, 32, 4, 3),
+]
+DX_CONFIGS_32 = [
+    _cfg(128, 64, 32, 8, 3, _DX_NAMES),
+    _cfg(64, 64, 32, 4, 3, _DX_NAMES),
+]
+RANK_GRAD_CONFIGS_32 = [
+    _rg_cfg(64, 64, 4, 3),
+]
+
+# The interpreter runs every program in Python, one op at a time: big tiles mean fewer programs.
+_INTERP_FWD = _cfg(64, 64, 64, 4, 1)
+_INTERP_DX = _cfg(64, 64, 64, 4, 1, _DX_NAMES)
+_INTERP_RANK_GRAD = _rg_cfg(64, 64, 4, 1)
+
+_SHAPE_KEY = ["N", "D", "K", "R"]
+_fwd_16 = triton.autotune(pick_configs(FWD_CONFIGS_16, _INTERP_FWD), key=_SHAPE_KEY)(_fwd_kernel)
+_fwd_32 = triton.autotune(pick_configs(FWD_CONFIGS_32, _INTERP_FWD), key=_SHAPE_KEY)(_fwd_kernel)
+_dx_16 = triton.autotune(pick_configs(DX_CONFIGS_16, _INTERP_DX), key=_SHAPE_KEY)(_bwd_dx_kernel)
+_dx_32 = triton.autotune(pick_configs(DX_CONFIGS_32, _INTERP_DX), key=_SHAPE_KEY)(_bwd_dx_kernel)
+_RG_KEY = ["N", "F", "R"]
+_rank_grad_16 = triton.autotune(pick_configs(RANK_GRAD_CONFIGS_16, _INTERP_RANK_GRAD), key=_RG_KEY)(_rank_grad_kernel)
+_rank_grad_32 = triton.autotune(pick_configs(RANK_GRAD_CONFIGS_32, _INTERP_RANK_GRAD), key=_RG_KEY)(_rank_grad_kernel)
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers (fake-tensor traceable: torch ops and wrap_triton launches only)
+
+
+def _kernel_flags(dtype: torch.dtype) -> Tuple[bool, str]:
+    return dot_upcast(dtype), fp32_dot_precision() if dtype == torch.float32 else "tf32"
+
+
+def _num_splits(n_rows: int, n_cols: int) -> int:
+    """Row chunks of the rank-gradient reductions: enough programs to fill a GPU (about 4 per SM
+    of an H100 with 128-wide column tiles), at least 256 rows each. A function of the shapes only,
+    so the summation order never changes between runs."""
+    col_tiles = triton.cdiv(n_cols, 128)
+    return max(1, min(triton.cdiv(n_rows, 256), triton.cdiv(4 * 132, col_tiles)))
+
+
+def _rank_grads(lhs: torch.Tensor, rhs: torch.Tensor, noise: Optional[torch.Tensor], rows_per_noise: int,
+               with_colsum: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``(lhs^T (Zr *) rhs [F, r] fp32, colsum(Zr * lhs) [F] fp32 or None)``, deterministically."""
+    n_rows, n_cols = lhs.shape
+    rank = rhs.shape[1]
+    splits = _num_splits(n_rows, n_cols)
+    rows_per_split = triton.cdiv(n_rows, splits)
+    partial = torch.empty((splits, n_cols, rank), device=lhs.device, dtype=torch.float32)
+    colsum = torch.empty((splits, n_cols) if with_colsum else (1, 1), device=lhs.device, dtype=torch.float32)
+    z = noise if noise is not None else lhs
+    upcast, precision = _kernel_flags(lhs.dtype)
+
+    def grid(meta):
+        return (triton.cdiv(n_cols, meta["BLOCK_F"]), splits)
+
+    wrap_triton(_rank_grad_32 if lhs.dtype == torch.float32 else _rank_grad_16)[grid](
+        lhs, z, rhs, partial, colsum,
+        n_rows, n_cols, rank, max(rows_per_noise, 1), rows_per_split,
+        lhs.stride(0), lhs.stride(1),
+        z.stride(0), z.stride(1),
+        rhs.stride(0), rhs.stride(1),
+        partial.stride(0), partial.stride(1), partial.stride(2),
+        colsum.stride(0), colsum.stride(1),
+        HAS_NOISE=noise is not None, HAS_COLSUM=with_colsum,
+        R=padded_rank(rank), UPCAST=upcast, PRECISION=precision,
+    )
+    return partial.sum(0), (colsum.sum(0) if with_colsum else None)
+
+
+def _forward_impl(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
+                  lora_b: torch.Tensor, delta_bias: Optional[torch.Tensor], noise: Optional[torch.Tensor],
+                  rows_per_noise: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    n_rows, k_in = x.shape
+    d_out, rank = lora_b.shape
+    y = torch.empty((n_rows, d_out), device=x.device, dtype=x.dtype)
+    u = torch.empty((n_rows, rank), device=x.device, dtype=x.dtype)
+    if n_rows == 0 or d_out == 0:
+        return y, u
+    upcast, precision = _kernel_flags(x.dtype)
+    kernel = _fwd_32 if x.dtype == torch.float32 else _fwd_16
+    z = noise if noise is not None else x
+
+    def grid(meta):
+        return (triton.cdiv(n_rows, meta["BLOCK_M"]) * triton.cdiv(d_out, meta["BLOCK_N"]),)
+
+    wrap_triton(kernel)[grid](
+        x, weight, bias if bias is not None else x, lora_a, lora_b,
+        delta_bias if delta_bias is not None else x, z, y, u,
+        n_rows, d_out, k_in, rank, max(rows_per_noise, 1),
+        x.stride(0), x.stride(1),
+        weight.stride(0), weight.stride(1),
+        lora_a.stride(0), lora_a.stride(1),
+        lora_b.stride(0), lora_b.stride(1),
+        z.stride(0), z.stride(1),
+        y.stride(0), y.stride(1),
+        u.stride(0), u.stride(1),
+        HAS_BIAS=bias is not None, HAS_DB=delta_bias is not None, HAS_NOISE=noise is not None,
+        R=padded_rank(rank), UPCAST=upcast, PRECISION=precision,
+    )
+    return y, u
+
+
+def _forward_fake(x, weight, bias, lora_a, lora_b, delta_bias, noise, rows_per_noise):
+    return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], lora_a.shape[0]))
+
+
+def _backward_impl(grad_y: torch.Tensor, x: torch.Tensor, u: torch.Tensor, weight: torch.Tensor,
+                   lora_a: torch.Tensor, lora_b: torch.Tensor, noise: Optional[torch.Tensor], rows_per_noise: int,
+                   need_dx: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    n_rows, k_in = x.shape
+    d_out, rank = lora_b.shape
+    g = grad_y.contiguous()
+    dx = torch.empty((n_rows, k_in) if need_dx else (0, k_in), device=x.device, dtype=x.dtype)
+    if n_rows == 0 or d_out == 0:
+        return (dx.zero_(), torch.zeros_like(lora_a), torch.zeros_like(lora_b),
+                torch.zeros((d_out,), device=x.device, dtype=x.dtype))
+    p = torch.empty((n_rows, rank), device=x.device, dtype=x.dtype)
+    upcast, precision = _kernel_flags(x.dtype)
+    kernel = _dx_32 if x.dtype == torch.float32 else _dx_16
+    z = noise if noise is not None else g
+    dx_arg = dx if need_dx else p  # never written when COMPUTE_DX is off
+
+    def grid(meta):
+        return (triton.cdiv(n_rows, meta["BLOCK_M"]) * triton.cdiv(k_in, meta["BLOCK_K"]),)
+
+    wrap_triton(kernel)[grid](
+        g, weight, lora_a, lora_b, z, dx_arg, p,
+        n_rows, d_out, k_in, rank, max(rows_per_noise, 1),
+        g.stride(0), g.stride(1),
+        weight.stride(0), weight.stride(1),
+        lora_a.stride(0), lora_a.stride(1),
+        lora_b.stride(0), lora_b.stride(1),
+        z.stride(0), z.stride(1),
+        dx_arg.stride(0), dx_arg.stride(1),
+        p.stride(0), p.stride(1),
+        HAS_NOISE=noise is not None, COMPUTE_DX=need_dx,
+        R=padded_rank(rank), UPCAST=upcast, PRECISION=precision,
+    )
+    d_lora_b, d_delta_bias = _rank_grads(g, u, noise, rows_per_noise, with_colsum=True)
+    d_lora_a_t, _ = _rank_grads(x, p, None, 1, with_colsum=False)
+    return dx, d_lora_a_t.t().to(x.dtype), d_lora_b.to(x.dtype), d_delta_bias.to(x.dtype)
+
+
+def _backward_fake(grad_y, x, u, weight, lora_a, lora_b, noise, rows_per_noise, need_dx):
+    return (x.new_empty(x.shape if need_dx else (0, x.shape[1])), torch.empty_like(lora_a),
+            torch.empty_like(lora_b), x.new_empty((weight.shape[0],)))
+
+
+def _op_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
+                lora_b: torch.Tensor, delta_bias: Optional[torch.Tensor], noise: Optional[torch.Tensor],
+                rows_per_noise: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    return _forward_impl(x, weight, bias, lora_a, lora_b, delta_bias, noise, rows_per_noise)
+
+
+def _op_backward(grad_y: torch.Tensor, x: torch.Tensor, u: torch.Tensor, weight: torch.Tensor,
+                 lora_a: torch.Tensor, lora_b: torch.Tensor, noise: Optional[torch.Tensor], rows_per_noise: int,
+                 need_dx: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward_impl(grad_y, x, u, weight, lora_a, lora_b, noise, rows_per_noise, need_dx)
+
+
+lora_add_fwd = register_op("pace::lora_add_fwd", _op_forward, _forward_fake)
+lora_add_bwd = register_op("pace::lora_add_bwd", _op_backward, _backward_fake)
+
+
+# --------------------------------------------------------------------------------------------
+# Autograd: one formula, used by the op (register_autograd) and by LoraAddFunction.
+
+
+class LoraAddFunction(torch.autograd.Function):
+    """Autograd of ``pace::lora_add_fwd``: ``apply(x2d, weight, bias, lora_a, lora_b, delta_bias,
+    noise2d, rows_per_noise) -> (y, u)``. The same ``setup_context``/``backward`` are registered on
+    the op itself, so calling ``torch.ops.pace.lora_add_fwd`` is differentiable too (that is the
+    path torch.compile traces without a graph break)."""
+
+    @staticmethod
+    def forward(x, weight, bias, lora_a, lora_b, delta_bias, noise, rows_per_noise):
+        return torch.ops.pace.lora_add_fwd(x, weight, bias, lora_a, lora_b, delta_bias, noise, rows_per_noise)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, lora_a, lora_b, delta_bias, noise, rows_per_noise = inputs
+        _, u = output
+        ctx.mark_non_differentiable(u)
+        ctx.save_for_backward(x, u, weight, lora_a, lora_b, noise)
+        ctx.rows_per_noise = rows_per_noise
+        ctx.has_delta_bias = delta_bias is not None
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_u):
+        x, u, weight, lora_a, lora_b, noise = ctx.saved_tensors
+        need_dx = ctx.needs_input_grad[0]
+        dx, d_a, d_b, d_db = torch.ops.pace.lora_add_bwd(
+            grad_y, x, u, weight, lora_a, lora_b, noise, ctx.rows_per_noise, need_dx)
+        return (dx if need_dx else None, None, None,
+                d_a if ctx.needs_input_grad[3] else None,
+                d_b if ctx.needs_input_grad[4] else None,
+                d_db if ctx.has_delta_bias and ctx.needs_input_grad[5] else None,
+                None, None)
+
+
+lora_add_fwd.register_autograd(LoraAddFunction.backward, setup_context=LoraAddFunction.setup_context)
+
+
+# --------------------------------------------------------------------------------------------
+# Public entry point
+
+
+def lora_add_linear_triton(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    delta_bias: Optional[torch.Tensor] = None,
+    noise: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """``Y = x W0^T + b0 + Z * ((x A^T) B^T + db)`` with the fused kernels; the reference's signature
+    and errors. float64 inputs and ranks above :data:`MAX_RANK` run the reference instead."""
+    shapes = check_linear_inputs("lora_add_linear", x, weight, bias, lora_a, lora_b, delta_bias, noise)
+    if x.dtype not in KERNEL_DTYPES or shapes.rank > MAX_RANK:
+        return reference.lora_add_linear(x, weight, bias, lora_a, lora_b, delta_bias, noise)
+    d_out, k_in = shapes.out_features, shapes.in_features
+    x2d = x.reshape(-1, k_in).contiguous()
+    noise2d = None if noise is None else noise.detach().reshape(-1, d_out)
+    y, _ = torch.ops.pace.lora_add_fwd(
+        x2d, weight.detach(), None if bias is None else bias.detach(), lora_a, lora_b, delta_bias, noise2d,
+        shapes.rows_per_noise)
+    return y.view(*x.shape[:-1], d_out)
+
+
+# --------------------------------------------------------------------------------------------
+# Compile check
+
+
+def compile_specs() -> List[CompileSpec]:
+    """Every kernel in every shipped Hopper config, at the worst-case constexprs (bias, delta bias
+    and noise on), at rank 16 and 64 (the smallest and largest padded rank), for each dtype its
+    list serves; fp32 rows for both dot precisions (tf32, tf32x3)."""
+    specs: List[CompileSpec] = []
+    common = dict(N="i32", D="i32", K="i32", RANK="i32", rows_per_noise="i32")
+    variants = [(torch.bfloat16, "tf32"), (torch.float16, "tf32"), (torch.float32, "tf32x3"), (torch.float32, "tf32")]
+    for dtype, precision in variants:
+        t = TRITON_DTYPE_NAMES[dtype]
+        wide = dtype == torch.float32
+        suffix = f" {precision}" if wide else ""
+        for r in (16, 64):
+            for cfg in FWD_CONFIGS_32 if wide else FWD_CONFIGS_16:
+                consts = dict(cfg.kwargs, HAS_BIAS=True, HAS_DB=True, HAS_NOISE=True, R=r,
+                              UPCAST=False, PRECISION=precision, stride_xk=1, stride_wk=1, stride_ak=1,
+                              stride_br=1, stride_zd=1, stride_yd=1, stride_ur=1)
+                sig = dict(x_ptr=f"*{t}", w_ptr=f"*{t}", bias_ptr=f"*{t}", a_ptr=f"*{t}", b_ptr=f"*{t}",
+                           db_ptr=f"*{t}", z_ptr="*fp32", y_ptr=f"*{t}", u_ptr=f"*{t}", **common,
+                           stride_xm="i32", stride_wd="i32", stride_ar="i32", stride_bd="i32",
+                           stride_zm="i32", stride_ym="i32", stride_um="i32")
+                specs.append(CompileSpec(
+                    f"lora_add_fwd r{r}{suffix}", _fwd_kernel, sig, consts, cfg.num_warps, cfg.num_stages, dtype,
+                    note=config_label(consts, ("BLOCK_M", "BLOCK_N", "BLOCK_K"), cfg.num_warps, cfg.num_stages),
+                    divisible=("D", "K", "stride_xm", "stride_wd", "stride_ar", "stride_zm", "stride_ym")))
+            for cfg in DX_CONFIGS_32 if wide else DX_CONFIGS_16:
+                consts = dict(cfg.kwargs, HAS_NOISE=True, COMPUTE_DX=True, R=r, UPCAST=False,
+                              PRECISION=precision, stride_gd=1, stride_wk=1, stride_ak=1, stride_br=1,
+                              stride_zd=1, stride_dxk=1, stride_pr=1)
+                sig = dict(g_ptr=f"*{t}", w_ptr=f"*{t}", a_ptr=f"*{t}", b_ptr=f"*{t}", z_ptr="*fp32",
+                           dx_ptr=f"*{t}", p_ptr=f"*{t}", **common,
+                           stride_gm="i32", stride_wd="i32", stride_ar="i32", stride_bd="i32",
+                           stride_zm="i32", stride_dxm="i32", stride_pm="i32")
+                specs.append(CompileSpec(
+                    f"lora_add_bwd_dx r{r}{suffix}", _bwd_dx_kernel, sig, consts, cfg.num_warps, cfg.num_stages,
+                    dtype, note=config_label(consts, _DX_NAMES, cfg.num_warps, cfg.num_stages),
+                    divisible=("D", "K", "stride_gm", "stride_wd", "stride_ar", "stride_zm", "stride_dxm")))
+            for cfg in RANK_GRAD_CONFIGS_32 if wide else RANK_GRAD_CONFIGS_16:
+                consts = dict(cfg.kwargs, HAS_NOISE=True, HAS_COLSUM=True, R=r, UPCAST=False,
+                              PRECISION=precision, stride_lf=1, stride_zf=1, stride_rr=1, stride_or=1,
+                              stride_cf=1)
+                sig = dict(l_ptr=f"*{t}", z_ptr="*fp32", r_ptr=f"*{t}", out_ptr="*fp32", colsum_ptr="*fp32",
+                           N="i32", F="i32", RANK="i32", rows_per_noise="i32", rows_per_split="i32",
+                           stride_lm="i32", stride_zm="i32", stride_rm="i32", stride_os="i32",
+                           stride_of="i32", stride_cs="i32")
+                specs.append(CompileSpec(
+                    f"lora_add_rank_grad r{r}{suffix}", _rank_grad_kernel, sig, consts, cfg.num_warps,
+                    cfg.num_stages, dtype, note=config_label(consts, _RG_NAMES, cfg.num_warps, cfg.num_stages),
+                    divisible=("F", "stride_lm", "stride_zm", "stride_os", "stride_of", "stride_cs")))
+    return specs
