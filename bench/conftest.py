@@ -36,6 +36,12 @@ def _raise_dynamo_limits() -> None:
 
 _raise_dynamo_limits()
 
+# On CPU the benchmarks run single-threaded unless PACE_BENCH_THREADS says otherwise: on a small
+# shared machine a multi-threaded GEMM stalls whenever one of its threads is descheduled, which
+# scatters the rounds far more than it speeds them up. The count used is recorded in the JSON.
+if not torch.cuda.is_available():
+    torch.set_num_threads(int(os.environ.get("PACE_BENCH_THREADS", "1")))
+
 
 def cuda_timer() -> float:
     """``perf_counter`` after draining the GPU queue, so a timed loop measures kernels, not launches."""
@@ -61,7 +67,7 @@ class Timing:
     def __init__(self, device: str):
         self.device = device
         cuda = device == "cuda"
-        self.rounds = _env_int("PACE_BENCH_ROUNDS", 10 if cuda else 5)
+        self.rounds = _env_int("PACE_BENCH_ROUNDS", 10 if cuda else 7)
         self.round_s = _env_float("PACE_BENCH_ROUND_S", 0.02 if cuda else 0.05)
         self.warmup = _env_int("PACE_BENCH_WARMUP", 3 if cuda else 1)
         self.timer: Callable[[], float] = cuda_timer if cuda else time.perf_counter

@@ -186,7 +186,7 @@ def render_layer_tables(groups: "OrderedDict[Tuple, LayerGroup]", has_memory: bo
     for (op, rank, noise, pass_, dtype), gs in _by_op(groups).items():
         present = [c for c in CONTENDER_ORDER if any(c in g.times for g in gs)]
         others = [c for c in present if c not in ("floor",)]
-        noisy_mul = op == "lora_mul" and noise != "none"
+        noisy_mul = op == "lora_mul" and noise != "none" and "fused" in present
         lines += ["", f"### {_op_title(op, rank, noise, pass_, dtype)}", ""]
         header = ["shape", "N×K→D", "GEMM-eq", "floor ms"] + [f"{c} × floor" for c in others]
         if noisy_mul:
@@ -256,7 +256,8 @@ def render_model_tables(rows: List[Dict[str, Any]]) -> List[str]:
                         "—" if r["images_per_s"] is None else f"{r['images_per_s']:.1f}",
                         "—" if mem is None else f"{mem / GiB:.2f}",
                         _fmt_ratio(speed)])
-        lines += _table(["precision", "mode", "contender", "ms / step", "images/s", "peak GiB", "vs reference"], out)
+        lines += _table(["precision", "mode", "contender", "ms / step", "images/s", "peak GiB", "vs reference"], out,
+                        ["l", "l", "l", "r", "r", "r", "r"])
     return lines
 
 
@@ -345,7 +346,7 @@ def render_headline(groups: "OrderedDict[Tuple, LayerGroup]", mrows: List[Dict[s
 # --- whole report ----------------------------------------------------------------------------------
 
 
-def render(run: Dict[str, Any], stat: str = "auto") -> str:
+def render(run: Dict[str, Any], stat: str = "auto", notes: Sequence[str] = ()) -> str:
     env = run["pace"].get("environment") or {}
     stat = resolve_stat(stat, env)
     groups = layer_groups(run["benchmarks"], stat)
@@ -364,6 +365,7 @@ def render(run: Dict[str, Any], stat: str = "auto") -> str:
         f"timm {env.get('timm', '?')}, peft {env.get('peft', '?')}, pytest-benchmark {env.get('pytest_benchmark', '?')}",
         f"- command: `{env.get('command', '?')}`; source: {', '.join(f'`{s}`' for s in run.get('sources', []))}",
         f"- statistic: **{stat}** of each benchmark's rounds (per call)",
+        *[f"- {note}" for note in notes],
         "",
         "Floor = frozen `nn.Linear` time (fwd, or fwd + input gradient) scaled to the op's GEMM-equivalent count "
         "(SPEC section 3: `lora_add` 1 + r(1/D+1/K) fwd, 2 + 3r(1/D+1/K) fwd+bwd; `lora_mul` 1 fwd, 3 fwd+bwd — "
@@ -402,11 +404,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--stat", default="auto", choices=("auto", "median", "min", "mean"),
                         help="statistic of the rounds (auto: median on CUDA, min on CPU)")
     parser.add_argument("--merge-json", help="also write the inputs merged into one JSON file here")
+    parser.add_argument("--note", action="append", default=[], help="a line to add under the header (repeatable)")
     args = parser.parse_args(argv)
     run = load(args.results)
-    text = render(run, args.stat)
+    text = render(run, args.stat, args.note)
     if args.merge_json:
         merged = {k: v for k, v in run.items() if k != "sources"}
+        merged["pace"] = {**merged["pace"], "notes": list(args.note)}
         with open(args.merge_json, "w") as fh:
             json.dump(merged, fh, indent=1)
     if args.output:
