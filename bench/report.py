@@ -93,8 +93,15 @@ def geomean(values: Iterable[Optional[float]]) -> Optional[float]:
     return math.exp(sum(math.log(v) for v in vals) / len(vals)) if vals else None
 
 
+ABSOLUTE_COLUMNS = ("floor ms", "fused TFLOP/s", "ms / step", "images/s")
+_HIDDEN: List[str] = []  # column names left out of every table (``--ratios-only``)
+
+
 def _table(header: Sequence[str], rows: List[Sequence[str]], align: Optional[Sequence[str]] = None) -> List[str]:
     align = align or ["l"] + ["r"] * (len(header) - 1)
+    keep = [i for i, h in enumerate(header) if h not in _HIDDEN]
+    header, align = [header[i] for i in keep], [align[i] for i in keep]
+    rows = [[row[i] for i in keep] for row in rows]
     sep = ["---:" if a == "r" else "---" for a in align]
     lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(sep) + " |"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
@@ -346,7 +353,9 @@ def render_headline(groups: "OrderedDict[Tuple, LayerGroup]", mrows: List[Dict[s
 # --- whole report ----------------------------------------------------------------------------------
 
 
-def render(run: Dict[str, Any], stat: str = "auto", notes: Sequence[str] = ()) -> str:
+def render(run: Dict[str, Any], stat: str = "auto", notes: Sequence[str] = (), ratios_only: bool = False) -> str:
+    """The markdown report; ``ratios_only`` leaves out absolute times and rates (for CPU runs)."""
+    _HIDDEN[:] = list(ABSOLUTE_COLUMNS) if ratios_only else []
     env = run["pace"].get("environment") or {}
     stat = resolve_stat(stat, env)
     groups = layer_groups(run["benchmarks"], stat)
@@ -357,7 +366,8 @@ def render(run: Dict[str, Any], stat: str = "auto", notes: Sequence[str] = ()) -
     lines = ["# PACE benchmark report", ""]
     where = f"**{env.get('device_name', '?')}** ({device})"
     if device == "cpu":
-        where += f", {env.get('cpu_threads', '?')} threads — **CPU numbers: ratios only, not GPU performance**"
+        threads = env.get("cpu_threads", "?")
+        where += f", {threads} CPU thread{'' if threads == 1 else 's'} — **CPU numbers: ratios only, not GPU performance**"
     lines += [
         f"- device: {where}",
         f"- date: {env.get('date') or run.get('datetime') or '?'}; set: {env.get('set', '?')} ({env.get('set_rule', '?')})",
@@ -405,9 +415,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="statistic of the rounds (auto: median on CUDA, min on CPU)")
     parser.add_argument("--merge-json", help="also write the inputs merged into one JSON file here")
     parser.add_argument("--note", action="append", default=[], help="a line to add under the header (repeatable)")
+    parser.add_argument("--ratios-only", action="store_true",
+                        help="leave out absolute times and rates (floor ms, TFLOP/s, ms/step, images/s)")
     args = parser.parse_args(argv)
     run = load(args.results)
-    text = render(run, args.stat, args.note)
+    text = render(run, args.stat, args.note, args.ratios_only)
     if args.merge_json:
         merged = {k: v for k, v in run.items() if k != "sources"}
         merged["pace"] = {**merged["pace"], "notes": list(args.note)}
