@@ -1,0 +1,876 @@
+"""Fused ``lora_mul`` linear layer (and RLRR, its rank-1 case) with PACE noise: Triton kernels,
+autograd and the ``torch.library`` op.
+
+    Y = X W0^T + b0 + Zr * (X (W0*M)^T + db),   M = B A          (SPEC section 3)
+
+Per-sample noise (tokens of a sample share ``z_b``) makes sample b's layer an ordinary linear
+map, ``Y_b = X_b W_b^T + b0 + z_b db`` with ``W_b = W0 * (1 + z_b[:, None] * M)`` (SPEC section 3,
+"Below five"). The kernels run one GEMM per sample against ``W_b`` built tile by tile:
+
+- forward (``_lora_mul_fwd_kernel``): a row tile never straddles two samples; per K step the
+  ``W_b`` tile is formed in registers from the ``W0`` tile and ``(z_b B) A`` (an r-wide MMA; ``z_b B``
+  is loaded once per program) and fed to the tensor cores as the left operand of ``Y^T = W_b X^T``
+  (wgmma reads a left operand from registers, so the built tile never goes back to shared
+  memory). Bias, ``b0`` and ``z_b db`` are added in the epilogue; no ``N x D`` intermediate.
+- ``dX_b = G_b W_b`` (``_lora_mul_dx_kernel``): the same tiles, transposed.
+- ``dM = (Gz^T X) * W0`` (``_lora_mul_dm_kernel``): ``Gz = Zr * G`` is formed per step from the
+  gathered noise rows; ``d db = colsum(Gz)`` comes from the same loads. ``dB = dM A^T`` and
+  ``dA = B^T dM`` are small cuBLAS products on this one fp32 ``D x K`` transient, freed before
+  anything else of size ``D x K`` is made. Every output element has one owner: no atomics, the
+  same bits every run.
+- noise-free (``noise=None``: sigma 0, eval, ViT's first block): one GEMM against the merged
+  ``W0 * (1 + M)``, built once per call (a transient ``D x K``, O(D K r) work).
+- per-token noise, and the rows the per-sample tiles leave over (below): the two-GEMM form
+  (``_lora_mul_fwd_two_gemm_kernel``: two accumulators against ``W0`` and a transient ``W0*M``;
+  ``_lora_mul_dx_two_gemm_kernel``: one accumulator over the reduction ``[G, Gz] x [W0; W0*M]``).
+
+Saved for backward: ``X``, the noise, ``W0`` (the frozen parameter itself, not a copy) and the
+factors; never a ``D x K`` tensor of the op's own and never an ``N x D`` one.
+
+Cost model
+==========
+GEMM-equivalents (MMA work, one ``N x K x D`` product = 1; fwd + dX + dM):
+
+- noise-free: 1 + 1 + 1 = 3.  Two-GEMM form: 2 + 2 + 1 = 5.
+- per-sample tiles: c + c + 1, where ``c`` is the MMA rows run per sample over ``T``
+  (:func:`sample_plan`), plus the r-wide product that builds ``M``: ``R / BLOCK_M`` of the tile's
+  main MMA, ``R`` the rank padded to a power of two >= 16 (RLRR and r <= 16: 1/4 at 64-row tiles,
+  1/8 at 128; r = 64: 1 and 1/2).
+
+Rows vs samples. A tile of ``bm`` rows either stays inside one sample (its last tile masked) or
+straddles a boundary and runs one dot per sample it touches. MMA rows per useful row, B = 64
+samples (``python``-checked in the tests):
+
+    T     masked bm=64  masked 128  straddle 64  straddle 128  two-GEMM  chosen (c)         layer
+    197   1.299 (23%)   1.299       1.320 (24%)  1.645 (39%)   2         bm 64, 1.025 (2.4%) 3.05
+    50    1.280 (22%)   2.560 (61%) 2.240 (55%)  3.520 (72%)   2         bm 64, 1.280 (22%)  3.56
+    2048  1             1           1            1             2         bm 128, 1           3.00
+    1     64            128         64           128           2         two-GEMM, 2         5.00
+
+(wasted fraction of the MMA work in brackets). Straddling always loses to masked tiles. The rule
+(:func:`sample_plan`): full tiles of ``bm`` rows per sample; the ragged tail ``t = T % bm`` runs in
+the two-GEMM kernel (2 t MMA rows) when ``2 t < bm``, else as one masked tile (bm rows); the
+cheaper ``bm`` of 128 and 64 wins (128 on ties). T = 197 = 3 x 64 + 5: three full tiles and a
+5-row tail in the two-GEMM form; ViT's ``T = p^2 + 1`` always leaves a 1-row tail. ``T < bm / 2``
+(tiny T, e.g. per-token noise or 2-D inputs) runs wholly in the two-GEMM form: that is where the
+per-sample design loses, and the dispatch falls back by this count, not by a threshold guess.
+
+Bytes per output tile (bf16, L2 -> SM, the whole K loop plus the output store; MFLOP of MMA):
+
+    tile / K             noise-free  W0 + W0*M buffer  factors (chosen)  two-GEMM
+    128x128, K=768       416 KiB     608 KiB           444 KiB (+12%)    608 KiB, 2x MMA
+    64x128,  K=768       304 KiB     496 KiB           332 KiB (+25%)    496 KiB, 2x MMA
+    128x128, K=4096      2080 KiB    3104 KiB          2212 KiB (+12%)   3104 KiB, 2x MMA
+    64x128,  K=4096      1552 KiB    2576 KiB          1684 KiB (+25%)   2576 KiB, 2x MMA
+
+(ViT-B fc1: K=768, D=3072, N = 2B x 197; LLM: K=D=4096, T=2048; factors' extra MMA at r <= 16 in
+brackets.) Inside the SM, per K step of 32 (bf16, 8 warps, 128x128; measured PTX of both
+drafts): noise-free moves 40 KiB through shared memory; the ``W0*M``-buffer build 56 KiB (72 KiB
+when the built tile is the right operand and goes back to shared memory, as in SPEC's draft);
+the factor build 43 KiB. The buffer build is cheaper in instructions (one packed bf16x2 FMA per
+two elements against ~2.5 fp32 instructions per element) and costs no MMA, but these tiles are
+bound by shared-memory and L2 traffic before MMA, most of all the 64-row tiles T = 197 needs, so
+the factors win while ``R / BLOCK_M`` stays small; ranks above 64 run the reference path.
+Both drafts compile for sm_90 with wgmma and 0 spill bytes (buffer, 128x128x32 w8 s4: 117
+registers; 64x128x64 w4 s4: 188), as do the shipped configs (``compile_specs``).
+
+Expected totals at ViT-B (T = 197, r <= 16, 64-row tiles): 2 x 1.025 x 1.25 + 1 = 3.6 MMA
+GEMM-equivalents against 5 for the two-GEMM form and 3 for the noise-free layer; at T = 2048:
+2 x 1.125 + 1 = 3.25. These are counts, not timings: no GPU was lent while this was written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from . import reference
+from ._checks import check_linear_inputs
+from ._triton_utils import (
+    KERNEL_DTYPES,
+    TRITON_DTYPE_NAMES,
+    CompileSpec,
+    config_label,
+    dot_acc,
+    dot_upcast,
+    fp32_dot_precision,
+    is_interpreting,
+    jit_helper,
+    pick_configs,
+    register_op,
+    wrap_triton,
+)
+
+__all__ = ["lora_mul_linear_triton", "LoraMulFunction", "compile_specs", "sample_plan", "SamplePlan",
+           "MAX_RANK"]
+
+# ------------------------------------------------------------------------------------------------
+# Row tiles and samples.
+
+
+@dataclass(frozen=True)
+class SamplePlan:
+    """How the rows of one sample (``T`` of them, sharing one noise row) are cut into tiles.
+
+    The first ``main_rows`` rows of every sample run in per-sample tiles of ``block_m`` rows (one
+    dot against the sample's own weight ``W_b``; the last tile masked when ``main_rows`` is not a
+    multiple of ``block_m``); the remaining ``tail_rows`` rows of every sample run in the
+    two-GEMM kernel, which takes a noise row per row. ``cost_rows`` is the MMA work per sample in
+    rows of one ordinary GEMM (so ``cost_rows / T`` is the pass's GEMM-equivalents).
+    """
+
+    block_m: int
+    main_rows: int
+    tail_rows: int
+    cost_rows: int
+
+
+def sample_plan(rows_per_sample: int, block_ms: Sequence[int]) -> SamplePlan:
+    """Choose the per-sample row tiling for ``T = rows_per_sample`` by counting MMA rows.
+
+    For a tile height ``bm`` let ``t = T % bm`` (the sample's ragged tail). The full tiles cost
+    exactly their rows. The tail either runs as one more masked per-sample tile (``bm`` rows of
+    MMA work) or in the two-GEMM form (two dots on its ``t`` rows, ``2 t``), whichever is less:
+    the two-GEMM tail wins iff ``2 t < bm``. Among ``block_ms`` the cheapest plan wins, the first
+    listed on ties (list the taller tile first: it reads the weight half as often). A sample
+    shorter than half a tile therefore runs entirely in the two-GEMM form, which is the rule for
+    tiny ``T`` (``T = 1``: per-token cost, 2 dots per row, never 64).
+    """
+    if rows_per_sample < 1:
+        raise ValueError(f"rows_per_sample must be >= 1, got {rows_per_sample}")
+    best: Optional[SamplePlan] = None
+    for bm in block_ms:
+        tail = rows_per_sample % bm
+        full = rows_per_sample - tail
+        if tail == 0:
+            plan = SamplePlan(bm, rows_per_sample, 0, rows_per_sample)
+        elif 2 * tail < bm:
+            plan = SamplePlan(bm, full, tail, full + 2 * tail)
+        else:
+            plan = SamplePlan(bm, rows_per_sample, 0, full + bm)
+        if best is None or plan.cost_rows < best.cost_rows:
+            best = plan
+    assert best is not None
+    return best
+
+
+# ------------------------------------------------------------------------------------------------
+# Kernels. Every kernel assumes unit stride along its tensors' last dimension (the launchers make
+# them contiguous) and computes row offsets in int64: N*K and N*D may pass 2^31.
+
+
+@jit_helper
+def _grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    # Consecutive programs share weight column tiles across GROUP_M row tiles, so the weight
+    # (and W0*M) tiles they read stay in L2.
+    width = GROUP_M * num_pid_n
+    group = pid // width
+    first_m = group * GROUP_M
+    size_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+    return pid_m, pid_n
+
+
+@jit_helper
+def _noisy_weight(w, zm, UPCAST: tl.constexpr):
+    # W_b = W0 * (1 + z M) from the W0 tile and the fp32 product tile z*M, rounded once to the
+    # operand dtype (kept fp32 where the interpreter needs fp32 dot operands).
+    wf = w.to(tl.float32)
+    wb = wf + wf * zm
+    if UPCAST:
+        return wb
+    else:
+        return wb.to(w.dtype)
+
+
+@jit_helper
+def _scale(g, z, UPCAST: tl.constexpr):
+    # Gz = G * z in the operand dtype (as autograd of the reference's `delta * z` rounds it).
+    if UPCAST:
+        return g.to(tl.float32) * z
+    else:
+        return g * z.to(g.dtype)
+
+
+@jit_helper
+def _segment_rows(pid_m, seg_len, seg_rows, BLOCK_M: tl.constexpr):
+    # Row tiles never straddle two samples: tile pid_m covers rows local..local+BLOCK_M of sample
+    # `seg` (rows seg*seg_len + local), masked at seg_rows (rows past it belong to the tail).
+    tiles_per_seg = tl.cdiv(seg_rows, BLOCK_M)
+    seg = pid_m // tiles_per_seg
+    local = (pid_m % tiles_per_seg) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = seg.to(tl.int64) * seg_len + local
+    return rows, local < seg_rows, seg
+
+
+@jit_helper
+def _mapped_rows(pid_m, n_rows, row_chunk, row_stride, row_off, BLOCK_M: tl.constexpr):
+    # Logical row j is row (j // row_chunk) * row_stride + row_off + j % row_chunk: the identity
+    # when row_chunk == n_rows (per-token noise), and "the last row_chunk rows of every sample"
+    # for the ragged tails of per-sample tiles (row_stride = T, row_off = T - row_chunk).
+    j = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = (j // row_chunk) * row_stride + row_off + j % row_chunk
+    return rows, j < n_rows
+
+
+@triton.jit
+def _lora_mul_fwd_kernel(
+    x_ptr, w_ptr, a_ptr, b_ptr, z_ptr, bias_ptr, db_ptr, y_ptr,
+    D, K, RANK, n_seg, seg_len, seg_rows,
+    stride_xm, stride_wd, stride_ar, stride_bd, stride_zs, stride_ym,
+    PER_SAMPLE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DB: tl.constexpr,
+    R: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """``Y = X W^T + b0 + z db`` with one accumulator, loop over K.
+
+    PER_SAMPLE: every row tile lies in one sample b, and its weight ``W_b = W0 * (1 + z_b M)`` is
+    built per K step from the ``W0`` tile and ``(z_b B) A``: an r-wide product whose left factor
+    ``z_b B`` is loaded (and scaled) once per program. Otherwise ``w_ptr`` holds the merged
+    noise-free weight ``W0 * (1 + M)`` (``n_seg = 1``, ``seg_len = seg_rows = N``).
+
+    The tile is computed transposed, ``Y^T [BLOCK_N, BLOCK_M] = W [BLOCK_N, K] X^T``: the weight is
+    then the left MMA operand, which Hopper's wgmma takes straight from registers, so the tile
+    built there reaches the tensor cores without a round trip through shared memory.
+    """
+    pid = tl.program_id(0)
+    num_pid_m = n_seg * tl.cdiv(seg_rows, BLOCK_M)
+    num_pid_n = tl.cdiv(D, BLOCK_N)
+    pid_m, pid_n = _grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M)
+    rows, row_ok, seg = _segment_rows(pid_m, seg_len, seg_rows, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < D
+    offs_k = tl.arange(0, BLOCK_K)
+
+    xt_ptrs = x_ptr + rows[None, :] * stride_xm + offs_k[:, None]
+    w_ptrs = w_ptr + cols[:, None].to(tl.int64) * stride_wd + offs_k[None, :]
+    if PER_SAMPLE:
+        offs_r = tl.arange(0, R)
+        r_ok = offs_r < RANK
+        z = tl.load(z_ptr + seg.to(tl.int64) * stride_zs + cols, mask=col_ok, other=0.0).to(tl.float32)
+        zb = tl.load(b_ptr + cols[:, None] * stride_bd + offs_r[None, :],
+                     mask=col_ok[:, None] & r_ok[None, :], other=0.0)
+        zb = zb.to(tl.float32) * z[:, None]
+        if not UPCAST:
+            zb = zb.to(w_ptr.dtype.element_ty)
+        a_ptrs = a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :]
+
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = offs_k < K - k0
+        xt = tl.load(xt_ptrs, mask=k_ok[:, None] & row_ok[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        if PER_SAMPLE:
+            a = tl.load(a_ptrs, mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+            zm = dot_acc(zb, a, tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32), UPCAST, PRECISION)
+            w = _noisy_weight(w, zm, UPCAST)
+            a_ptrs += BLOCK_K
+        acc = dot_acc(w, xt, acc, UPCAST, PRECISION)
+        xt_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[:, None]
+    if HAS_DB:
+        db = tl.load(db_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        if PER_SAMPLE:
+            db = db * z
+        acc += db[:, None]
+    y_ptrs = y_ptr + rows[None, :] * stride_ym + cols[:, None]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=col_ok[:, None] & row_ok[None, :])
+
+
+@triton.jit
+def _lora_mul_fwd_two_gemm_kernel(
+    x_ptr, w_ptr, wm_ptr, z_ptr, bias_ptr, db_ptr, y_ptr,
+    D, K, n_rows, row_chunk, row_stride, row_off, rows_per_z,
+    stride_xm, stride_wd, stride_zr, stride_ym,
+    HAS_BIAS: tl.constexpr, HAS_DB: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """``Y = X W0^T + b0 + z (X (W0*M)^T + db)`` with a noise row per row (per-token noise, or
+    the ragged tails of per-sample tiles): two accumulators, each as wide as BLOCK_N."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(n_rows, BLOCK_M)
+    num_pid_n = tl.cdiv(D, BLOCK_N)
+    pid_m, pid_n = _grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M)
+    rows, row_ok = _mapped_rows(pid_m, n_rows, row_chunk, row_stride, row_off, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < D
+    offs_k = tl.arange(0, BLOCK_K)
+
+    x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :]
+    w_ptrs = w_ptr + cols[:, None].to(tl.int64) * stride_wd + offs_k[None, :]
+    wm_ptrs = wm_ptr + cols[:, None].to(tl.int64) * stride_wd + offs_k[None, :]
+    acc_w = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_m = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = offs_k < K - k0
+        x = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        wm = tl.load(wm_ptrs, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        acc_w = dot_acc(x, tl.trans(w), acc_w, UPCAST, PRECISION)
+        acc_m = dot_acc(x, tl.trans(wm), acc_m, UPCAST, PRECISION)
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+        wm_ptrs += BLOCK_K
+
+    out_ok = row_ok[:, None] & col_ok[None, :]
+    z = tl.load(z_ptr + (rows // rows_per_z)[:, None] * stride_zr + cols[None, :], mask=out_ok, other=0.0)
+    if HAS_DB:
+        acc_m += tl.load(db_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    acc_w += z.to(tl.float32) * acc_m
+    if HAS_BIAS:
+        acc_w += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + rows[:, None] * stride_ym + cols[None, :]
+    tl.store(y_ptrs, acc_w.to(y_ptr.dtype.element_ty), mask=out_ok)
+
+
+@triton.jit
+def _lora_mul_dx_kernel(
+    g_ptr, w_ptr, a_ptr, b_ptr, z_ptr, dx_ptr,
+    D, K, RANK, n_seg, seg_len, seg_rows,
+    stride_gm, stride_wd, stride_ar, stride_bd, stride_zs, stride_dxm,
+    PER_SAMPLE: tl.constexpr, R: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """``dX = G W`` with one accumulator, loop over D (BLOCK_K of them per step); BLOCK_N spans in
+    features. PER_SAMPLE: ``W = W_b`` built per step as in the forward, now transposed:
+    ``W_b^T = W0^T * (1 + (A^T B^T) z_b)``, with ``A^T`` loaded once per program and the noise
+    along the reduction. Otherwise ``w_ptr`` is the merged noise-free weight. Computed
+    transposed, ``dX^T [BLOCK_N, BLOCK_M] = W^T G^T``, for the forward's reason.
+    """
+    pid = tl.program_id(0)
+    num_pid_m = n_seg * tl.cdiv(seg_rows, BLOCK_M)
+    num_pid_n = tl.cdiv(K, BLOCK_N)
+    pid_m, pid_n = _grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M)
+    rows, row_ok, seg = _segment_rows(pid_m, seg_len, seg_rows, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < K
+    offs_d = tl.arange(0, BLOCK_K)
+
+    gt_ptrs = g_ptr + rows[None, :] * stride_gm + offs_d[:, None]
+    wt_ptrs = w_ptr + offs_d[None, :].to(tl.int64) * stride_wd + cols[:, None]
+    if PER_SAMPLE:
+        offs_r = tl.arange(0, R)
+        r_ok = offs_r < RANK
+        at = tl.load(a_ptr + offs_r[None, :] * stride_ar + cols[:, None],
+                     mask=col_ok[:, None] & r_ok[None, :], other=0.0)
+        if UPCAST:
+            at = at.to(tl.float32)
+        bt_ptrs = b_ptr + offs_d[None, :] * stride_bd + offs_r[:, None]
+        z_ptrs = z_ptr + seg.to(tl.int64) * stride_zs + offs_d
+
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_K):
+        d_ok = offs_d < D - d0
+        gt = tl.load(gt_ptrs, mask=d_ok[:, None] & row_ok[None, :], other=0.0)
+        wt = tl.load(wt_ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        if PER_SAMPLE:
+            bt = tl.load(bt_ptrs, mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+            z = tl.load(z_ptrs, mask=d_ok, other=0.0).to(tl.float32)
+            mt = dot_acc(at, bt, tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32), UPCAST, PRECISION)
+            wt = _noisy_weight(wt, mt * z[None, :], UPCAST)
+            bt_ptrs += BLOCK_K * stride_bd
+            z_ptrs += BLOCK_K
+        acc = dot_acc(wt, gt, acc, UPCAST, PRECISION)
+        gt_ptrs += BLOCK_K
+        wt_ptrs += BLOCK_K * stride_wd
+
+    dx_ptrs = dx_ptr + rows[None, :] * stride_dxm + cols[:, None]
+    tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=col_ok[:, None] & row_ok[None, :])
+
+
+@triton.jit
+def _lora_mul_dx_two_gemm_kernel(
+    g_ptr, w_ptr, wm_ptr, z_ptr, dx_ptr,
+    D, K, n_rows, row_chunk, row_stride, row_off, rows_per_z,
+    stride_gm, stride_wd, stride_zr, stride_dxm,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """``dX = G W0 + Gz (W0*M)`` with a noise row per row: both products go into one
+    accumulator (a GEMM over the concatenated reduction [G, Gz] x [W0; W0*M])."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(n_rows, BLOCK_M)
+    num_pid_n = tl.cdiv(K, BLOCK_N)
+    pid_m, pid_n = _grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M)
+    rows, row_ok = _mapped_rows(pid_m, n_rows, row_chunk, row_stride, row_off, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < K
+    offs_d = tl.arange(0, BLOCK_K)
+
+    g_ptrs = g_ptr + rows[:, None] * stride_gm + offs_d[None, :]
+    z_ptrs = z_ptr + (rows // rows_per_z)[:, None] * stride_zr + offs_d[None, :]
+    w_ptrs = w_ptr + offs_d[:, None].to(tl.int64) * stride_wd + cols[None, :]
+    wm_ptrs = wm_ptr + offs_d[:, None].to(tl.int64) * stride_wd + cols[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_K):
+        d_ok = offs_d < D - d0
+        g_mask = row_ok[:, None] & d_ok[None, :]
+        g = tl.load(g_ptrs, mask=g_mask, other=0.0)
+        z = tl.load(z_ptrs, mask=g_mask, other=0.0).to(tl.float32)
+        w = tl.load(w_ptrs, mask=d_ok[:, None] & col_ok[None, :], other=0.0)
+        wm = tl.load(wm_ptrs, mask=d_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = dot_acc(g, w, acc, UPCAST, PRECISION)
+        acc = dot_acc(_scale(g, z, UPCAST), wm, acc, UPCAST, PRECISION)
+        g_ptrs += BLOCK_K
+        z_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K * stride_wd
+        wm_ptrs += BLOCK_K * stride_wd
+
+    dx_ptrs = dx_ptr + rows[:, None] * stride_dxm + cols[None, :]
+    tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _lora_mul_dm_kernel(
+    g_ptr, x_ptr, z_ptr, w_ptr, dm_ptr, ddb_ptr,
+    N, D, K, rows_per_z,
+    stride_gm, stride_xm, stride_zr, stride_wd, stride_dmd,
+    HAS_Z: tl.constexpr, HAS_DB: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """``dM = (Gz^T X) * W0`` (fp32), tile [out features, in features], loop over the N rows;
+    ``Gz = z G`` is formed per step from the gathered noise rows (``row // rows_per_z``).
+    The programs of the first column tile also sum ``Gz`` over rows: ``d db = colsum(Gz)``. Each
+    output element has exactly one owner, so no atomics and a fixed summation order."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(D, BLOCK_M)
+    num_pid_n = tl.cdiv(K, BLOCK_N)
+    pid_m, pid_n = _grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M)
+    offs_d = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    d_ok = offs_d < D
+    offs_k = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_ok = offs_k < K
+    rows = tl.arange(0, BLOCK_K).to(tl.int64)
+
+    g_ptrs = g_ptr + rows[:, None] * stride_gm + offs_d[None, :]
+    x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    db_acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_K):
+        r = rows + n0
+        r_ok = r < N
+        g = tl.load(g_ptrs, mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+        if HAS_Z:
+            z_ptrs = z_ptr + (r // rows_per_z)[:, None] * stride_zr + offs_d[None, :]
+            z = tl.load(z_ptrs, mask=r_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+            g = _scale(g, z, UPCAST)
+        x = tl.load(x_ptrs, mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+        acc = dot_acc(tl.trans(g), x, acc, UPCAST, PRECISION)
+        if HAS_DB:
+            if pid_n == 0:
+                db_acc += tl.sum(g.to(tl.float32), axis=0)
+        g_ptrs += BLOCK_K * stride_gm
+        x_ptrs += BLOCK_K * stride_xm
+
+    w = tl.load(w_ptr + offs_d[:, None].to(tl.int64) * stride_wd + offs_k[None, :],
+                mask=d_ok[:, None] & k_ok[None, :], other=0.0)
+    acc = acc * w.to(tl.float32)
+    dm_ptrs = dm_ptr + offs_d[:, None].to(tl.int64) * stride_dmd + offs_k[None, :]
+    tl.store(dm_ptrs, acc, mask=d_ok[:, None] & k_ok[None, :])
+    if HAS_DB:
+        tl.store(ddb_ptr + offs_d, db_acc, mask=d_ok & (pid_n == 0))
+
+
+# ------------------------------------------------------------------------------------------------
+# Configs. Hopper lists: every entry compiles for sm_90 with wgmma and no spills at rank <= 64
+# (``python -m pace_kernels.compile_check``). Tiles are (BLOCK_M rows of X, BLOCK_N output
+# features, BLOCK_K reduction). The interpreter runs one small config instead (autotuning there
+# would run every config, slowly).
+
+
+def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+                         num_warps=warps, num_stages=stages)
+
+
+# Noise-free GEMM against the merged weight (forward and dX).
+PLAIN_CONFIGS_16 = [_cfg(128, 128, 64, 8, 3), _cfg(128, 256, 64, 8, 3), _cfg(64, 128, 64, 4, 4)]
+PLAIN_CONFIGS_32 = [_cfg(64, 64, 32, 4, 3)]
+# Per-sample tiles, by the tile height sample_plan chose (forward and dX).
+SAMPLE_CONFIGS_16 = {
+    128: [_cfg(128, 128, 32, 8, 4), _cfg(128, 128, 64, 8, 3)],
+    64: [_cfg(64, 256, 32, 8, 4), _cfg(64, 128, 32, 4, 4)],
+}
+SAMPLE_CONFIGS_32 = {128: [_cfg(128, 64, 16, 8, 3)], 64: [_cfg(64, 64, 32, 4, 3)]}
+# Two-GEMM form: two accumulators in the forward (so half the width), one in dX.
+TWO_GEMM_FWD_CONFIGS_16 = [_cfg(128, 64, 64, 8, 3), _cfg(64, 64, 64, 4, 4)]
+TWO_GEMM_FWD_CONFIGS_32 = [_cfg(64, 64, 32, 4, 3)]
+TWO_GEMM_DX_CONFIGS_16 = [_cfg(128, 128, 32, 8, 4), _cfg(64, 128, 64, 4, 4)]
+TWO_GEMM_DX_CONFIGS_32 = [_cfg(64, 64, 32, 4, 3)]
+# dM = (Gz^T X) * W0: tiles of [D, K], reduction over the rows.
+DM_CONFIGS_16 = [_cfg(128, 128, 64, 8, 3), _cfg(128, 128, 32, 8, 4), _cfg(64, 128, 64, 4, 4)]
+DM_CONFIGS_32 = [_cfg(64, 64, 32, 4, 3)]
+
+_INTERP_CONFIG = _cfg(32, 32, 32, 4, 1)
+SAMPLE_BLOCK_MS: Tuple[int, ...] = (32,) if is_interpreting() else (128, 64)
+"""Tile heights :func:`sample_plan` chooses from (taller first)."""
+
+MAX_RANK = 64
+"""Largest rank the kernels take (the r-wide product pads it to 16, 32 or 64); larger ranks run
+the reference path."""
+
+
+def padded_rank(rank: int) -> int:
+    """The rank as the kernels see it: a power of two >= 16 (the smallest ``tl.dot`` size)."""
+    return max(16, triton.next_power_of_2(rank))
+
+
+def _tune(fn, configs: Sequence[triton.Config], key: Sequence[str]):
+    return triton.autotune(pick_configs(configs, _INTERP_CONFIG), key=list(key))(fn)
+
+
+_SEG_KEY = ("n_seg", "seg_rows", "D", "K", "R")
+_ROWS_KEY = ("n_rows", "D", "K")
+_fwd_plain = {16: _tune(_lora_mul_fwd_kernel, PLAIN_CONFIGS_16, _SEG_KEY),
+              32: _tune(_lora_mul_fwd_kernel, PLAIN_CONFIGS_32, _SEG_KEY)}
+_dx_plain = {16: _tune(_lora_mul_dx_kernel, PLAIN_CONFIGS_16, _SEG_KEY),
+             32: _tune(_lora_mul_dx_kernel, PLAIN_CONFIGS_32, _SEG_KEY)}
+_fwd_sample = {}
+_dx_sample = {}
+for _bm in SAMPLE_BLOCK_MS:
+    for _bits, _table in ((16, SAMPLE_CONFIGS_16), (32, SAMPLE_CONFIGS_32)):
+        _fwd_sample[_bits, _bm] = _tune(_lora_mul_fwd_kernel, _table.get(_bm, [_INTERP_CONFIG]), _SEG_KEY)
+        _dx_sample[_bits, _bm] = _tune(_lora_mul_dx_kernel, _table.get(_bm, [_INTERP_CONFIG]), _SEG_KEY)
+_fwd_two_gemm = {16: _tune(_lora_mul_fwd_two_gemm_kernel, TWO_GEMM_FWD_CONFIGS_16, _ROWS_KEY),
+                 32: _tune(_lora_mul_fwd_two_gemm_kernel, TWO_GEMM_FWD_CONFIGS_32, _ROWS_KEY)}
+_dx_two_gemm = {16: _tune(_lora_mul_dx_two_gemm_kernel, TWO_GEMM_DX_CONFIGS_16, _ROWS_KEY),
+                32: _tune(_lora_mul_dx_two_gemm_kernel, TWO_GEMM_DX_CONFIGS_32, _ROWS_KEY)}
+_dm = {16: _tune(_lora_mul_dm_kernel, DM_CONFIGS_16, ("N", "D", "K")),
+       32: _tune(_lora_mul_dm_kernel, DM_CONFIGS_32, ("N", "D", "K"))}
+
+
+# ------------------------------------------------------------------------------------------------
+# Launchers (fake-tensor traceable: torch ops and wrap_triton launches only)
+
+
+def _kernel_flags(dtype: torch.dtype) -> Tuple[int, bool, str]:
+    bits = 32 if dtype == torch.float32 else 16
+    return bits, dot_upcast(dtype), fp32_dot_precision() if dtype == torch.float32 else "tf32"
+
+
+def _adapter_weight(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                    merged: bool) -> torch.Tensor:
+    """The call's one transient ``D x K``: ``W0*M`` for the two-GEMM kernels, or the merged
+    ``W0*(1+M)`` for the noise-free GEMM. ``M`` and ``W0*M`` are rounded to the operand dtype as
+    the reference rounds them."""
+    w = torch.mm(lora_b, lora_a)
+    w.mul_(weight)
+    if merged:
+        w.add_(weight)
+    return w
+
+
+def _launch_rows_kernels(kind: str, bits: int, plan: SamplePlan, n_seg: int, seg_len: int, per_sample_args,
+                         two_gemm_args, out_cols: int, consts: dict) -> None:
+    """Launch the per-sample kernel over the plan's main rows and the two-GEMM kernel over the
+    tails (``kind`` is ``"fwd"`` or ``"dx"``)."""
+    if plan.main_rows:
+        tuned = (_fwd_sample if kind == "fwd" else _dx_sample)[bits, plan.block_m]
+
+        def grid(meta):
+            tiles_per_sample = triton.cdiv(plan.main_rows, meta["BLOCK_M"])
+            return (n_seg * tiles_per_sample * triton.cdiv(out_cols, meta["BLOCK_N"]),)
+
+        wrap_triton(tuned)[grid](*per_sample_args, **consts["sample"])
+    if plan.tail_rows:
+        tuned = (_fwd_two_gemm if kind == "fwd" else _dx_two_gemm)[bits]
+        n_rows = n_seg * plan.tail_rows
+
+        def grid2(meta):
+            return (triton.cdiv(n_rows, meta["BLOCK_M"]) * triton.cdiv(out_cols, meta["BLOCK_N"]),)
+
+        wrap_triton(tuned)[grid2](*two_gemm_args, **consts["two_gemm"])
+
+
+def _forward_impl(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
+                  lora_b: torch.Tensor, delta_bias: Optional[torch.Tensor], noise: Optional[torch.Tensor],
+                  rows_per_noise: int) -> torch.Tensor:
+    n_rows, k_in = x.shape
+    d_out, rank = lora_b.shape
+    y = torch.empty((n_rows, d_out), device=x.device, dtype=x.dtype)
+    if n_rows == 0 or d_out == 0:
+        return y
+    bits, upcast, precision = _kernel_flags(x.dtype)
+    bias_arg = bias if bias is not None else y
+    db_arg = delta_bias if delta_bias is not None else y
+    flags = dict(HAS_BIAS=bias is not None, HAS_DB=delta_bias is not None, UPCAST=upcast, PRECISION=precision)
+
+    if noise is None:
+        w = _adapter_weight(weight, lora_a, lora_b, merged=True)
+
+        def grid(meta):
+            return (triton.cdiv(n_rows, meta["BLOCK_M"]) * triton.cdiv(d_out, meta["BLOCK_N"]),)
+
+        wrap_triton(_fwd_plain[bits])[grid](
+            x, w, w, w, y, bias_arg, db_arg, y,
+            d_out, k_in, rank, 1, n_rows, n_rows,
+            x.stride(0), w.stride(0), 0, 0, 0, y.stride(0),
+            PER_SAMPLE=False, R=16, **flags,
+        )
+        return y
+
+    seg_len = rows_per_noise
+    n_seg = n_rows // seg_len
+    plan = sample_plan(seg_len, SAMPLE_BLOCK_MS)
+    wm = _adapter_weight(weight, lora_a, lora_b, merged=False) if plan.tail_rows else weight
+    _launch_rows_kernels(
+        "fwd", bits, plan, n_seg, seg_len,
+        (x, weight, lora_a, lora_b, noise, bias_arg, db_arg, y,
+         d_out, k_in, rank, n_seg, seg_len, plan.main_rows,
+         x.stride(0), weight.stride(0), lora_a.stride(0), lora_b.stride(0), noise.stride(0), y.stride(0)),
+        (x, weight, wm, noise, bias_arg, db_arg, y,
+         d_out, k_in, n_seg * plan.tail_rows, plan.tail_rows, seg_len, seg_len - plan.tail_rows, seg_len,
+         x.stride(0), weight.stride(0), noise.stride(0), y.stride(0)),
+        d_out,
+        dict(sample=dict(PER_SAMPLE=True, R=padded_rank(rank), **flags), two_gemm=flags),
+    )
+    return y
+
+
+def _forward_fake(x, weight, bias, lora_a, lora_b, delta_bias, noise, rows_per_noise):
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+def _backward_impl(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor,
+                   lora_b: torch.Tensor, noise: Optional[torch.Tensor], rows_per_noise: int, need_dx: bool,
+                   need_factors: bool, need_db: bool) -> Tuple[torch.Tensor, ...]:
+    n_rows, k_in = x.shape
+    d_out, rank = lora_b.shape
+    g = grad_y.contiguous()
+    bits, upcast, precision = _kernel_flags(x.dtype)
+    dx = torch.empty((n_rows, k_in) if need_dx else (0, k_in), device=x.device, dtype=x.dtype)
+    d_lora_a = torch.zeros_like(lora_a)
+    d_lora_b = torch.zeros_like(lora_b)
+    d_db = torch.zeros((d_out,), device=x.device, dtype=x.dtype)
+    if n_rows == 0 or d_out == 0:
+        return dx.zero_(), d_lora_a, d_lora_b, d_db
+
+    # dM (and d db) first: its fp32 D x K transient is freed before dX makes its own.
+    if need_factors or need_db:
+        dm = torch.empty((d_out, k_in), device=x.device, dtype=torch.float32)
+        db32 = torch.empty((d_out,), device=x.device, dtype=torch.float32)
+        z = noise if noise is not None else g
+
+        def grid_dm(meta):
+            # at least one column tile, so d db is summed even when K == 0
+            return (triton.cdiv(d_out, meta["BLOCK_M"]) * triton.cdiv(max(k_in, 1), meta["BLOCK_N"]),)
+
+        wrap_triton(_dm[bits])[grid_dm](
+            g, x, z, weight, dm, db32,
+            n_rows, d_out, k_in, max(rows_per_noise, 1),
+            g.stride(0), x.stride(0), z.stride(0), weight.stride(0), dm.stride(0),
+            HAS_Z=noise is not None, HAS_DB=need_db, UPCAST=upcast, PRECISION=precision,
+        )
+        if need_factors:
+            d_lora_a = torch.mm(lora_b.float().t(), dm).to(lora_a.dtype)
+            d_lora_b = torch.mm(dm, lora_a.float().t()).to(lora_b.dtype)
+        if need_db:
+            d_db = db32.to(x.dtype)
+        del dm
+
+    if need_dx:
+        consts = dict(UPCAST=upcast, PRECISION=precision)
+        if noise is None:
+            w = _adapter_weight(weight, lora_a, lora_b, merged=True)
+
+            def grid(meta):
+                return (triton.cdiv(n_rows, meta["BLOCK_M"]) * triton.cdiv(k_in, meta["BLOCK_N"]),)
+
+            wrap_triton(_dx_plain[bits])[grid](
+                g, w, w, w, g, dx,
+                d_out, k_in, rank, 1, n_rows, n_rows,
+                g.stride(0), w.stride(0), 0, 0, 0, dx.stride(0),
+                PER_SAMPLE=False, R=16, **consts,
+            )
+        else:
+            seg_len = rows_per_noise
+            n_seg = n_rows // seg_len
+            plan = sample_plan(seg_len, SAMPLE_BLOCK_MS)
+            wm = _adapter_weight(weight, lora_a, lora_b, merged=False) if plan.tail_rows else weight
+            _launch_rows_kernels(
+                "dx", bits, plan, n_seg, seg_len,
+                (g, weight, lora_a, lora_b, noise, dx,
+                 d_out, k_in, rank, n_seg, seg_len, plan.main_rows,
+                 g.stride(0), weight.stride(0), lora_a.stride(0), lora_b.stride(0), noise.stride(0),
+                 dx.stride(0)),
+                (g, weight, wm, noise, dx,
+                 d_out, k_in, n_seg * plan.tail_rows, plan.tail_rows, seg_len, seg_len - plan.tail_rows,
+                 seg_len, g.stride(0), weight.stride(0), noise.stride(0), dx.stride(0)),
+                k_in,
+                dict(sample=dict(PER_SAMPLE=True, R=padded_rank(rank), **consts), two_gemm=consts),
+            )
+    return dx, d_lora_a, d_lora_b, d_db
+
+
+def _backward_fake(grad_y, x, weight, lora_a, lora_b, noise, rows_per_noise, need_dx, need_factors, need_db):
+    return (x.new_empty(x.shape if need_dx else (0, x.shape[1])), torch.empty_like(lora_a),
+            torch.empty_like(lora_b), x.new_empty((weight.shape[0],)))
+
+
+def _op_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
+                lora_b: torch.Tensor, delta_bias: Optional[torch.Tensor], noise: Optional[torch.Tensor],
+                rows_per_noise: int) -> torch.Tensor:
+    return _forward_impl(x, weight, bias, lora_a, lora_b, delta_bias, noise, rows_per_noise)
+
+
+def _op_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor,
+                 lora_b: torch.Tensor, noise: Optional[torch.Tensor], rows_per_noise: int, need_dx: bool,
+                 need_factors: bool,
+                 need_db: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward_impl(grad_y, x, weight, lora_a, lora_b, noise, rows_per_noise, need_dx, need_factors,
+                          need_db)
+
+
+lora_mul_fwd = register_op("pace::lora_mul_fwd", _op_forward, _forward_fake)
+lora_mul_bwd = register_op("pace::lora_mul_bwd", _op_backward, _backward_fake)
+
+
+# ------------------------------------------------------------------------------------------------
+# Autograd: one formula, used by the op (register_autograd) and by LoraMulFunction.
+
+
+class LoraMulFunction(torch.autograd.Function):
+    """Autograd of ``pace::lora_mul_fwd``: ``apply(x2d, weight, bias, lora_a, lora_b, delta_bias,
+    noise2d, rows_per_noise) -> y``. The same ``setup_context``/``backward`` are registered on the
+    op itself, so ``torch.ops.pace.lora_mul_fwd`` is differentiable too (the path torch.compile
+    traces without a graph break). Saved: ``x``, ``weight`` (the frozen parameter), the factors
+    and the noise; nothing of size ``D x K`` or ``N x D`` is made for backward."""
+
+    @staticmethod
+    def forward(x, weight, bias, lora_a, lora_b, delta_bias, noise, rows_per_noise):
+        return torch.ops.pace.lora_mul_fwd(x, weight, bias, lora_a, lora_b, delta_bias, noise, rows_per_noise)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, lora_a, lora_b, delta_bias, noise, rows_per_noise = inputs
+        ctx.save_for_backward(x, weight, lora_a, lora_b, noise)
+        ctx.rows_per_noise = rows_per_noise
+        ctx.has_delta_bias = delta_bias is not None
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, lora_a, lora_b, noise = ctx.saved_tensors
+        need_dx = ctx.needs_input_grad[0]
+        need_factors = ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
+        need_db = ctx.has_delta_bias and ctx.needs_input_grad[5]
+        dx, d_a, d_b, d_db = torch.ops.pace.lora_mul_bwd(
+            grad_y, x, weight, lora_a, lora_b, noise, ctx.rows_per_noise, need_dx, need_factors, need_db)
+        return (dx if need_dx else None, None, None,
+                d_a if ctx.needs_input_grad[3] else None,
+                d_b if ctx.needs_input_grad[4] else None,
+                d_db if need_db else None,
+                None, None)
+
+
+lora_mul_fwd.register_autograd(LoraMulFunction.backward, setup_context=LoraMulFunction.setup_context)
+
+
+# ------------------------------------------------------------------------------------------------
+# Public entry point
+
+
+def lora_mul_linear_triton(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    delta_bias: Optional[torch.Tensor] = None,
+    noise: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """``Y = x W0^T + b0 + Z * (x (W0 * (B A))^T + db)`` with the fused kernels; the reference's
+    signature and errors. RLRR is the rank-1 case (``lora_b = s_left [D, 1]``, ``lora_a =
+    s_right^T [1, K]``, ``delta_bias = shift``). float64 inputs and ranks above :data:`MAX_RANK`
+    run the reference instead."""
+    shapes = check_linear_inputs("lora_mul_linear", x, weight, bias, lora_a, lora_b, delta_bias, noise)
+    if x.dtype not in KERNEL_DTYPES or shapes.rank > MAX_RANK:
+        return reference.lora_mul_linear(x, weight, bias, lora_a, lora_b, delta_bias, noise)
+    d_out, k_in = shapes.out_features, shapes.in_features
+    x2d = x.reshape(-1, k_in).contiguous()
+    noise2d = None if noise is None else noise.detach().reshape(-1, d_out).contiguous()
+    y = torch.ops.pace.lora_mul_fwd(
+        x2d, weight.detach().contiguous(), None if bias is None else bias.detach().contiguous(),
+        lora_a.contiguous(), lora_b.contiguous(), None if delta_bias is None else delta_bias.contiguous(),
+        noise2d, shapes.rows_per_noise)
+    return y.view(*x.shape[:-1], d_out)
+
+
+# ------------------------------------------------------------------------------------------------
+# Compile check
+
+
+def _spec(name: str, fn, sig: dict, consts: dict, cfg: triton.Config, dtype: torch.dtype,
+          divisible: Sequence[str]) -> CompileSpec:
+    consts = dict(cfg.kwargs, **consts)
+    return CompileSpec(name, fn, sig, consts, cfg.num_warps, cfg.num_stages, dtype,
+                       note=config_label(consts, ("BLOCK_M", "BLOCK_N", "BLOCK_K"), cfg.num_warps,
+                                         cfg.num_stages),
+                       divisible=tuple(divisible))
+
+
+def compile_specs() -> List[CompileSpec]:
+    """Every kernel in every shipped Hopper config, at the worst-case constexprs (bias, delta bias
+    and noise on; padded rank 16 and 64 where the rank enters) and the dtypes each list serves;
+    fp32 rows for both dot precisions (tf32, tf32x3)."""
+    specs: List[CompileSpec] = []
+    variants = [(torch.bfloat16, "tf32"), (torch.float16, "tf32"), (torch.float32, "tf32x3"), (torch.float32, "tf32")]
+    for dtype, precision in variants:
+        t = TRITON_DTYPE_NAMES[dtype]
+        wide = dtype == torch.float32
+        common = dict(UPCAST=False, PRECISION=precision)
+        fwd_sig = dict(x_ptr=f"*{t}", w_ptr=f"*{t}", a_ptr=f"*{t}", b_ptr=f"*{t}", z_ptr="*fp32",
+                       bias_ptr=f"*{t}", db_ptr=f"*{t}", y_ptr=f"*{t}", D="i32", K="i32", RANK="i32",
+                       n_seg="i32", seg_len="i32", seg_rows="i32", stride_xm="i32", stride_wd="i32",
+                       stride_ar="i32", stride_bd="i32", stride_zs="i32", stride_ym="i32")
+        fwd_div = ("D", "K", "stride_xm", "stride_wd", "stride_ar", "stride_zs", "stride_ym")
+        dx_sig = dict(g_ptr=f"*{t}", w_ptr=f"*{t}", a_ptr=f"*{t}", b_ptr=f"*{t}", z_ptr="*fp32",
+                      dx_ptr=f"*{t}", D="i32", K="i32", RANK="i32", n_seg="i32", seg_len="i32",
+                      seg_rows="i32", stride_gm="i32", stride_wd="i32", stride_ar="i32", stride_bd="i32",
+                      stride_zs="i32", stride_dxm="i32")
+        dx_div = ("D", "K", "stride_gm", "stride_wd", "stride_ar", "stride_zs", "stride_dxm")
+        rows_args = dict(D="i32", K="i32", n_rows="i32", row_chunk="i32", row_stride="i32", row_off="i32",
+                         rows_per_z="i32")
+        for cfg in PLAIN_CONFIGS_32 if wide else PLAIN_CONFIGS_16:
+            specs.append(_spec("lora_mul_fwd noise-free", _lora_mul_fwd_kernel, fwd_sig,
+                               dict(PER_SAMPLE=False, HAS_BIAS=True, HAS_DB=True, R=16, **common), cfg, dtype,
+                               fwd_div))
+            specs.append(_spec("lora_mul_dx noise-free", _lora_mul_dx_kernel, dx_sig,
+                               dict(PER_SAMPLE=False, R=16, **common), cfg, dtype, dx_div))
+        for cfgs in (SAMPLE_CONFIGS_32 if wide else SAMPLE_CONFIGS_16).values():
+            for cfg in cfgs:
+                for r in (16, 64):
+                    specs.append(_spec(f"lora_mul_fwd per-sample r{r}", _lora_mul_fwd_kernel, fwd_sig,
+                                       dict(PER_SAMPLE=True, HAS_BIAS=True, HAS_DB=True, R=r, **common),
+                                       cfg, dtype, fwd_div))
+                    specs.append(_spec(f"lora_mul_dx per-sample r{r}", _lora_mul_dx_kernel, dx_sig,
+                                       dict(PER_SAMPLE=True, R=r, **common), cfg, dtype, dx_div))
+        for cfg in TWO_GEMM_FWD_CONFIGS_32 if wide else TWO_GEMM_FWD_CONFIGS_16:
+            sig = dict(x_ptr=f"*{t}", w_ptr=f"*{t}", wm_ptr=f"*{t}", z_ptr="*fp32", bias_ptr=f"*{t}",
+                       db_ptr=f"*{t}", y_ptr=f"*{t}", **rows_args, stride_xm="i32", stride_wd="i32",
+                       stride_zr="i32", stride_ym="i32")
+            specs.append(_spec("lora_mul_fwd two-GEMM", _lora_mul_fwd_two_gemm_kernel, sig,
+                               dict(HAS_BIAS=True, HAS_DB=True, **common), cfg, dtype,
+                               ("D", "K", "stride_xm", "stride_wd", "stride_zr", "stride_ym")))
+        for cfg in TWO_GEMM_DX_CONFIGS_32 if wide else TWO_GEMM_DX_CONFIGS_16:
+            sig = dict(g_ptr=f"*{t}", w_ptr=f"*{t}", wm_ptr=f"*{t}", z_ptr="*fp32", dx_ptr=f"*{t}",
+                       **rows_args, stride_gm="i32", stride_wd="i32", stride_zr="i32", stride_dxm="i32")
+            specs.append(_spec("lora_mul_dx two-GEMM", _lora_mul_dx_two_gemm_kernel, sig, dict(common), cfg,
+                               dtype,
+                               ("D", "K", "stride_gm", "stride_wd", "stride_zr", "stride_dxm")))
+        for cfg in DM_CONFIGS_32 if wide else DM_CONFIGS_16:
+            sig = dict(g_ptr=f"*{t}", x_ptr=f"*{t}", z_ptr="*fp32", w_ptr=f"*{t}", dm_ptr="*fp32",
+                       ddb_ptr="*fp32", N="i32", D="i32", K="i32", rows_per_z="i32", stride_gm="i32",
+                       stride_xm="i32", stride_zr="i32", stride_wd="i32", stride_dmd="i32")
+            consts = dict(HAS_Z=True, HAS_DB=True, **common)
+            specs.append(_spec("lora_mul_dm", _lora_mul_dm_kernel, sig, consts, cfg, dtype,
+                               ("D", "K", "stride_gm", "stride_xm", "stride_zr", "stride_wd", "stride_dmd")))
+    return specs
