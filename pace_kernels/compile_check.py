@@ -18,12 +18,19 @@ import multiprocessing
 import os
 import subprocess
 import sys
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 KERNEL_MODULES = ["pace_kernels.lora_add", "pace_kernels.lora_mul"]
 
 
-def _load_specs(modules: Sequence[str], only: Optional[str]) -> list:
+def _load_specs(modules: Sequence[str], only: Union[None, str, Sequence[str]] = None,
+                dtype: Optional[str] = None) -> list:
+    """Specs of every importable module; ``only``: keep those whose ``"name config"`` contains one of
+    these substrings; ``dtype``: keep one operand dtype (``"bf16"``, ``"fp16"``, ``"fp32"``)."""
+    from ._triton_utils import TRITON_DTYPE_NAMES
+
+    if isinstance(only, str):
+        only = [only]
     specs = []
     for name in modules:
         try:
@@ -35,8 +42,12 @@ def _load_specs(modules: Sequence[str], only: Optional[str]) -> list:
             print(f"# {name}: has no compile_specs(); skipped")
             continue
         for spec in module.compile_specs():
-            if only is None or only in spec.name:
-                specs.append(spec)
+            label = f"{spec.name} {spec.note}"
+            if only and not any(o in label for o in only):
+                continue
+            if dtype is not None and TRITON_DTYPE_NAMES.get(spec.dtype) != dtype:
+                continue
+            specs.append(spec)
     return specs
 
 
@@ -72,12 +83,12 @@ def _compile_all(specs: list, arch: int, jobs: int) -> Iterator:
             pool.shutdown()
 
 
-def run_check(arch: int = 90, modules: Sequence[str] = KERNEL_MODULES, only: Optional[str] = None,
-              limit: Optional[int] = None, jobs: int = 1) -> int:
+def run_check(arch: int = 90, modules: Sequence[str] = KERNEL_MODULES, only: Union[None, str, Sequence[str]] = None,
+              limit: Optional[int] = None, jobs: int = 1, dtype: Optional[str] = None) -> int:
     """Compile and print the table; return the process exit status (0 all good, 1 otherwise)."""
     from ._triton_utils import TRITON_DTYPE_NAMES
 
-    specs = _load_specs(modules, only)
+    specs = _load_specs(modules, only, dtype)
     if limit is not None:
         specs = specs[:limit]
     if not specs:
@@ -118,7 +129,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability as an int (90 = Hopper)")
     parser.add_argument("--module", action="append", help="kernel module(s) to check (default: all)")
-    parser.add_argument("--only", help="check only specs whose name contains this string")
+    parser.add_argument("--only", action="append",
+                        help="check only specs whose 'name config' contains this string (repeatable)")
+    parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="check only this operand dtype")
     parser.add_argument("--limit", type=int, help="check only the first N matching specs")
     parser.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1),
                         help="compile in this many processes (default: up to 4)")
@@ -131,7 +144,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         env.pop("TRITON_INTERPRET")
         cmd = [sys.executable, "-m", "pace_kernels.compile_check"] + list(sys.argv[1:] if argv is None else argv)
         return subprocess.call(cmd, env=env)
-    return run_check(args.arch, args.module or KERNEL_MODULES, args.only, args.limit, args.jobs)
+    return run_check(args.arch, args.module or KERNEL_MODULES, args.only, args.limit, args.jobs, args.dtype)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ tests exercise them without a GPU); ``"torch"`` forces the reference.
 
 from __future__ import annotations
 
-import importlib
 from typing import Callable, Optional
 
 import torch
@@ -23,12 +22,18 @@ _TRITON_IMPLS = {
 
 
 def _triton_impl(op: str) -> Callable:
-    module_name, fn_name = _TRITON_IMPLS[op].split(":")
+    # Plain import statements, not importlib: torch.compile traces these (the module is imported at
+    # trace time if need be), while importlib.import_module is a graph break.
     try:
-        module = importlib.import_module(module_name)
+        if op == "lora_add_linear":
+            from .lora_add import lora_add_linear_triton as fn
+        elif op == "lora_mul_linear":
+            from .lora_mul import lora_mul_linear_triton as fn
+        else:
+            raise KeyError(op)
     except ImportError as exc:  # triton missing, or the kernel module not built for this platform
         raise NotImplementedError(f"{op}: backend='triton' is unavailable here ({exc})") from exc
-    return getattr(module, fn_name)
+    return fn
 
 
 def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:

@@ -410,8 +410,8 @@ def _backward_impl(grad_y: torch.Tensor, x: torch.Tensor, u: torch.Tensor, weigh
     g = grad_y.contiguous()
     dx = torch.empty((n_rows, k_in) if need_dx else (0, k_in), device=x.device, dtype=x.dtype)
     if n_rows == 0 or d_out == 0:
-        return (dx.zero_(), torch.zeros_like(lora_a), torch.zeros_like(lora_b),
-                torch.zeros((d_out,), device=x.device, dtype=x.dtype))
+        return (dx.zero_(), lora_a.new_zeros(lora_a.shape), lora_b.new_zeros(lora_b.shape),
+                x.new_zeros((d_out,)))
     p = torch.empty((n_rows, rank), device=x.device, dtype=x.dtype)
     upcast, precision = _kernel_flags(x.dtype)
     kernel = _dx_32 if x.dtype == torch.float32 else _dx_16
@@ -436,12 +436,12 @@ def _backward_impl(grad_y: torch.Tensor, x: torch.Tensor, u: torch.Tensor, weigh
     )
     d_lora_b, d_delta_bias = _rank_grads(g, u, noise, rows_per_noise, with_colsum=True)
     d_lora_a_t, _ = _rank_grads(x, p, None, 1, with_colsum=False)
-    return dx, d_lora_a_t.t().to(x.dtype), d_lora_b.to(x.dtype), d_delta_bias.to(x.dtype)
+    return dx, d_lora_a_t.t().contiguous().to(x.dtype), d_lora_b.to(x.dtype), d_delta_bias.to(x.dtype)
 
 
 def _backward_fake(grad_y, x, u, weight, lora_a, lora_b, noise, rows_per_noise, need_dx):
-    return (x.new_empty(x.shape if need_dx else (0, x.shape[1])), torch.empty_like(lora_a),
-            torch.empty_like(lora_b), x.new_empty((weight.shape[0],)))
+    return (x.new_empty(x.shape if need_dx else (0, x.shape[1])), lora_a.new_empty(lora_a.shape),
+            lora_b.new_empty(lora_b.shape), x.new_empty((weight.shape[0],)))
 
 
 def _op_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
