@@ -256,15 +256,17 @@ def render_model_tables(rows: List[Dict[str, Any]]) -> List[str]:
         corder = {c: i for i, c in enumerate(CONTENDER_ORDER)}
         for r in sorted(mrows, key=lambda r: (r["precision"], order.get(r["mode"], 9), corder.get(r["contender"], 9))):
             ref = index.get((model, r["precision"], r["mode"], "reference"))
+            base = index.get((model, r["precision"], "baseline", r["contender"]))
             speed = _div(r["images_per_s"], ref["images_per_s"]) if ref else None
             mem = r.get("peak_mem_bytes")
             out.append([r["precision"], r["mode"], r["contender"],
                         _fmt_ms(None if r["time_s"] is None else r["time_s"] / r["steps_per_call"]),
                         "—" if r["images_per_s"] is None else f"{r['images_per_s']:.1f}",
                         "—" if mem is None else f"{mem / GiB:.2f}",
-                        _fmt_ratio(speed)])
-        lines += _table(["precision", "mode", "contender", "ms / step", "images/s", "peak GiB", "vs reference"], out,
-                        ["l", "l", "l", "r", "r", "r", "r"])
+                        _fmt_ratio(speed),
+                        _fmt_ratio(_div(r["time_s"], base and base["time_s"]))])
+        lines += _table(["precision", "mode", "contender", "ms / step", "images/s", "peak GiB", "vs reference",
+                         "step × baseline"], out, ["l", "l", "l", "r", "r", "r", "r", "r"])
     return lines
 
 
@@ -393,7 +395,9 @@ def render(run: Dict[str, Any], stat: str = "auto", notes: Sequence[str] = (), r
     if mrows:
         lines += ["", "## Model training step", "",
                   "images/s counts the batch's images (PACE's two copies count once); one benchmark call runs "
-                  "two optimizer steps so lazy_half alternates its two kinds of step."]
+                  "two optimizer steps so lazy_half alternates its two kinds of step. `vs reference`: images/s over "
+                  "the reference's in the same mode (higher is better); `step × baseline`: step time over the same "
+                  "contender's baseline (no-PACE) step (lower is better)."]
         lines += render_model_tables(mrows)
 
     skipped = run["pace"].get("skipped") or []

@@ -88,6 +88,13 @@ def test_renders_ratios_targets_and_memory(tmp_path):
     assert any("PACE step" in k and "2.00×" in v and "met" in v for k, v in lines.items())
     assert any("PACE_fast" in k and "1.05×" in v for k, v in lines.items())
     assert "## Model training step" in text and "426.7" in text  # 128 images / 0.30 s
+    assert "| bf16-autocast | pace | fused | 150 | 426.7 | 3.00 | 2.00× | 1.50× |" in text
+
+
+def test_ratios_only_leaves_out_absolute_numbers(tmp_path):
+    text = report.render(report.load([_write(tmp_path, "gpu.json", _gpu_run())]), ratios_only=True)
+    assert "floor ms" not in text and "TFLOP/s" not in text and "images/s |" not in text
+    assert "| bf16-autocast | pace | fused | 3.00 | 2.00× | 1.50× |" in text
 
 
 def test_cpu_run_without_fused_merges_files_and_lists_skips(tmp_path):
