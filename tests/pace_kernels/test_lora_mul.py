@@ -1,0 +1,460 @@
+"""The fused ``lora_mul`` kernels (and RLRR, rank-1 ``lora_mul``) against the reference path
+(SPEC sections 2, 3 and 4).
+
+Without a GPU the kernels run in Triton's interpreter (tests/conftest.py), which is slow: shapes are
+small, and the case list covers every pair of axis values (dtype, T, D, K, rank, noise kind, bias,
+delta bias, x rank, contiguity) instead of their product. T = 197 and 50 exercise the three row
+plans of per-sample noise in the interpreter's 32-row tiles (197: full tiles plus a 5-row tail in the
+two-GEMM kernel; 50: a masked tile; 1: two-GEMM only) and, without noise, row tiles that straddle
+samples. On a CUDA machine the same tests run on the GPU, plus the real-size cases at the end.
+
+Accuracy criterion: the kernels accumulate in fp32 and round once, the reference rounds after every
+op, so both are compared with a float64 evaluation of the same formula: the kernel's error may be
+at most twice the reference's own error plus a small floor.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import pace_kernels
+from pace_kernels import lora_mul, reference
+
+CUDA = torch.cuda.is_available()
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# Floor of the allowed error, relative to the largest magnitude of the float64 result.
+FLOOR = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+GRAD_NAMES = ("x", "lora_a", "lora_b", "delta_bias")
+ARGS = ("x", "weight", "bias", "lora_a", "lora_b", "delta_bias", "noise")
+
+
+@dataclass
+class Case:
+    dtype: str
+    tokens: int
+    d_out: int
+    k_in: int
+    rank: int
+    noise: Optional[str]  # "sample", "token" or None
+    bias: bool
+    delta_bias: bool
+    x_ndim: int
+    contiguous: bool
+    samples: int = 0  # 0: by T (2 at T = 197, 3 at 50, 5 at 1)
+    noise_dtype: Optional[torch.dtype] = None  # None: fp32
+
+    def __post_init__(self) -> None:
+        if self.samples == 0:
+            self.samples = 2 if self.tokens > 100 else 3 if self.tokens > 1 else 5
+
+    def __str__(self) -> str:
+        return (f"{self.dtype}-T{self.tokens}-D{self.d_out}-K{self.k_in}-r{self.rank}-{self.noise}"
+                f"-b{int(self.bias)}-db{int(self.delta_bias)}-{self.x_ndim}d-{'c' if self.contiguous else 'nc'}")
+
+
+# Every pair of values of any two axes occurs in at least one case (16 cases instead of 7776).
+PAIRWISE = [
+    Case("fp32", 50, 17, 70, 18, "token", True, True, 2, True),
+    Case("fp16", 1, 130, 48, 1, None, False, False, 2, False),
+    Case("bf16", 197, 80, 33, 10, "sample", True, False, 3, False),
+    Case("bf16", 1, 130, 70, 2, "sample", False, True, 3, True),
+    Case("fp16", 50, 17, 33, 2, "token", False, False, 3, False, noise_dtype=torch.float16),
+    Case("fp32", 197, 80, 33, 1, None, False, True, 2, True),
+    Case("fp16", 1, 80, 48, 10, "token", True, True, 2, True),
+    Case("bf16", 197, 17, 48, 18, "sample", False, True, 2, False),
+    Case("fp32", 50, 130, 70, 10, None, True, False, 3, False),
+    Case("bf16", 50, 17, 48, 1, "sample", True, False, 3, True, noise_dtype=torch.bfloat16),
+    Case("bf16", 1, 130, 33, 18, None, True, False, 3, True),
+    Case("fp16", 197, 80, 70, 2, "sample", True, False, 2, True),
+    Case("bf16", 197, 130, 70, 1, "token", False, False, 2, False),
+    Case("fp32", 1, 17, 48, 2, None, False, True, 2, True),
+    Case("fp16", 50, 80, 33, 18, "token", True, True, 3, False),
+    Case("fp32", 50, 17, 48, 10, "sample", False, True, 3, False, noise_dtype=torch.float64),
+]
+
+
+def make_inputs(case: Case, device: str, seed: int = 0) -> Dict[str, Optional[torch.Tensor]]:
+    """Leaf tensors of one call; ``x`` is 2-D ``[B*T, K]`` or 3-D ``[B, T, K]``, non-contiguous
+    when asked (every other column of a wider tensor). ``B A`` is O(1) so the multiplicative
+    adapter is as large as the frozen path and its errors are visible."""
+    g = torch.Generator().manual_seed(seed)
+    dtype = DTYPES[case.dtype]
+    b, t, k, d, r = case.samples, case.tokens, case.k_in, case.d_out, case.rank
+    lead = (b, t) if case.x_ndim == 3 else (b * t,)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(device)
+
+    if case.contiguous:
+        x = rnd(*lead, k).to(dtype)
+    else:
+        x = rnd(*lead, 2 * k).to(dtype)[..., ::2]
+        assert not x.is_contiguous()
+    noise = None
+    if case.noise is not None:
+        shape = (lead[0], d) if case.noise == "sample" else (*lead, d)
+        noise = (1.0 + 0.5 * rnd(*shape)).to(case.noise_dtype or torch.float32)
+    return dict(
+        x=x.requires_grad_(),
+        weight=rnd(d, k, scale=k ** -0.5).to(dtype),
+        bias=rnd(d, scale=0.5).to(dtype) if case.bias else None,
+        lora_a=rnd(r, k, scale=r ** -0.25).to(dtype).requires_grad_(),
+        lora_b=rnd(d, r, scale=r ** -0.25).to(dtype).requires_grad_(),
+        delta_bias=rnd(d, scale=0.5).to(dtype).requires_grad_() if case.delta_bias else None,
+        noise=noise,
+        grad=rnd(*lead, d).to(dtype),
+    )
+
+
+def forward_backward(inputs: Dict[str, Optional[torch.Tensor]], backend: str, dtype: Optional[torch.dtype] = None):
+    """Output and gradients of every leaf that requires grad (``dtype``: run on copies cast to it)."""
+    leaves = {}
+    args = []
+    for name in ARGS:
+        t = inputs[name]
+        if t is not None and dtype is not None:
+            t = t.detach().to(dtype).requires_grad_(t.requires_grad)
+        if t is not None and t.requires_grad:
+            leaves[name] = t
+        args.append(t)
+    if backend == "reference":
+        y = reference.lora_mul_linear(*args)
+    else:
+        y = pace_kernels.lora_mul_linear(*args, backend=backend)
+    grad = inputs["grad"] if dtype is None else inputs["grad"].to(dtype)
+    grads = torch.autograd.grad(y, list(leaves.values()), grad) if leaves else []
+    return y.detach(), dict(zip(leaves, grads))
+
+
+def assert_matches_reference(inputs, label: str = "") -> None:
+    dtype = inputs["x"].dtype
+    y_k, g_k = forward_backward(inputs, "triton")
+    y_r, g_r = forward_backward(inputs, "torch")
+    y_64, g_64 = forward_backward(inputs, "reference", torch.float64)
+    assert y_k.dtype == dtype and y_k.shape == y_r.shape
+    assert set(g_k) == set(g_r) == set(g_64)
+    results = [("y", y_k, y_r, y_64)] + [(n, g_k[n], g_r[n], g_64[n]) for n in g_64]
+    for name, got, ref, exact in results:
+        assert got.shape == exact.shape and got.dtype == ref.dtype, name
+        assert torch.isfinite(got).all(), f"{label} {name}: non-finite values"
+        scale = exact.abs().max().item() + 1e-12
+        err_kernel = (got.double() - exact).abs().max().item()
+        err_ref = (ref.double() - exact).abs().max().item()
+        allowed = 2 * err_ref + FLOOR[dtype] * scale
+        assert err_kernel <= allowed, (
+            f"{label} {name}: kernel error {err_kernel:.3g} > allowed {allowed:.3g} "
+            f"(reference error {err_ref:.3g}, scale {scale:.3g})")
+
+
+@pytest.mark.parametrize("case", PAIRWISE, ids=str)
+def test_matches_reference(case: Case, device: str) -> None:
+    assert_matches_reference(make_inputs(case, device), str(case))
+
+
+def test_pairwise_cases_cover_every_value() -> None:
+    axes = dict(dtype={"fp32", "fp16", "bf16"}, tokens={197, 50, 1}, d_out={17, 80, 130}, k_in={33, 48, 70},
+                rank={1, 2, 10, 18}, noise={"sample", "token", None}, bias={True, False},
+                delta_bias={True, False}, x_ndim={2, 3}, contiguous={True, False})
+    names = list(axes)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            seen = {(getattr(c, a), getattr(c, b)) for c in PAIRWISE}
+            want = {(va, vb) for va in axes[a] for vb in axes[b]}
+            assert want <= seen, f"pairs of {a} x {b} missing: {want - seen}"
+
+
+@pytest.mark.parametrize("tokens", [64, 40, 10])
+def test_row_plans(tokens: int, device: str) -> None:
+    """Per-sample noise where T is a whole number of tiles, leaves a masked tile, or is all tail."""
+    case = Case("fp32", tokens, 40, 24, 3, "sample", True, True, 3, True, samples=3)
+    assert_matches_reference(make_inputs(case, device, seed=tokens), str(case))
+
+
+def test_partial_gradients(device: str) -> None:
+    """x without requires_grad (the first adapted layer), and an adapter whose factors are frozen
+    (only d db wanted): each asked-for gradient is right."""
+    case = Case("fp16", 50, 80, 48, 10, "sample", True, True, 3, True)
+    inputs = make_inputs(case, device)
+    inputs["x"] = inputs["x"].detach()
+    assert_matches_reference(inputs, "frozen x")
+    inputs = make_inputs(case, device)
+    inputs["lora_a"] = inputs["lora_a"].detach()
+    inputs["lora_b"] = inputs["lora_b"].detach()
+    assert_matches_reference(inputs, "frozen factors")
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@given(
+    samples=st.integers(1, 3),
+    tokens=st.integers(1, 70),
+    k_in=st.integers(1, 40),
+    d_out=st.integers(1, 40),
+    rank=st.integers(1, 20),
+    noise=st.sampled_from(["sample", "token", None]),
+    dtype=st.sampled_from(["fp32", "fp16"]),
+    bias=st.booleans(),
+)
+def test_property_random_shapes(samples, tokens, k_in, d_out, rank, noise, dtype, bias) -> None:
+    from tests.conftest import DEVICE
+
+    case = Case(dtype, tokens, d_out, k_in, rank, noise, bias, not bias, 3, True, samples=samples)
+    assert_matches_reference(make_inputs(case, DEVICE, seed=samples * 1000 + tokens), str(case))
+
+
+def test_gradients_bitwise_deterministic(device: str) -> None:
+    """Two backward passes give identical bits (every output element has one owner, no atomics)."""
+    for noise in ("sample", "token"):
+        case = Case("fp16", 197, 80, 70, 10, noise, True, True, 3, True)
+        inputs = make_inputs(case, device)
+        _, first = forward_backward(inputs, "triton")
+        _, second = forward_backward(inputs, "triton")
+        for name in GRAD_NAMES:
+            assert torch.equal(first[name], second[name]), (noise, name)
+
+
+@pytest.mark.parametrize("noise", ["sample", "token", None])
+def test_memory_contract(noise: Optional[str], device: str) -> None:
+    """Saved for backward: only the op's inputs (x, W0 itself, the factors, the noise), never a
+    ``D x K`` tensor of its own nor an ``N x D`` one (SPEC section 3, issue 5 item 4)."""
+    case = Case("fp32", 50, 24, 40, 3, noise, True, True, 3, True)  # N = 150, D = 24, K = 40
+    inputs = make_inputs(case, device)
+    n_rows = case.samples * case.tokens
+    saved = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = pace_kernels.lora_mul_linear(*(inputs[n] for n in ARGS), backend="triton")
+    y.backward(inputs["grad"])
+
+    inputs_by_ptr = {inputs[n].data_ptr(): n for n in ("x", "weight", "lora_a", "lora_b", "noise")
+                     if inputs[n] is not None}
+    assert saved, "nothing saved: the op's autograd is not the fused one"
+    for t in saved:
+        origin = inputs_by_ptr.get(t.data_ptr())
+        assert origin is not None, f"saved a tensor of its own: shape {tuple(t.shape)}"
+        if tuple(t.shape) == (case.d_out, case.k_in):
+            assert origin == "weight"
+        if t.numel() == n_rows * case.d_out:
+            assert origin == "noise" and noise == "token"  # per-token noise is an input of that size
+
+
+def test_rlrr_is_rank_one_lora_mul(device: str) -> None:
+    """RLRR (SPEC section 2): ``W = W0 * (1 + s_left s_right^T)``, ``db = shift``, through the
+    kernels as rank-1 lora_mul, against the formula written out, with per-sample noise."""
+    g = torch.Generator().manual_seed(3)
+    b, t, k, d = 3, 50, 48, 80
+    x = torch.randn(b, t, k, generator=g).to(device).requires_grad_()
+    w0, b0 = torch.randn(d, k, generator=g).to(device) / k ** 0.5, torch.randn(d, generator=g).to(device)
+    s_left = torch.randn(d, 1, generator=g).to(device).requires_grad_()
+    s_right = torch.randn(1, k, generator=g).to(device).requires_grad_()
+    shift = torch.randn(d, generator=g).to(device).requires_grad_()
+    z = 1 + 0.5 * torch.randn(b, d, generator=g).to(device)
+
+    y = pace_kernels.lora_mul_linear(x, w0, b0, s_right, s_left, shift, z, backend="triton")
+    dw = w0 * (s_left * s_right)  # W0 * (s_left s_right^T)
+    y_ref = x @ w0.t() + b0 + z[:, None, :] * (x @ dw.t() + shift)
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
+    leaves = [x, s_left, s_right, shift]
+    for got, want in zip(torch.autograd.grad(y.square().sum(), leaves),
+                         torch.autograd.grad(y_ref.square().sum(), leaves)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)
+
+
+def test_pace_linear_rlrr_and_lora_mul_vpt_add_use_the_kernels(device: str) -> None:
+    """PaceLinear kinds rlrr and lora_mul_vpt_add (VPT and bias-scale terms of db by autograd)."""
+    from pace import PaceLinear
+
+    for kind in ("rlrr", "lora_mul_vpt_add"):
+        torch.manual_seed(0)
+        layer = PaceLinear(48, 80, adapter=kind, rank=4, sigma=0.5, backend="triton", device=device).train()
+        with torch.no_grad():
+            for p in layer.parameters():
+                if p.requires_grad:
+                    p.normal_(0, 0.5)
+        x = torch.randn(3, 50, 48, device=device)
+        out = {}
+        for backend in ("triton", "torch"):
+            layer.backend = backend
+            torch.manual_seed(1)  # the same noise draw
+            y = layer(x)
+            params = [p for p in layer.parameters() if p.requires_grad]
+            out[backend] = (y.detach(), torch.autograd.grad(y.square().mean(), params))
+        torch.testing.assert_close(out["triton"][0], out["torch"][0], rtol=1e-4, atol=1e-4)
+        for a, b in zip(out["triton"][1], out["torch"][1]):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_sample_plan_rule_and_docstring_counts() -> None:
+    """The row-tile rule and the wasted-work table of the module docstring, recounted here."""
+
+    def straddle(t: int, bm: int, samples: int = 64) -> float:
+        n = samples * t
+        dots = sum((min(r0 + bm, n) - 1) // t - r0 // t + 1 for r0 in range(0, n, bm))
+        return dots * bm / n
+
+    table = {}
+    for t in (197, 50, 2048, 1):
+        plan = lora_mul.sample_plan(t, (128, 64))
+        masked = {bm: math.ceil(t / bm) * bm / t for bm in (64, 128)}
+        # The plan never costs more than masked tiles or the two-GEMM form.
+        assert plan.cost_rows <= min(min(masked.values()) * t, 2 * t)
+        assert plan.main_rows + plan.tail_rows == t or (plan.tail_rows == 0 and plan.main_rows == t)
+        table[t] = (round(masked[64], 3), round(masked[128], 3), round(straddle(t, 64), 3),
+                    round(straddle(t, 128), 3), plan.block_m, round(plan.cost_rows / t, 3))
+    assert table[197] == (1.299, 1.299, 1.32, 1.645, 64, 1.025)
+    assert table[50] == (1.28, 2.56, 2.24, 3.52, 64, 1.28)
+    assert table[2048] == (1.0, 1.0, 1.0, 1.0, 128, 1.0)
+    assert table[1][4:] == (128, 2.0) and lora_mul.sample_plan(1, (128, 64)).main_rows == 0
+    assert lora_mul.sample_plan(197, (128, 64)) == lora_mul.SamplePlan(64, 192, 5, 202)
+    doc = lora_mul.__doc__
+    assert re.search(r"197\s+1\.299 \(23%\)\s+1\.299\s+1\.320 \(24%\)\s+1\.645 \(39%\)", doc)
+    assert "bm 64, 1.025 (2.4%) 3.05" in doc and "bm 64, 1.280 (22%)  3.56" in doc
+
+
+def test_two_copy_batch_equals_two_calls(device: str) -> None:
+    """SPEC section 4: in ``[x; x]`` copy c of sample b is sample ``c*B + b`` with its own noise row."""
+    case = Case("fp32", 50, 80, 48, 10, "sample", True, True, 3, True, samples=2)
+    inputs = make_inputs(case, device)
+    x, b = inputs["x"].detach(), case.samples
+    noise = 1.0 + 0.5 * torch.randn(2 * b, case.d_out, device=device)
+    params = {n: inputs[n] for n in ("weight", "bias", "lora_a", "lora_b", "delta_bias")}
+    both = pace_kernels.lora_mul_linear(torch.cat([x, x]), noise=noise, backend="triton", **params)
+    first = pace_kernels.lora_mul_linear(x, noise=noise[:b], backend="triton", **params)
+    second = pace_kernels.lora_mul_linear(x, noise=noise[b:], backend="triton", **params)
+    torch.testing.assert_close(both[:b], first, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(both[b:], second, rtol=1e-5, atol=1e-5)
+    assert (both[:b] - both[b:]).abs().max() > 1e-2, "the two copies must get different noise"
+
+
+def test_op_registration_passes_opcheck(device: str) -> None:
+    """The torch.library ops: schema, fake (meta) kernels, autograd registration, AOT dispatch."""
+    n, k, d, r = 10, 20, 24, 3
+    x = torch.randn(n, k, device=device, requires_grad=True)
+    w, bias = torch.randn(d, k, device=device), torch.randn(d, device=device)
+    a = torch.randn(r, k, device=device, requires_grad=True)
+    lb = torch.randn(d, r, device=device, requires_grad=True)
+    db = torch.randn(d, device=device, requires_grad=True)
+    z = torch.randn(2, d, device=device)
+    torch.library.opcheck(torch.ops.pace.lora_mul_fwd.default, (x, w, bias, a, lb, db, z, 5))
+    g = torch.randn(n, d, device=device)
+    torch.library.opcheck(torch.ops.pace.lora_mul_bwd.default,
+                          (g, x.detach(), w, a.detach(), lb.detach(), z, 5, True, True, True))
+
+
+def test_autocast(device: str) -> None:
+    """Under autocast the op computes in the autocast dtype, like F.linear, on both backends."""
+    amp = torch.float16 if device == "cuda" else torch.bfloat16
+    inputs = make_inputs(Case("fp32", 1, 80, 48, 10, "sample", True, True, 3, True), device)
+    args = [inputs[n] for n in ARGS]
+    with torch.autocast(device_type=device, dtype=amp):
+        y_k = pace_kernels.lora_mul_linear(*args, backend="triton")
+        y_r = pace_kernels.lora_mul_linear(*args, backend="torch")
+    assert y_k.dtype == y_r.dtype == amp
+    torch.testing.assert_close(y_k.float(), y_r.float(), rtol=3e-2, atol=3e-2 * y_r.float().abs().max().item())
+    g_k = torch.autograd.grad(y_k.float().sum(), inputs["lora_b"])[0]
+    g_r = torch.autograd.grad(y_r.float().sum(), inputs["lora_b"])[0]
+    assert g_k.dtype == torch.float32  # the parameter's own dtype
+    torch.testing.assert_close(g_k, g_r, rtol=3e-2, atol=3e-2 * g_r.abs().max().item())
+
+
+def test_fallbacks_empty_and_bad_inputs(device: str) -> None:
+    """float64 and ranks above MAX_RANK run the reference; an empty batch works; bad inputs raise
+    the reference's errors."""
+    for dtype, rank in ((torch.float64, 4), (torch.float32, lora_mul.MAX_RANK + 1)):
+        args = (torch.randn(2, 3, 8, device=device, dtype=dtype), torch.randn(6, 8, device=device, dtype=dtype),
+                None, torch.randn(rank, 8, device=device, dtype=dtype),
+                torch.randn(6, rank, device=device, dtype=dtype))
+        torch.testing.assert_close(pace_kernels.lora_mul_linear(*args, backend="triton"),
+                                   reference.lora_mul_linear(*args))
+
+    x = torch.randn(0, 7, 8, device=device, requires_grad=True)
+    a = torch.randn(2, 8, device=device, requires_grad=True)
+    y = pace_kernels.lora_mul_linear(x, torch.randn(5, 8, device=device), None, a,
+                                     torch.randn(5, 2, device=device), None, torch.randn(0, 5, device=device),
+                                     backend="triton")
+    assert y.shape == (0, 7, 5)
+    assert torch.equal(torch.autograd.grad(y.sum(), [a])[0], torch.zeros_like(a))
+
+    ok = dict(x=torch.randn(2, 3, 8), weight=torch.randn(6, 8), bias=None, lora_a=torch.randn(4, 8),
+              lora_b=torch.randn(6, 4), delta_bias=None, noise=torch.randn(2, 6))
+    for change in (dict(lora_b=torch.randn(6, 3)), dict(noise=torch.randn(3, 6)),
+                   dict(weight=torch.randn(6, 8, dtype=torch.float16))):
+        kwargs = {n: (t.to(device) if t is not None else None) for n, t in {**ok, **change}.items()}
+        with pytest.raises((ValueError, TypeError)) as ref_err:
+            pace_kernels.lora_mul_linear(**kwargs, backend="torch")
+        with pytest.raises(ref_err.type, match=re.escape(str(ref_err.value))):
+            pace_kernels.lora_mul_linear(**kwargs, backend="triton")
+
+
+# ------------------------------------------------------------------------------------------------
+# CUDA only: real sizes.
+
+def cuda_only(fn):
+    return pytest.mark.cuda(pytest.mark.skipif(not CUDA, reason="needs a CUDA device (real sizes)")(fn))
+
+
+def _relative_error(got: torch.Tensor, exact: torch.Tensor) -> float:
+    return ((got.float() - exact.float()).abs().max() / (exact.float().abs().max() + 1e-12)).item()
+
+
+@cuda_only
+@pytest.mark.parametrize("layer,k_in,d_out", [("qkv", 768, 2304), ("fc1", 768, 3072), ("fc2", 3072, 768)])
+@pytest.mark.parametrize("noise", ["sample", "token", None])
+def test_vit_b_sizes_bf16(layer: str, k_in: int, d_out: int, noise: Optional[str]) -> None:
+    """ViT-B layers, 2B x 197 = 25216 rows (B = 64, two copies), bf16: kernel vs reference, both vs fp32."""
+    case = Case("bf16", 197, d_out, k_in, 16, noise, True, True, 3, True, samples=128)
+    inputs = make_inputs(case, "cuda")
+    y_k, g_k = forward_backward(inputs, "triton")
+    y_r, g_r = forward_backward(inputs, "torch")
+    y_32, g_32 = forward_backward(inputs, "reference", torch.float32)
+    for name, got, ref, exact in [("y", y_k, y_r, y_32)] + [(n, g_k[n], g_r[n], g_32[n]) for n in g_32]:
+        err_k, err_r = _relative_error(got, exact), _relative_error(ref, exact)
+        assert err_k <= 2 * err_r + 1e-2, f"{layer} {name}: kernel {err_k:.3g}, reference {err_r:.3g}"
+
+
+@cuda_only
+def test_more_than_2_to_31_output_elements() -> None:
+    """N * D > 2^31: row offsets must be int64 in every kernel (per-sample tiles and a tail)."""
+    samples, tokens, k_in, d_out, rank = 2048, 1025, 64, 1024, 8
+    assert samples * tokens * d_out > 2 ** 31
+    case = Case("bf16", tokens, d_out, k_in, rank, "sample", True, True, 3, True, samples=samples)
+    inputs = make_inputs(case, "cuda")
+    y_k, g_k = forward_backward(inputs, "triton")
+    y_r, g_r = forward_backward(inputs, "torch")
+    for name, got, ref in [("y", y_k, y_r)] + [(n, g_k[n], g_r[n]) for n in g_r]:
+        assert _relative_error(got, ref) < 3e-2, name
+    torch.testing.assert_close(y_k[-1, -5:].float(), y_r[-1, -5:].float(), rtol=3e-2, atol=3e-2)
+
+
+@cuda_only
+def test_timing_noisy_vs_noise_free_vit_b_fc1(capsys) -> None:
+    """Quick timing (printed, not asserted): fused lora_mul fwd+bwd on ViT-B fc1, 2B x 197 rows, bf16."""
+    results = {}
+    for noise in (None, "sample", "token"):
+        case = Case("bf16", 197, 3072, 768, 16, noise, True, True, 3, True, samples=128)
+        inputs = make_inputs(case, "cuda")
+        for _ in range(3):
+            forward_backward(inputs, "triton")
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        reps = 10
+        for _ in range(reps):
+            forward_backward(inputs, "triton")
+        torch.cuda.synchronize()
+        results[noise] = (time.perf_counter() - start) / reps * 1e3
+    with capsys.disabled():
+        print(f"\n[lora_mul fc1 fwd+bwd, 25216x768x3072 bf16] noise-free {results[None]:.3f} ms, "
+              f"per-sample {results['sample']:.3f} ms ({results['sample'] / results[None]:.2f}x), "
+              f"per-token {results['token']:.3f} ms ({results['token'] / results[None]:.2f}x)")
