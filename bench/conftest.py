@@ -12,14 +12,14 @@ import os
 import platform
 import sys
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable
 
 import pytest
 import torch
 
 from bench import specs
 
-_SKIPPED: List[Dict[str, str]] = []
+_SKIPPED: list[dict[str, str]] = []
 
 
 def _raise_dynamo_limits() -> None:
@@ -29,7 +29,9 @@ def _raise_dynamo_limits() -> None:
         import torch._dynamo as dynamo
     except Exception:  # torch without dynamo: the compiled contender skips itself
         return
-    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
+    names = ("recompile_limit", "cache_size_limit",
+             "accumulated_recompile_limit", "accumulated_cache_size_limit")
+    for name in names:
         if hasattr(dynamo.config, name):
             setattr(dynamo.config, name, max(getattr(dynamo.config, name), 512))
 
@@ -62,7 +64,11 @@ class Timing:
 
     Warm-up calls run before any timing, so ``torch.compile`` and Triton autotuning are never timed.
     Rounds and the target length of a round come from ``PACE_BENCH_ROUNDS`` / ``PACE_BENCH_ROUND_S``.
+    Peak memory is read over the timed calls (every call is the same work), so it costs no extra call.
     """
+
+    CPU_MEMORY = {"peak_mem_bytes": None, "peak_mem_extra_bytes": None,
+                  "mem_method": "not measured on CPU (torch CPU allocations are invisible to tracemalloc)"}
 
     def __init__(self, device: str):
         self.device = device
@@ -71,41 +77,41 @@ class Timing:
         self.round_s = _env_float("PACE_BENCH_ROUND_S", 0.02 if cuda else 0.05)
         self.warmup = _env_int("PACE_BENCH_WARMUP", 3 if cuda else 1)
         self.timer: Callable[[], float] = cuda_timer if cuda else time.perf_counter
+        self.memory: dict[str, Any] = dict(self.CPU_MEMORY)
 
-    def run(self, benchmark, fn: Callable[[], Any], *, warmup: Optional[int] = None,
-            rounds: Optional[int] = None, round_s: Optional[float] = None) -> Optional[float]:
+    def run(self, benchmark, fn: Callable[[], Any], *, warmup: int | None = None,
+            rounds: int | None = None, round_s: float | None = None) -> float | None:
         """Time ``fn`` with pytest-benchmark; returns the median seconds per call (None when
-        benchmarking is disabled, e.g. ``--benchmark-disable``: then ``fn`` runs once)."""
+        benchmarking is disabled, e.g. ``--benchmark-disable``: then ``fn`` runs once). Afterwards
+        :attr:`memory` holds the peak bytes allocated during the calls, absolute and above what was
+        allocated before them (None on CPU)."""
+        self.memory = dict(self.CPU_MEMORY)
         if benchmark.disabled:
             fn()
             return None
         for _ in range(self.warmup if warmup is None else warmup):
             fn()
+        cuda = self.device == "cuda"
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
         t0 = self.timer()
         fn()
         once = max(self.timer() - t0, 1e-7)
         iterations = max(1, min(10_000, int((self.round_s if round_s is None else round_s) / once)))
-        if self.device == "cuda":
+        if cuda:
             # pytest-benchmark reads the clock through this attribute; synchronising there times the
             # whole loop of asynchronous launches rather than the launches alone.
             benchmark._timer = cuda_timer
         benchmark.pedantic(fn, rounds=self.rounds if rounds is None else rounds, iterations=iterations,
                            warmup_rounds=0)
+        if cuda:
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated()
+            self.memory = {"peak_mem_bytes": int(peak), "peak_mem_extra_bytes": int(peak - before),
+                           "mem_method": "torch.cuda.max_memory_allocated"}
         return float(benchmark.stats.stats.median)
-
-    def peak_memory(self, fn: Callable[[], Any]) -> Dict[str, Any]:
-        """Peak bytes allocated during one call, absolute and above what was allocated before it."""
-        if self.device != "cuda":
-            return {"peak_mem_bytes": None, "peak_mem_extra_bytes": None,
-                    "mem_method": "not measured on CPU (torch CPU allocations are invisible to tracemalloc)"}
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated()
-        return {"peak_mem_bytes": int(peak), "peak_mem_extra_bytes": int(peak - before),
-                "mem_method": "torch.cuda.max_memory_allocated"}
 
 
 @pytest.fixture(scope="session")
@@ -131,21 +137,32 @@ def pytest_runtest_logreport(report) -> None:
         _SKIPPED.append({"nodeid": report.nodeid, "reason": reason})
 
 
-def _version(module: str) -> Optional[str]:
+def _version(module: str) -> str | None:
     try:
         return getattr(__import__(module), "__version__", "?")
     except Exception:
         return None
 
 
-def environment() -> Dict[str, Any]:
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment() -> dict[str, Any]:
     dev = specs.device()
     full = specs.full_set()
     rule = os.environ.get(specs.FULL_ENV)
-    info: Dict[str, Any] = {
+    info: dict[str, Any] = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "device": dev,
-        "device_name": torch.cuda.get_device_name(0) if dev == "cuda" else (platform.processor() or platform.machine()),
+        "device_name": torch.cuda.get_device_name(0) if dev == "cuda" else _cpu_name(),
         "cpu_threads": torch.get_num_threads(),
         "set": "full" if full else "reduced",
         "set_rule": (f"{specs.FULL_ENV}={rule}" if rule else

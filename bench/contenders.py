@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -47,15 +47,15 @@ class Case:
     lora_a: torch.Tensor  # [r, K]
     lora_b: torch.Tensor  # [D, r]
     delta_bias: torch.Tensor  # [D]
-    noise: Optional[torch.Tensor]  # [B, D] per sample, or None
+    noise: torch.Tensor | None  # [B, D] per sample, or None
     grad_out: torch.Tensor  # [B, T, D]
 
     @property
-    def noise_bcast(self) -> Optional[torch.Tensor]:
+    def noise_bcast(self) -> torch.Tensor | None:
         """The noise as ``[B, 1, D]``, the layout in which the public code draws it."""
         return None if self.noise is None else self.noise.unsqueeze(1)
 
-    def trainable(self) -> List[torch.Tensor]:
+    def trainable(self) -> list[torch.Tensor]:
         return [self.x, self.lora_a, self.lora_b, self.delta_bias]
 
 
@@ -110,21 +110,21 @@ def reference_fn(op: Op) -> Callable:
     raise ValueError(f"unknown op kind {op.kind!r}")
 
 
-def _args(case: Case) -> Tuple:
+def _args(case: Case) -> tuple:
     return (case.x, case.weight, case.bias, case.lora_a, case.lora_b, case.delta_bias, case.noise_bcast)
 
 
-def build_reference(case: Case) -> Tuple[Forward, List[torch.Tensor]]:
+def build_reference(case: Case) -> tuple[Forward, list[torch.Tensor]]:
     fn, args = reference_fn(case.op), _args(case)
     return (lambda: fn(*args)), case.trainable()
 
 
 # torch.compile keeps one cache per code object; these are reused across the groups of one
 # (op, shape, dtype) so fwd and fwd+bwd share a compilation.
-_COMPILED: Dict[Tuple, Callable] = {}
+_COMPILED: dict[tuple, Callable] = {}
 
 
-def build_compiled(case: Case) -> Tuple[Forward, List[torch.Tensor]]:
+def build_compiled(case: Case) -> tuple[Forward, list[torch.Tensor]]:
     if not hasattr(torch, "compile"):
         raise ContenderUnavailable("torch.compile is not available in this torch")
     key = (case.op, case.shape, case.x.dtype, case.x.device.type)
@@ -140,7 +140,7 @@ def build_compiled(case: Case) -> Tuple[Forward, List[torch.Tensor]]:
     return (lambda: fn(*args)), case.trainable()
 
 
-def build_peft(case: Case) -> Tuple[Forward, List[torch.Tensor]]:
+def build_peft(case: Case) -> tuple[Forward, list[torch.Tensor]]:
     if case.op.kind != "lora_add":
         raise ContenderUnavailable("peft has no multiplicative (lora_mul) LoRA layer")
     try:
@@ -169,7 +169,7 @@ def build_peft(case: Case) -> Tuple[Forward, List[torch.Tensor]]:
     return (lambda: layer(x)), [x, *params]
 
 
-def build_floor(case: Case) -> Tuple[Forward, List[torch.Tensor]]:
+def build_floor(case: Case) -> tuple[Forward, list[torch.Tensor]]:
     k, d = case.shape.in_features, case.shape.out_features
     lin = nn.Linear(k, d, device=case.x.device, dtype=case.x.dtype).requires_grad_(False)
     with torch.no_grad():
@@ -179,7 +179,7 @@ def build_floor(case: Case) -> Tuple[Forward, List[torch.Tensor]]:
     return (lambda: lin(x)), [x]
 
 
-def fused_unavailable_reason(op: Op, device: str) -> Optional[str]:
+def fused_unavailable_reason(op: Op, device: str) -> str | None:
     """Why the fused contender cannot run here, or None when it can."""
     if device != "cuda":
         return (
@@ -196,7 +196,7 @@ def fused_unavailable_reason(op: Op, device: str) -> Optional[str]:
     return None
 
 
-def build_fused(case: Case) -> Tuple[Forward, List[torch.Tensor]]:
+def build_fused(case: Case) -> tuple[Forward, list[torch.Tensor]]:
     reason = fused_unavailable_reason(case.op, case.x.device.type)
     if reason is not None:
         raise ContenderUnavailable(reason)
@@ -207,7 +207,7 @@ def build_fused(case: Case) -> Tuple[Forward, List[torch.Tensor]]:
     return (lambda: fn(*args, backend="triton")), case.trainable()
 
 
-BUILDERS: Dict[str, Callable[[Case], Tuple[Forward, List[torch.Tensor]]]] = {
+BUILDERS: dict[str, Callable[[Case], tuple[Forward, list[torch.Tensor]]]] = {
     "floor": build_floor,
     "reference": build_reference,
     "compiled": build_compiled,
@@ -216,7 +216,9 @@ BUILDERS: Dict[str, Callable[[Case], Tuple[Forward, List[torch.Tensor]]]] = {
 }
 
 
-def make_pass(forward: Forward, grad_inputs: List[torch.Tensor], grad_out: torch.Tensor, pass_: str) -> Callable[[], None]:
+def make_pass(
+    forward: Forward, grad_inputs: list[torch.Tensor], grad_out: torch.Tensor, pass_: str
+) -> Callable[[], None]:
     """One timed call: the training forward (autograd recording), or forward plus every gradient."""
     if pass_ == "fwd":
 
@@ -234,7 +236,7 @@ def make_pass(forward: Forward, grad_inputs: List[torch.Tensor], grad_out: torch
 
 
 def oracle_output(case: Case) -> torch.Tensor:
-    """The package's reference op (SPEC section 3) on the same tensors, in fp32: what every contender must match."""
+    """The package's reference op (SPEC section 3) on the same tensors in fp32: what contenders must match."""
     from pace_kernels import reference
 
     fn = reference.lora_add_linear if case.op.kind == "lora_add" else reference.lora_mul_linear

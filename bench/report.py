@@ -15,7 +15,8 @@ import json
 import math
 import sys
 from collections import OrderedDict, defaultdict
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 CONTENDER_ORDER = ("floor", "reference", "compiled", "peft", "fused")
 PASS_ORDER = ("fwd", "fwd+bwd")
@@ -35,9 +36,9 @@ TARGET_MODEL_FAST_VS_BASELINE = 1.1
 # --- loading ---------------------------------------------------------------------------------------
 
 
-def load(paths: Sequence[str]) -> Dict[str, Any]:
+def load(paths: Sequence[str]) -> dict[str, Any]:
     """Read one or more pytest-benchmark JSON files into one run (benchmarks and skips concatenated)."""
-    merged: Dict[str, Any] = {"benchmarks": [], "pace": {"environment": {}, "skipped": []}, "sources": []}
+    merged: dict[str, Any] = {"benchmarks": [], "pace": {"environment": {}, "skipped": []}, "sources": []}
     for path in paths:
         with open(path) as fh:
             data = json.load(fh)
@@ -54,14 +55,14 @@ def load(paths: Sequence[str]) -> Dict[str, Any]:
     return merged
 
 
-def resolve_stat(stat: str, env: Dict[str, Any]) -> str:
+def resolve_stat(stat: str, env: dict[str, Any]) -> str:
     """``auto``: median on CUDA; min on CPU, where other processes on a shared machine inflate rounds."""
     if stat != "auto":
         return stat
     return "median" if env.get("device") == "cuda" else "min"
 
 
-def _time(bench: Dict[str, Any], stat: str) -> Optional[float]:
+def _time(bench: dict[str, Any], stat: str) -> float | None:
     value = (bench.get("stats") or {}).get(stat)
     return float(value) if isinstance(value, (int, float)) and value > 0 else None
 
@@ -69,35 +70,35 @@ def _time(bench: Dict[str, Any], stat: str) -> Optional[float]:
 # --- formatting ------------------------------------------------------------------------------------
 
 
-def _fmt_ratio(value: Optional[float]) -> str:
+def _fmt_ratio(value: float | None) -> str:
     return "—" if value is None else f"{value:.2f}×"
 
 
-def _fmt_ms(seconds: Optional[float]) -> str:
+def _fmt_ms(seconds: float | None) -> str:
     if seconds is None:
         return "—"
     ms = seconds * 1e3
     return f"{ms:.3f}" if ms < 1 else f"{ms:.2f}" if ms < 100 else f"{ms:.0f}"
 
 
-def _fmt_mib(value: Optional[float]) -> str:
+def _fmt_mib(value: float | None) -> str:
     return "—" if value is None else f"{value / MiB:.0f}"
 
 
-def _div(a: Optional[float], b: Optional[float]) -> Optional[float]:
+def _div(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None or b == 0 else a / b
 
 
-def geomean(values: Iterable[Optional[float]]) -> Optional[float]:
+def geomean(values: Iterable[float | None]) -> float | None:
     vals = [v for v in values if v is not None and v > 0]
     return math.exp(sum(math.log(v) for v in vals) / len(vals)) if vals else None
 
 
 ABSOLUTE_COLUMNS = ("floor ms", "fused TFLOP/s", "ms / step", "images/s")
-_HIDDEN: List[str] = []  # column names left out of every table (``--ratios-only``)
+_HIDDEN: list[str] = []  # column names left out of every table (``--ratios-only``)
 
 
-def _table(header: Sequence[str], rows: List[Sequence[str]], align: Optional[Sequence[str]] = None) -> List[str]:
+def _table(header: Sequence[str], rows: list[Sequence[str]], align: Sequence[str] | None = None) -> list[str]:
     align = align or ["l"] + ["r"] * (len(header) - 1)
     keep = [i for i, h in enumerate(header) if h not in _HIDDEN]
     header, align = [header[i] for i in keep], [align[i] for i in keep]
@@ -114,34 +115,34 @@ def _table(header: Sequence[str], rows: List[Sequence[str]], align: Optional[Seq
 class LayerGroup:
     """The contenders of one (shape, op, noise, pass, dtype) group."""
 
-    def __init__(self, info: Dict[str, Any]):
+    def __init__(self, info: dict[str, Any]):
         self.info = info
-        self.times: Dict[str, float] = {}
-        self.mem: Dict[str, Optional[float]] = {}
-        self.linear_time: Optional[float] = None
+        self.times: dict[str, float] = {}
+        self.mem: dict[str, float | None] = {}
+        self.linear_time: float | None = None
 
     @property
-    def floor(self) -> Optional[float]:
+    def floor(self) -> float | None:
         """Floor seconds: the frozen linear's time scaled to the op's GEMM-equivalent count."""
         if self.linear_time is None:
             return None
         return self.linear_time * self.info["gemm_equiv"] / _linear_equiv(self.info["pass"])
 
     @property
-    def floor_two_gemm(self) -> Optional[float]:
+    def floor_two_gemm(self) -> float | None:
         tge = self.info.get("gemm_equiv_two_gemm")
         if self.linear_time is None or tge is None:
             return None
         return self.linear_time * tge / _linear_equiv(self.info["pass"])
 
-    def ratio(self, contender: str) -> Optional[float]:
+    def ratio(self, contender: str) -> float | None:
         return _div(self.times.get(contender), self.floor)
 
-    def speedup(self, other: str, of: str = "fused") -> Optional[float]:
+    def speedup(self, other: str, of: str = "fused") -> float | None:
         """How many times faster ``of`` is than ``other`` (their time ratio)."""
         return _div(self.times.get(other), self.times.get(of))
 
-    def tflops(self, contender: str) -> Optional[float]:
+    def tflops(self, contender: str) -> float | None:
         t = self.times.get(contender)
         return None if t is None else self.info["gemm_equiv"] * _flops_per_gemm(self.info) / t / 1e12
 
@@ -150,16 +151,16 @@ def _linear_equiv(pass_: str) -> float:
     return 1.0 if pass_ == "fwd" else 2.0
 
 
-def _flops_per_gemm(info: Dict[str, Any]) -> float:
+def _flops_per_gemm(info: dict[str, Any]) -> float:
     return 2.0 * info["n_rows"] * info["in_features"] * info["out_features"]
 
 
-def _op_key(info: Dict[str, Any]) -> Tuple:
+def _op_key(info: dict[str, Any]) -> tuple:
     return (info["op"], info["rank"], info["noise"], info["pass"], info["dtype"])
 
 
-def layer_groups(benchmarks: List[Dict[str, Any]], stat: str) -> "OrderedDict[Tuple, LayerGroup]":
-    groups: "OrderedDict[Tuple, LayerGroup]" = OrderedDict()
+def layer_groups(benchmarks: list[dict[str, Any]], stat: str) -> OrderedDict[tuple, LayerGroup]:
+    groups: OrderedDict[tuple, LayerGroup] = OrderedDict()
     for bench in benchmarks:
         info = bench.get("extra_info") or {}
         if info.get("kind") != "layer":
@@ -177,19 +178,19 @@ def layer_groups(benchmarks: List[Dict[str, Any]], stat: str) -> "OrderedDict[Tu
 
 
 def _op_title(op: str, rank: Any, noise: str, pass_: str, dtype: str) -> str:
-    noise_txt = "per-sample noise" if noise == "sample" else "no noise" if noise == "none" else f"noise={noise}"
+    noise_txt = {"sample": "per-sample noise", "none": "no noise"}.get(noise, f"noise={noise}")
     return f"`{op}` r{rank}, {noise_txt}, {pass_}, {dtype}"
 
 
-def _by_op(groups: "OrderedDict[Tuple, LayerGroup]") -> "OrderedDict[Tuple, List[LayerGroup]]":
-    out: "OrderedDict[Tuple, List[LayerGroup]]" = OrderedDict()
+def _by_op(groups: OrderedDict[tuple, LayerGroup]) -> OrderedDict[tuple, list[LayerGroup]]:
+    out: OrderedDict[tuple, list[LayerGroup]] = OrderedDict()
     for g in groups.values():
         out.setdefault(_op_key(g.info), []).append(g)
     return out
 
 
-def render_layer_tables(groups: "OrderedDict[Tuple, LayerGroup]", has_memory: bool) -> List[str]:
-    lines: List[str] = []
+def render_layer_tables(groups: OrderedDict[tuple, LayerGroup], has_memory: bool) -> list[str]:
+    lines: list[str] = []
     for (op, rank, noise, pass_, dtype), gs in _by_op(groups).items():
         present = [c for c in CONTENDER_ORDER if any(c in g.times for g in gs)]
         others = [c for c in present if c not in ("floor",)]
@@ -204,8 +205,8 @@ def render_layer_tables(groups: "OrderedDict[Tuple, LayerGroup]", has_memory: bo
         rows = []
         for g in gs:
             i = g.info
-            row = [i["shape"], f"{i['n_rows']}×{i['in_features']}→{i['out_features']}", f"{i['gemm_equiv']:.3g}",
-                   _fmt_ms(g.floor)]
+            dims = f"{i['n_rows']}×{i['in_features']}→{i['out_features']}"
+            row = [i["shape"], dims, f"{i['gemm_equiv']:.3g}", _fmt_ms(g.floor)]
             row += [_fmt_ratio(g.ratio(c)) for c in others]
             if noisy_mul:
                 row.append(_fmt_ratio(_div(g.times.get("fused"), g.floor_two_gemm)))
@@ -217,15 +218,15 @@ def render_layer_tables(groups: "OrderedDict[Tuple, LayerGroup]", has_memory: bo
         lines += _table(header, rows)
         if has_memory:
             lines += ["", "Peak memory above the inputs, MiB (one call):", ""]
-            lines += _table(["shape"] + present, [[g.info["shape"]] + [_fmt_mib(g.mem.get(c)) for c in present]
-                                                  for g in gs])
+            mem_rows = [[g.info["shape"]] + [_fmt_mib(g.mem.get(c)) for c in present] for g in gs]
+            lines += _table(["shape"] + present, mem_rows)
     return lines
 
 
 # --- model benchmarks ------------------------------------------------------------------------------
 
 
-def model_rows(benchmarks: List[Dict[str, Any]], stat: str) -> List[Dict[str, Any]]:
+def model_rows(benchmarks: list[dict[str, Any]], stat: str) -> list[dict[str, Any]]:
     rows = []
     for bench in benchmarks:
         info = bench.get("extra_info") or {}
@@ -237,11 +238,11 @@ def model_rows(benchmarks: List[Dict[str, Any]], stat: str) -> List[Dict[str, An
     return rows
 
 
-def _model_index(rows: List[Dict[str, Any]]) -> Dict[Tuple, Dict[str, Any]]:
+def _model_index(rows: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
     return {(r["model"], r["precision"], r["mode"], r["contender"]): r for r in rows}
 
 
-def render_model_tables(rows: List[Dict[str, Any]]) -> List[str]:
+def render_model_tables(rows: list[dict[str, Any]]) -> list[str]:
     if not rows:
         return []
     index = _model_index(rows)
@@ -250,11 +251,13 @@ def render_model_tables(rows: List[Dict[str, Any]]) -> List[str]:
     for model in models:
         mrows = [r for r in rows if r["model"] == model]
         first = mrows[0]
-        lines += ["", f"### {model}, batch {first['batch']}, `{first.get('adapter', '?')}` r{first.get('rank', '?')}", ""]
+        adapter = f"`{first.get('adapter', '?')}` r{first.get('rank', '?')}"
+        lines += ["", f"### {model}, batch {first['batch']}, {adapter}", ""]
         out = []
         order = {m: i for i, m in enumerate(MODE_ORDER)}
         corder = {c: i for i, c in enumerate(CONTENDER_ORDER)}
-        for r in sorted(mrows, key=lambda r: (r["precision"], order.get(r["mode"], 9), corder.get(r["contender"], 9))):
+        mrows.sort(key=lambda r: (r["precision"], order.get(r["mode"], 9), corder.get(r["contender"], 9)))
+        for r in mrows:
             ref = index.get((model, r["precision"], r["mode"], "reference"))
             base = index.get((model, r["precision"], "baseline", r["contender"]))
             speed = _div(r["images_per_s"], ref["images_per_s"]) if ref else None
@@ -265,20 +268,21 @@ def render_model_tables(rows: List[Dict[str, Any]]) -> List[str]:
                         "—" if mem is None else f"{mem / GiB:.2f}",
                         _fmt_ratio(speed),
                         _fmt_ratio(_div(r["time_s"], base and base["time_s"]))])
-        lines += _table(["precision", "mode", "contender", "ms / step", "images/s", "peak GiB", "vs reference",
-                         "step × baseline"], out, ["l", "l", "l", "r", "r", "r", "r", "r"])
+        header = ["precision", "mode", "contender", "ms / step", "images/s", "peak GiB", "vs reference",
+                  "step × baseline"]
+        lines += _table(header, out, ["l", "l", "l", "r", "r", "r", "r", "r"])
     return lines
 
 
 # --- headline --------------------------------------------------------------------------------------
 
 
-def _check(ok: Optional[bool]) -> str:
+def _check(ok: bool | None) -> str:
     return "no data" if ok is None else ("met" if ok else "**missed**")
 
 
-def render_headline(groups: "OrderedDict[Tuple, LayerGroup]", mrows: List[Dict[str, Any]]) -> List[str]:
-    lines: List[str] = []
+def render_headline(groups: OrderedDict[tuple, LayerGroup], mrows: list[dict[str, Any]]) -> list[str]:
+    lines: list[str] = []
     by_op = _by_op(groups)
     has_fused = any("fused" in g.times for g in groups.values())
     header = ["op", "pass", "dtype", "shapes"]
@@ -295,8 +299,8 @@ def render_headline(groups: "OrderedDict[Tuple, LayerGroup]", mrows: List[Dict[s
         row += [_fmt_ratio(geomean(g.ratio(c) for g in gs)) for c in ("reference", "compiled", "peft")]
         rows.append(row)
     if rows:
-        lines += ["Geometric means over shapes. `× floor`: time over the SPEC section 3 floor (lower is better, "
-                  "1.00× is the bound); `fused vs X`: X's time over fused's (higher is better).", ""]
+        lines += ["Geometric means over shapes. `× floor`: time over the SPEC section 3 floor (lower is "
+                  "better, 1.00× is the bound); `fused vs X`: X's time over fused's (higher is better).", ""]
         lines += _table(header, rows, ["l", "l", "l"] + ["r"] * (len(header) - 3))
     if not has_fused:
         lines += ["", "**No fused (Triton) results in this run** — see *Skipped* below for the reason."]
@@ -305,12 +309,12 @@ def render_headline(groups: "OrderedDict[Tuple, LayerGroup]", mrows: List[Dict[s
     # Targets of issue 7.
     lines += ["", "Targets (issue 7):", ""]
 
-    def worst(gs: List[LayerGroup], fn) -> Optional[float]:
+    def worst(gs: list[LayerGroup], fn) -> float | None:
         vals = [fn(g) for g in gs]
         vals = [v for v in vals if v is not None]
         return max(vals) if vals else None
 
-    def bf16_bwd(op: str, noise: str) -> List[LayerGroup]:
+    def bf16_bwd(op: str, noise: str) -> list[LayerGroup]:
         return [g for g in groups.values() if g.info["op"] == op and g.info["noise"] == noise
                 and g.info["pass"] == "fwd+bwd" and g.info["dtype"] == "bf16"]
 
@@ -355,7 +359,9 @@ def render_headline(groups: "OrderedDict[Tuple, LayerGroup]", mrows: List[Dict[s
 # --- whole report ----------------------------------------------------------------------------------
 
 
-def render(run: Dict[str, Any], stat: str = "auto", notes: Sequence[str] = (), ratios_only: bool = False) -> str:
+def render(
+    run: dict[str, Any], stat: str = "auto", notes: Sequence[str] = (), ratios_only: bool = False
+) -> str:
     """The markdown report; ``ratios_only`` leaves out absolute times and rates (for CPU runs)."""
     _HIDDEN[:] = list(ABSOLUTE_COLUMNS) if ratios_only else []
     env = run["pace"].get("environment") or {}
@@ -369,19 +375,25 @@ def render(run: Dict[str, Any], stat: str = "auto", notes: Sequence[str] = (), r
     where = f"**{env.get('device_name', '?')}** ({device})"
     if device == "cpu":
         threads = env.get("cpu_threads", "?")
-        where += f", {threads} CPU thread{'' if threads == 1 else 's'} — **CPU numbers: ratios only, not GPU performance**"
+        where += f", {threads} CPU thread{'' if threads == 1 else 's'}"
+        where += " — **CPU numbers: ratios only, not GPU performance**"
+    e = {k: env.get(k, "?") for k in ("date", "set", "set_rule", "torch", "cuda", "triton", "timm", "peft",
+                                      "pytest_benchmark", "command")}
+    date = env.get("date") or run.get("datetime") or "?"
+    sources = ", ".join(f"`{s}`" for s in run.get("sources", []))
     lines += [
         f"- device: {where}",
-        f"- date: {env.get('date') or run.get('datetime') or '?'}; set: {env.get('set', '?')} ({env.get('set_rule', '?')})",
-        f"- versions: torch {env.get('torch', '?')} (CUDA {env.get('cuda', '?')}), triton {env.get('triton', '?')}, "
-        f"timm {env.get('timm', '?')}, peft {env.get('peft', '?')}, pytest-benchmark {env.get('pytest_benchmark', '?')}",
-        f"- command: `{env.get('command', '?')}`; source: {', '.join(f'`{s}`' for s in run.get('sources', []))}",
+        f"- date: {date}; set: {e['set']} ({e['set_rule']})",
+        f"- versions: torch {e['torch']} (CUDA {e['cuda']}), triton {e['triton']}, timm {e['timm']}, "
+        f"peft {e['peft']}, pytest-benchmark {e['pytest_benchmark']}",
+        f"- command: `{e['command']}`; source: {sources}",
         f"- statistic: **{stat}** of each benchmark's rounds (per call)",
         *[f"- {note}" for note in notes],
         "",
-        "Floor = frozen `nn.Linear` time (fwd, or fwd + input gradient) scaled to the op's GEMM-equivalent count "
-        "(SPEC section 3: `lora_add` 1 + r(1/D+1/K) fwd, 2 + 3r(1/D+1/K) fwd+bwd; `lora_mul` 1 fwd, 3 fwd+bwd — "
-        "for noisy `lora_mul` the per-sample-weight floor; the two-GEMM count, 2 / 5, is shown beside it).",
+        "Floor = frozen `nn.Linear` time (fwd, or fwd + input gradient) scaled to the op's GEMM-equivalent "
+        "count (SPEC section 3: `lora_add` 1 + r(1/D+1/K) fwd, 2 + 3r(1/D+1/K) fwd+bwd; `lora_mul` 1 fwd, "
+        "3 fwd+bwd — for noisy `lora_mul` the per-sample-weight floor; the two-GEMM count, 2 / 5, is shown "
+        "beside it).",
     ]
 
     lines += ["", "## Headline", ""]
@@ -394,31 +406,32 @@ def render(run: Dict[str, Any], stat: str = "auto", notes: Sequence[str] = (), r
         lines += render_layer_tables(groups, has_memory)
     if mrows:
         lines += ["", "## Model training step", "",
-                  "images/s counts the batch's images (PACE's two copies count once); one benchmark call runs "
-                  "two optimizer steps so lazy_half alternates its two kinds of step. `vs reference`: images/s over "
-                  "the reference's in the same mode (higher is better); `step × baseline`: step time over the same "
-                  "contender's baseline (no-PACE) step (lower is better)."]
+                  "images/s counts the batch's images (PACE's two copies count once); one benchmark call "
+                  "runs two optimizer steps so lazy_half alternates its two kinds of step. `vs reference`: "
+                  "images/s over the reference's in the same mode (higher is better); `step × baseline`: "
+                  "step time over the same contender's baseline (no-PACE) step (lower is better)."]
         lines += render_model_tables(mrows)
 
     skipped = run["pace"].get("skipped") or []
     if skipped:
-        reasons: Dict[str, int] = defaultdict(int)
+        reasons: dict[str, int] = defaultdict(int)
         for s in skipped:
             reasons[s["reason"]] += 1
         lines += ["", "## Skipped", ""]
-        lines += _table(["benchmarks", "reason"], [[str(n), r] for r, n in sorted(reasons.items(), key=lambda kv: -kv[1])],
-                        ["r", "l"])
+        skip_rows = [[str(n), r] for r, n in sorted(reasons.items(), key=lambda kv: -kv[1])]
+        lines += _table(["benchmarks", "reason"], skip_rows, ["r", "l"])
     return "\n".join(lines) + "\n"
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("results", nargs="+", help="pytest-benchmark JSON file(s) written from bench/")
     parser.add_argument("-o", "--output", help="write the markdown here (default: stdout)")
     parser.add_argument("--stat", default="auto", choices=("auto", "median", "min", "mean"),
                         help="statistic of the rounds (auto: median on CUDA, min on CPU)")
     parser.add_argument("--merge-json", help="also write the inputs merged into one JSON file here")
-    parser.add_argument("--note", action="append", default=[], help="a line to add under the header (repeatable)")
+    parser.add_argument("--note", action="append", default=[],
+                        help="a line to add under the header (repeatable)")
     parser.add_argument("--ratios-only", action="store_true",
                         help="leave out absolute times and rates (floor ms, TFLOP/s, ms/step, images/s)")
     args = parser.parse_args(argv)

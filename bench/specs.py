@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
 
 import torch
 
@@ -47,7 +46,7 @@ class Op:
 
 # ViT-B/16 at batch 64 run as PACE's two copies: 2 x 64 samples of 197 tokens.
 _VIT_SAMPLES, _VIT_TOKENS = 2 * 64, 197
-FULL_SHAPES: Tuple[Shape, ...] = (
+FULL_SHAPES: tuple[Shape, ...] = (
     Shape("vitb-qkv", _VIT_SAMPLES, _VIT_TOKENS, 768, 2304),
     Shape("vitb-proj", _VIT_SAMPLES, _VIT_TOKENS, 768, 768),
     Shape("vitb-fc1", _VIT_SAMPLES, _VIT_TOKENS, 768, 3072),
@@ -59,20 +58,20 @@ FULL_SHAPES: Tuple[Shape, ...] = (
 
 # CPU reduced set: one square and one wide ViT-B layer with 2 samples of 197 tokens (T = 197 keeps the
 # per-sample noise layout of the real shapes), fp32 only.
-REDUCED_SHAPES: Tuple[Shape, ...] = (
+REDUCED_SHAPES: tuple[Shape, ...] = (
     Shape("vitb-proj", 2, _VIT_TOKENS, 768, 768),
     Shape("vitb-fc1", 2, _VIT_TOKENS, 768, 3072),
 )
 
-OPS: Tuple[Op, ...] = (
+OPS: tuple[Op, ...] = (
     Op("lora_add", 8, "sample"),
     Op("lora_mul", 10, "sample"),
     Op("lora_mul", 10, "none"),
 )
 
-PASSES: Tuple[str, ...] = ("fwd", "fwd+bwd")
+PASSES: tuple[str, ...] = ("fwd", "fwd+bwd")
 
-CONTENDERS: Tuple[str, ...] = ("floor", "reference", "compiled", "peft", "fused")
+CONTENDERS: tuple[str, ...] = ("floor", "reference", "compiled", "peft", "fused")
 
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 DTYPES_BY_NAME = {v: k for k, v in DTYPE_NAMES.items()}
@@ -94,11 +93,11 @@ def full_set() -> bool:
     return torch.cuda.is_available()
 
 
-def shapes() -> Tuple[Shape, ...]:
+def shapes() -> tuple[Shape, ...]:
     return FULL_SHAPES if full_set() else REDUCED_SHAPES
 
 
-def dtypes() -> List[torch.dtype]:
+def dtypes() -> list[torch.dtype]:
     """bf16 on GPU; on CPU fp32 (the reduced set) or bf16 and fp32 (the full set)."""
     if device() == "cuda":
         return [torch.bfloat16]
@@ -126,7 +125,7 @@ def gemm_equiv(op: Op, shape: Shape, pass_: str) -> float:
     raise ValueError(f"unknown op kind {op.kind!r}")
 
 
-def two_gemm_equiv(op: Op, shape: Shape, pass_: str) -> Optional[float]:
+def two_gemm_equiv(op: Op, shape: Shape, pass_: str) -> float | None:
     """Noisy lora_mul written as two GEMMs per pass (SPEC section 3): fwd 2, fwd+bwd 5; else None."""
     if op.kind == "lora_mul" and op.noise != "none":
         return 2.0 if pass_ == "fwd" else 5.0

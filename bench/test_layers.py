@@ -7,23 +7,28 @@ run without its floor (``-k``) still reports what it can.
 
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
-
 import pytest
 import torch
 
 from bench import specs
-from bench.contenders import BUILDERS, ContenderUnavailable, fused_unavailable_reason, make_case, make_pass, oracle_output
+from bench.contenders import (
+    BUILDERS,
+    ContenderUnavailable,
+    fused_unavailable_reason,
+    make_case,
+    make_pass,
+    oracle_output,
+)
 
 # group -> (floor seconds, floor seconds at the two-GEMM count or None)
-_FLOORS: Dict[str, Tuple[float, object]] = {}
+_FLOORS: dict[str, tuple[float, object]] = {}
 
 # Relative L2 error a contender's forward may have against the fp32 oracle before its timing is
 # refused (a contender that computes something else must not produce a number).
 _TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 3e-2, torch.float16: 1e-2}
 
 
-def _cases() -> List:
+def _cases() -> list:
     params = []
     for shape in specs.shapes():
         for op in specs.OPS:
@@ -62,7 +67,7 @@ def test_layer(benchmark, timing, bench_device, shape, op, dtype, pass_, contend
 
     run = make_pass(forward, grad_inputs, case.grad_out, pass_)
     median = timing.run(benchmark, run)
-    memory = timing.peak_memory(run)
+    memory = timing.memory
 
     ge = specs.gemm_equiv(op, shape, pass_)
     tge = specs.two_gemm_equiv(op, shape, pass_)

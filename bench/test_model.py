@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable
 
 import pytest
 import torch
@@ -42,7 +42,7 @@ class ModelConfig:
     batch: int
     img_size: int
     num_classes: int
-    precisions: Tuple[str, ...]
+    precisions: tuple[str, ...]
 
 
 def model_config() -> ModelConfig:
@@ -72,11 +72,11 @@ def _build_model(cfg: ModelConfig, device: str) -> torch.nn.Module:
     return model
 
 
-_MODELS: Dict[str, torch.nn.Module] = {}
+_MODELS: dict[str, torch.nn.Module] = {}
 
 
 def _pace_model(cfg: ModelConfig, device: str):
-    """One injected model per session (building ViT-B costs seconds); each benchmark sets sigma and backend."""
+    """One injected model per session (building ViT-B takes seconds); benchmarks set sigma and backend."""
     import pace
 
     if cfg.name not in _MODELS:
@@ -101,10 +101,11 @@ def _criterion(mode: str, cfg: ModelConfig, device: str):
     raise ValueError(mode)
 
 
-def _skip_reason(cfg: ModelConfig, precision: str, mode: str, contender: str, device: str) -> Optional[str]:
+def _skip_reason(cfg: ModelConfig, precision: str, mode: str, contender: str, device: str) -> str | None:
     try:
-        import pace  # noqa: F401
         import timm  # noqa: F401
+
+        import pace  # noqa: F401
     except ImportError as exc:
         return f"model benchmarks need pace and timm ({exc})"
     if contender == "fused":
@@ -112,15 +113,16 @@ def _skip_reason(cfg: ModelConfig, precision: str, mode: str, contender: str, de
     if contender == "compiled":
         policy = _compile_policy()
         if policy == "none":
-            why = "on CPU compiling even the tiny model costs more than the reduced budget" if device == "cpu" else ""
-            return f"compiled model: off (PACE_BENCH_MODEL_COMPILE=none{'; ' + why if why else ''})"
+            why = "; on CPU compiling even the tiny model costs more than the reduced budget"
+            why = why if device == "cpu" else ""
+            return f"compiled model: off (PACE_BENCH_MODEL_COMPILE=none{why})"
         if policy == "pace" and not (mode == "pace" and precision == cfg.precisions[0]):
             return ("compiled model: only the bf16 pace step is compiled by default (a ViT-B training graph "
                     "takes about a minute to compile); PACE_BENCH_MODEL_COMPILE=all compiles every mode")
     return None
 
 
-def _cases() -> List:
+def _cases() -> list:
     cfg = model_config()
     return [
         pytest.param(precision, mode, contender, id=f"{cfg.name}-{precision}-{mode}-{contender}")
@@ -176,11 +178,11 @@ def test_model_step(benchmark, timing, bench_device, precision, mode, contender)
     call = _make_steps(run_model, crit, cfg, precision, bench_device)
 
     cuda = bench_device == "cuda"
-    rounds = int(os.environ.get("PACE_BENCH_MODEL_ROUNDS", 5 if cuda else 3))
-    median = timing.run(benchmark, call, warmup=3 if cuda else 1, rounds=rounds, round_s=0.0)
-    loss = call.state["loss"]
-    assert torch.isfinite(torch.as_tensor(loss)).all(), f"{mode}/{contender}: non-finite loss {loss}"
-    memory = timing.peak_memory(call)
+    rounds = int(os.environ.get("PACE_BENCH_MODEL_ROUNDS", 4 if cuda else 3))
+    median = timing.run(benchmark, call, warmup=2 if cuda else 1, rounds=rounds, round_s=0.0)
+    loss = call.state["loss"].detach()
+    assert torch.isfinite(loss).all(), f"{mode}/{contender}: non-finite loss {loss}"
+    memory = timing.memory
     images = cfg.batch * STEPS_PER_CALL
     benchmark.extra_info.update(
         kind="model",

@@ -19,7 +19,8 @@ def _layer(contender, median, *, op="lora_mul", noise="sample", pass_="fwd+bwd",
             "kind": "layer", "contender": contender, "shape": shape, "samples": 128, "tokens": tokens,
             "n_rows": 128 * tokens, "in_features": 768, "out_features": 2304, "op": op,
             "rank": 10 if op == "lora_mul" else 8, "noise": noise, "pass": pass_, "dtype": dtype,
-            "gemm_equiv": ge, "gemm_equiv_two_gemm": 5.0 if (op, noise, pass_) == ("lora_mul", "sample", "fwd+bwd") else None,
+            "gemm_equiv": ge,
+            "gemm_equiv_two_gemm": 5.0 if (op, noise, pass_) == ("lora_mul", "sample", "fwd+bwd") else None,
             "peak_mem_extra_bytes": mem,
         },
         "stats": {"median": median, "min": median * 0.9, "mean": median * 1.1},
@@ -30,8 +31,9 @@ def _model(mode, contender, median, precision="bf16-autocast"):
     return {
         "group": f"model | vit b64 | {precision} | {mode}",
         "name": f"test_model_step[{precision}-{mode}-{contender}]",
-        "extra_info": {"kind": "model", "model": "vit_base_patch16_224", "batch": 64, "adapter": "lora_mul_vpt_add",
-                       "rank": 10, "mode": mode, "contender": contender, "precision": precision,
+        "extra_info": {"kind": "model", "model": "vit_base_patch16_224", "batch": 64,
+                       "adapter": "lora_mul_vpt_add", "rank": 10, "mode": mode, "contender": contender,
+                       "precision": precision,
                        "steps_per_call": 2, "images_per_call": 128, "peak_mem_bytes": 3 * 1024**3},
         "stats": {"median": median, "min": median, "mean": median},
     }
@@ -103,11 +105,13 @@ def test_cpu_run_without_fused_merges_files_and_lists_skips(tmp_path):
                          and b["extra_info"]["kind"] == "layer"]
     for b in run["benchmarks"]:
         b["extra_info"]["peak_mem_extra_bytes"] = None
-    run["pace"]["environment"] = {"device": "cpu", "device_name": "x86_64", "cpu_threads": 2, "set": "reduced"}
+    run["pace"]["environment"] = {"device": "cpu", "device_name": "x86_64", "cpu_threads": 2,
+                                  "set": "reduced"}
     run["pace"]["skipped"] = [{"nodeid": "a", "reason": "fused: no CUDA device"}]
     half = len(run["benchmarks"]) // 2
     first = {**run, "benchmarks": run["benchmarks"][:half]}
-    second = {"benchmarks": run["benchmarks"][half:], "pace": {"skipped": [{"nodeid": "b", "reason": "fused: no CUDA device"}]}}
+    skip = [{"nodeid": "b", "reason": "fused: no CUDA device"}]
+    second = {"benchmarks": run["benchmarks"][half:], "pace": {"skipped": skip}}
     out_md, merged = tmp_path / "out.md", tmp_path / "merged.json"
     assert report.main([_write(tmp_path, "a.json", first), _write(tmp_path, "b.json", second),
                         "-o", str(out_md), "--merge-json", str(merged)]) == 0
