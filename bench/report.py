@@ -386,7 +386,7 @@ def render(
         f"- date: {date}; set: {e['set']} ({e['set_rule']})",
         f"- versions: torch {e['torch']} (CUDA {e['cuda']}), triton {e['triton']}, timm {e['timm']}, "
         f"peft {e['peft']}, pytest-benchmark {e['pytest_benchmark']}",
-        f"- command: `{e['command']}`; source: {sources}",
+        f"- pytest command: `{e['command']}`; source: {sources}",
         f"- statistic: **{stat}** of each benchmark's rounds (per call)",
         *[f"- {note}" for note in notes],
         "",

@@ -12,7 +12,8 @@
 # PACE_BENCH_ALLOW_CPU=1 (dry run of this script without CUDA: the reduced CPU set), and the
 # benchmark knobs of bench/conftest.py (PACE_BENCH_ROUNDS, PACE_BENCH_ROUND_S, ...).
 # Each phase runs under `timeout -s INT`: an interrupted pytest still writes the benchmarks it
-# finished, and the report says which phase ran out of time.
+# finished, and the report says which phase ran out of time. Exit code: 0, or 1 when the test suite
+# did not pass or no benchmark JSON was written (the results are written either way), 2 without CUDA.
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -58,6 +59,7 @@ n=2
 while [ -e "$STEM.json" ]; do STEM="$RESULTS/$DATE-$DEVICE_SLUG-$n"; n=$((n + 1)); done
 WORK=$(mktemp -d)
 NOTES=()
+FINAL_RC=0
 log "device $DEVICE_SLUG; results -> $STEM.{json,md}; budget ${BUDGET}s"
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" || true
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv 2>/dev/null || true
@@ -79,6 +81,7 @@ if [ "${PACE_GPU_SKIP_TESTS:-0}" != "1" ]; then
     NOTES+=("CUDA test suite (\`pytest tests\`): ${summary:-no summary}, exit code $rc")
   fi
   log "tests exit code $rc"
+  [ "$rc" != "0" ] && FINAL_RC=1
 else
   NOTES+=("CUDA test suite: skipped (PACE_GPU_SKIP_TESTS=1)")
 fi
@@ -127,3 +130,5 @@ log "done in $(elapsed)s"
 echo "results: $STEM.json"
 echo "report:  $STEM.md"
 echo "logs:    $WORK"
+[ "$FINAL_RC" = "0" ] || echo "run_gpu.sh: the CUDA test suite did not pass (see the report's notes)" >&2
+exit "$FINAL_RC"
