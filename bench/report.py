@@ -217,7 +217,7 @@ def render_layer_tables(groups: OrderedDict[tuple, LayerGroup], has_memory: bool
             rows.append(row)
         lines += _table(header, rows)
         if has_memory:
-            lines += ["", "Peak memory above the inputs, MiB (one call):", ""]
+            lines += ["", "Peak memory above the inputs, MiB (`torch.cuda.max_memory_allocated`):", ""]
             mem_rows = [[g.info["shape"]] + [_fmt_mib(g.mem.get(c)) for c in present] for g in gs]
             lines += _table(["shape"] + present, mem_rows)
     return lines
