@@ -3,16 +3,23 @@
     Y = X W0^T + b0 + Zr * (U B^T + db),   U = X A^T        (SPEC section 3)
 
 Forward, one kernel (``_fwd_kernel``): each program owns a ``[BLOCK_M, BLOCK_N]`` tile of ``Y``
-and, in the same K loop that accumulates ``X W0^T``, accumulates ``U = X A^T`` (``[BLOCK_M, R]``,
-``R`` the rank padded to a power of two >= 16), so ``X`` is read once. The epilogue adds
-``U B^T + db``, scales it by the noise row of each output row (``row // rows_per_noise``), adds
-``b0`` and stores ``Y``; the programs of the first column tile also store ``U``. Saved for
-backward: ``X``, ``U [N, r]``, the noise and the parameters; no ``N x D`` activation.
+and, in the same K loop that accumulates ``X W0^T`` (seeded with ``b0``), accumulates
+``U = X A^T`` (``[BLOCK_M, R]``, ``R`` the rank padded to a power of two >= 16), so ``X`` is read
+once. The programs of the first column tile store ``U``. The epilogue adds ``Zr * (U B^T + db)``;
+``db`` rides in a spare padded rank slot (a ones column of ``U``) when there is one. Noise paths:
+- none: one more r-wide dot into the accumulator;
+- per-sample noise with samples of >= 128 rows (ViT's 197 tokens): a row tile holds at most two
+  samples, and ``Zr * (U B^T) = sum_s U[rows of s] (B * z_s)^T``: two r-wide dots into the same
+  accumulator, no second output-sized tile in registers, no gathered noise tile;
+- otherwise (per-token noise, short samples): a second accumulator scaled by the noise row gathered
+  for every output row (``row // rows_per_noise``).
+Saved for backward: ``X``, ``U [N, r]``, the noise and the parameters; no ``N x D`` activation.
 
 Backward, three launches, no ``N x D`` temporary besides ``G`` and no atomics:
-- ``_bwd_dx_kernel``: ``dX = G W0 + (Gz B) A``. Each program owns a ``[BLOCK_M, BLOCK_K]`` tile
-  of ``dX`` and loops over D; ``Gz = Zr * G`` is formed in registers from the ``G`` tile it loaded
-  for ``G W0``, and ``P = Gz B`` (``[BLOCK_M, R]``) is accumulated beside it. The epilogue adds
+- ``_bwd_dx_kernel``: ``dX = G W0 + (Gz B) A``. Each program owns a ``[BLOCK_M, BLOCK_K]`` tile of
+  ``dX`` and loops over D; ``P = Gz B`` (``[BLOCK_M, R]``) is accumulated beside ``G W0`` from the
+  same ``G`` tile, ``Gz = Zr * G`` formed on the fly: in registers from a gathered noise tile, or,
+  with long samples, as ``G (B * z_s)`` per sample (one small accumulator each). The epilogue adds
   ``P A``; the first column tile stores ``P`` (``N x r``, small) for ``dA``.
 - ``_rank_grad_kernel`` twice: ``dB = Gz^T U`` with ``d db = colsum(Gz)``, and ``dA^T = X^T P``.
   Rows are split into a fixed number of chunks (chosen from the shapes only); every program sums
@@ -25,6 +32,7 @@ intermediate results. In the interpreter bf16 dot operands are upcast (SPEC sect
 
 from __future__ import annotations
 
+import itertools
 from typing import List, Optional, Tuple
 
 import torch
@@ -88,11 +96,12 @@ def _fwd_kernel(
     stride_zm, stride_zd,
     stride_ym, stride_yd,
     stride_um, stride_ur,
-    HAS_BIAS: tl.constexpr, HAS_DB: tl.constexpr, HAS_NOISE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_DB: tl.constexpr, FOLD_DB: tl.constexpr, NOISE: tl.constexpr,
     R: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = _tile_ids(tl.program_id(0), N, D, BLOCK_M, BLOCK_N, GROUP_M)
+    dtype = y_ptr.dtype.element_ty
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -107,7 +116,10 @@ def _fwd_kernel(
     a_ptrs = a_ptr + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar
     r_ok = offs_r < RANK
 
+    # b0 seeds the accumulator, so no bias registers stay live into the epilogue.
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
     u = tl.zeros((BLOCK_M, R), dtype=tl.float32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         k_ok = offs_k < K - k * BLOCK_K
@@ -123,26 +135,45 @@ def _fwd_kernel(
     m_ok = offs_m < N
     n_ok = offs_n < D
     # U is rounded to the input dtype, as the reference's F.linear(x, A) is.
-    u_lo = u.to(y_ptr.dtype.element_ty)
+    u_lo = u.to(dtype)
     if pid_n == 0:
         u_ptrs = u_ptr + offs_m.to(tl.int64)[:, None] * stride_um + offs_r[None, :] * stride_ur
         tl.store(u_ptrs, u_lo, mask=m_ok[:, None] & r_ok[None, :])
 
-    bt_ptrs = b_ptr + offs_r[:, None] * stride_br + cols[None, :] * stride_bd
-    bt = tl.load(bt_ptrs, mask=r_ok[:, None], other=0.0)
-    delta = dot_acc(u_lo, bt, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), UPCAST, PRECISION)
-    if HAS_DB:
-        delta += tl.load(db_ptr + cols).to(tl.float32)[None, :]
-    if HAS_NOISE:
+    bt = tl.load(b_ptr + offs_r[:, None] * stride_br + cols[None, :] * stride_bd, mask=r_ok[:, None], other=0.0)
+    if FOLD_DB:
+        # db rides in the first padded rank slot: a column of ones in U, db as that row of B^T.
+        slot = offs_r == RANK
+        u_lo = tl.where(slot[None, :], 1.0, u_lo.to(tl.float32)).to(dtype)
+        bt = tl.where(slot[:, None], tl.load(db_ptr + cols)[None, :], bt).to(dtype)
+
+    if NOISE == 0:
+        acc = dot_acc(u_lo, bt, acc, UPCAST, PRECISION)
+        if HAS_DB and not FOLD_DB:
+            acc += tl.load(db_ptr + cols).to(tl.float32)[None, :]
+    elif NOISE == 1:
+        # Any noise layout: gather the noise row of every output row, scale a second accumulator.
+        delta = dot_acc(u_lo, bt, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), UPCAST, PRECISION)
+        if HAS_DB and not FOLD_DB:
+            delta += tl.load(db_ptr + cols).to(tl.float32)[None, :]
         z_rows = (rows // rows_per_noise).to(tl.int64)
         z = tl.load(z_ptr + z_rows[:, None] * stride_zm + cols[None, :] * stride_zd)
-        delta = delta * z.to(tl.float32)
-    acc += delta
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
+        acc += delta * z.to(tl.float32)
+    else:
+        # Per-sample noise, samples of >= BLOCK_M - 1 rows: the tile holds rows of at most two
+        # samples s, and Zr * (U B^T) = sum_s U[rows of s] (B * z_s)^T: two r-wide dots into the
+        # same accumulator, no second [BLOCK_M, BLOCK_N] tile and no gathered noise tile.
+        first = (pid_m * BLOCK_M) // rows_per_noise
+        sample = offs_m // rows_per_noise
+        for j in tl.static_range(2):
+            s = first + j
+            z = tl.load(z_ptr + s.to(tl.int64) * stride_zm + cols * stride_zd, mask=s * rows_per_noise < N, other=0.0)
+            bz = (bt.to(tl.float32) * z.to(tl.float32)[None, :]).to(dtype)
+            us = tl.where((sample == s)[:, None], u_lo.to(tl.float32), 0.0).to(dtype)
+            acc = dot_acc(us, bz, acc, UPCAST, PRECISION)
 
     y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :] * stride_yd
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    tl.store(y_ptrs, acc.to(dtype), mask=m_ok[:, None] & n_ok[None, :])
 
 
 @triton.jit
@@ -156,11 +187,12 @@ def _bwd_dx_kernel(
     stride_zm, stride_zd,
     stride_dxm, stride_dxk,
     stride_pm, stride_pr,
-    HAS_NOISE: tl.constexpr, COMPUTE_DX: tl.constexpr,
+    NOISE: tl.constexpr, COMPUTE_DX: tl.constexpr,
     R: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid_m, pid_k = _tile_ids(tl.program_id(0), N, K, BLOCK_M, BLOCK_K, GROUP_M)
+    dtype = dx_ptr.dtype.element_ty
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -172,9 +204,17 @@ def _bwd_dx_kernel(
     g_ptrs = g_ptr + rows[:, None] * stride_gm + offs_d[None, :] * stride_gd
     w_ptrs = w_ptr + offs_d[:, None] * stride_wd + cols[None, :] * stride_wk
     b_ptrs = b_ptr + offs_d[:, None] * stride_bd + offs_r[None, :] * stride_br
-    if HAS_NOISE:
+    if NOISE == 1:
         z_rows = (rows // rows_per_noise).to(tl.int64)
         z_ptrs = z_ptr + z_rows[:, None] * stride_zm + offs_d[None, :] * stride_zd
+    if NOISE == 2:
+        # Per-sample noise, at most two samples per row tile (see the forward): P = Gz B is
+        # G (B * z_s) on the rows of sample s, one accumulator per sample, G never rescaled.
+        first = (pid_m * BLOCK_M) // rows_per_noise
+        z0_ptrs = z_ptr + first.to(tl.int64) * stride_zm + offs_d * stride_zd
+        z1_ptrs = z0_ptrs + stride_zm
+        has_second = (first + 1) * rows_per_noise < N
+        p1 = tl.zeros((BLOCK_M, R), dtype=tl.float32)
 
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     p = tl.zeros((BLOCK_M, R), dtype=tl.float32)
@@ -184,19 +224,30 @@ def _bwd_dx_kernel(
         if COMPUTE_DX:
             w = tl.load(w_ptrs, mask=d_ok[:, None], other=0.0)
             acc = dot_acc(g, w, acc, UPCAST, PRECISION)
-        if HAS_NOISE:
+        lb = tl.load(b_ptrs, mask=d_ok[:, None] & r_ok[None, :], other=0.0)
+        if NOISE == 0:
+            p = dot_acc(g, lb, p, UPCAST, PRECISION)
+        elif NOISE == 1:
             # Gz exists only in registers; rounded to the input dtype as the reference's G * z is.
             z = tl.load(z_ptrs, mask=d_ok[None, :], other=0.0)
-            g = (g.to(tl.float32) * z.to(tl.float32)).to(g_ptr.dtype.element_ty)
+            gz = (g.to(tl.float32) * z.to(tl.float32)).to(dtype)
+            p = dot_acc(gz, lb, p, UPCAST, PRECISION)
             z_ptrs += BLOCK_D * stride_zd
-        lb = tl.load(b_ptrs, mask=d_ok[:, None] & r_ok[None, :], other=0.0)
-        p = dot_acc(g, lb, p, UPCAST, PRECISION)
+        else:
+            z0 = tl.load(z0_ptrs, mask=d_ok, other=0.0).to(tl.float32)
+            z1 = tl.load(z1_ptrs, mask=d_ok & has_second, other=0.0).to(tl.float32)
+            p = dot_acc(g, (lb.to(tl.float32) * z0[:, None]).to(dtype), p, UPCAST, PRECISION)
+            p1 = dot_acc(g, (lb.to(tl.float32) * z1[:, None]).to(dtype), p1, UPCAST, PRECISION)
+            z0_ptrs += BLOCK_D * stride_zd
+            z1_ptrs += BLOCK_D * stride_zd
         g_ptrs += BLOCK_D * stride_gd
         w_ptrs += BLOCK_D * stride_wd
         b_ptrs += BLOCK_D * stride_bd
 
+    if NOISE == 2:
+        p = tl.where((offs_m // rows_per_noise > first)[:, None], p1, p)
     m_ok = offs_m < N
-    p_lo = p.to(dx_ptr.dtype.element_ty)
+    p_lo = p.to(dtype)
     if pid_k == 0:
         p_ptrs = p_ptr + offs_m.to(tl.int64)[:, None] * stride_pm + offs_r[None, :] * stride_pr
         tl.store(p_ptrs, p_lo, mask=m_ok[:, None] & r_ok[None, :])
@@ -204,7 +255,7 @@ def _bwd_dx_kernel(
         a = tl.load(a_ptr + offs_r[:, None] * stride_ar + cols[None, :] * stride_ak, mask=r_ok[:, None], other=0.0)
         acc = dot_acc(p_lo, a, acc, UPCAST, PRECISION)
         dx_ptrs = dx_ptr + offs_m.to(tl.int64)[:, None] * stride_dxm + offs_k[None, :] * stride_dxk
-        tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & (offs_k < K)[None, :])
+        tl.store(dx_ptrs, acc.to(dtype), mask=m_ok[:, None] & (offs_k < K)[None, :])
 
 
 @triton.jit
@@ -295,11 +346,11 @@ RANK_GRAD_CONFIGS_16 = [
 # fp32 (tf32 / tf32x3 dots): twice the bytes per element, so smaller K steps.
 FWD_CONFIGS_32 = [
     _cfg(128, 64, 32, 8, 3),
-    _cfg(64, 64, 32, 4, 3),
+    _cfg(64, 64, 32, 8, 3),
 ]
 DX_CONFIGS_32 = [
     _cfg(128, 64, 32, 8, 3, _DX_NAMES),
-    _cfg(64, 64, 32, 4, 3, _DX_NAMES),
+    _cfg(64, 64, 32, 8, 3, _DX_NAMES),  # 4 warps spill (104 bytes) with tf32x3 at rank 64
 ]
 RANK_GRAD_CONFIGS_32 = [
     _rg_cfg(64, 64, 4, 3),
@@ -326,6 +377,20 @@ _rank_grad_32 = triton.autotune(pick_configs(RANK_GRAD_CONFIGS_32, _INTERP_RANK_
 
 def _kernel_flags(dtype: torch.dtype) -> Tuple[bool, str]:
     return dot_upcast(dtype), fp32_dot_precision() if dtype == torch.float32 else "tf32"
+
+
+SEGMENT_MIN_ROWS = 128
+"""Per-sample noise with at least this many rows per sample (the largest BLOCK_M of any config) takes
+the two-segment path: a row tile then never holds rows of more than two samples."""
+
+
+def _noise_mode(noise: Optional[torch.Tensor], rows_per_noise: int, folds_db: bool, has_db: bool) -> int:
+    """0: no noise; 1: gather a noise row per output row; 2: per-sample segments (see _fwd_kernel)."""
+    if noise is None:
+        return 0
+    if rows_per_noise >= SEGMENT_MIN_ROWS and (folds_db or not has_db):
+        return 2
+    return 1
 
 
 def _num_splits(n_rows: int, n_cols: int) -> int:
@@ -377,6 +442,8 @@ def _forward_impl(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     upcast, precision = _kernel_flags(x.dtype)
     kernel = _fwd_32 if x.dtype == torch.float32 else _fwd_16
     z = noise if noise is not None else x
+    r_pad = padded_rank(rank)
+    fold_db = delta_bias is not None and rank < r_pad
 
     def grid(meta):
         return (triton.cdiv(n_rows, meta["BLOCK_M"]) * triton.cdiv(d_out, meta["BLOCK_N"]),)
@@ -392,8 +459,9 @@ def _forward_impl(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
         z.stride(0), z.stride(1),
         y.stride(0), y.stride(1),
         u.stride(0), u.stride(1),
-        HAS_BIAS=bias is not None, HAS_DB=delta_bias is not None, HAS_NOISE=noise is not None,
-        R=padded_rank(rank), UPCAST=upcast, PRECISION=precision,
+        HAS_BIAS=bias is not None, HAS_DB=delta_bias is not None, FOLD_DB=fold_db,
+        NOISE=_noise_mode(noise, rows_per_noise, fold_db, delta_bias is not None),
+        R=r_pad, UPCAST=upcast, PRECISION=precision,
     )
     return y, u
 
@@ -431,7 +499,7 @@ def _backward_impl(grad_y: torch.Tensor, x: torch.Tensor, u: torch.Tensor, weigh
         z.stride(0), z.stride(1),
         dx_arg.stride(0), dx_arg.stride(1),
         p.stride(0), p.stride(1),
-        HAS_NOISE=noise is not None, COMPUTE_DX=need_dx,
+        NOISE=_noise_mode(noise, rows_per_noise, True, False), COMPUTE_DX=need_dx,
         R=padded_rank(rank), UPCAST=upcast, PRECISION=precision,
     )
     d_lora_b, d_delta_bias = _rank_grads(g, u, noise, rows_per_noise, with_colsum=True)
@@ -530,10 +598,13 @@ def lora_add_linear_triton(
 # Compile check
 
 
+_NOISE_NAMES = {1: "gather", 2: "segments"}
+
+
 def compile_specs() -> List[CompileSpec]:
     """Every kernel in every shipped Hopper config, at the worst-case constexprs (bias, delta bias
-    and noise on), at rank 16 and 64 (the smallest and largest padded rank), for each dtype its
-    list serves; fp32 rows for both dot precisions (tf32, tf32x3)."""
+    and noise on, both noise paths), at rank 16 and 64 (the smallest and largest padded rank), for
+    each dtype its list serves; fp32 rows for both dot precisions (tf32, tf32x3)."""
     specs: List[CompileSpec] = []
     common = dict(N="i32", D="i32", K="i32", RANK="i32", rows_per_noise="i32")
     variants = [(torch.bfloat16, "tf32"), (torch.float16, "tf32"), (torch.float32, "tf32x3"), (torch.float32, "tf32")]
@@ -542,8 +613,8 @@ def compile_specs() -> List[CompileSpec]:
         wide = dtype == torch.float32
         suffix = f" {precision}" if wide else ""
         for r in (16, 64):
-            for cfg in FWD_CONFIGS_32 if wide else FWD_CONFIGS_16:
-                consts = dict(cfg.kwargs, HAS_BIAS=True, HAS_DB=True, HAS_NOISE=True, R=r,
+            for cfg, (noise, fold) in itertools.product(FWD_CONFIGS_32 if wide else FWD_CONFIGS_16, ((1, False), (2, True))):
+                consts = dict(cfg.kwargs, HAS_BIAS=True, HAS_DB=True, FOLD_DB=fold, NOISE=noise, R=r,
                               UPCAST=False, PRECISION=precision, stride_xk=1, stride_wk=1, stride_ak=1,
                               stride_br=1, stride_zd=1, stride_yd=1, stride_ur=1)
                 sig = dict(x_ptr=f"*{t}", w_ptr=f"*{t}", bias_ptr=f"*{t}", a_ptr=f"*{t}", b_ptr=f"*{t}",
@@ -551,11 +622,11 @@ def compile_specs() -> List[CompileSpec]:
                            stride_xm="i32", stride_wd="i32", stride_ar="i32", stride_bd="i32",
                            stride_zm="i32", stride_ym="i32", stride_um="i32")
                 specs.append(CompileSpec(
-                    f"lora_add_fwd r{r}{suffix}", _fwd_kernel, sig, consts, cfg.num_warps, cfg.num_stages, dtype,
+                    f"lora_add_fwd {_NOISE_NAMES[noise]} r{r}{suffix}", _fwd_kernel, sig, consts, cfg.num_warps, cfg.num_stages, dtype,
                     note=config_label(consts, ("BLOCK_M", "BLOCK_N", "BLOCK_K"), cfg.num_warps, cfg.num_stages),
                     divisible=("D", "K", "stride_xm", "stride_wd", "stride_ar", "stride_zm", "stride_ym")))
-            for cfg in DX_CONFIGS_32 if wide else DX_CONFIGS_16:
-                consts = dict(cfg.kwargs, HAS_NOISE=True, COMPUTE_DX=True, R=r, UPCAST=False,
+            for cfg, noise in itertools.product(DX_CONFIGS_32 if wide else DX_CONFIGS_16, (1, 2)):
+                consts = dict(cfg.kwargs, NOISE=noise, COMPUTE_DX=True, R=r, UPCAST=False,
                               PRECISION=precision, stride_gd=1, stride_wk=1, stride_ak=1, stride_br=1,
                               stride_zd=1, stride_dxk=1, stride_pr=1)
                 sig = dict(g_ptr=f"*{t}", w_ptr=f"*{t}", a_ptr=f"*{t}", b_ptr=f"*{t}", z_ptr="*fp32",
@@ -563,7 +634,7 @@ def compile_specs() -> List[CompileSpec]:
                            stride_gm="i32", stride_wd="i32", stride_ar="i32", stride_bd="i32",
                            stride_zm="i32", stride_dxm="i32", stride_pm="i32")
                 specs.append(CompileSpec(
-                    f"lora_add_bwd_dx r{r}{suffix}", _bwd_dx_kernel, sig, consts, cfg.num_warps, cfg.num_stages,
+                    f"lora_add_bwd_dx {_NOISE_NAMES[noise]} r{r}{suffix}", _bwd_dx_kernel, sig, consts, cfg.num_warps, cfg.num_stages,
                     dtype, note=config_label(consts, _DX_NAMES, cfg.num_warps, cfg.num_stages),
                     divisible=("D", "K", "stride_gm", "stride_wd", "stride_ar", "stride_zm", "stride_dxm")))
             for cfg in RANK_GRAD_CONFIGS_32 if wide else RANK_GRAD_CONFIGS_16:

@@ -48,9 +48,10 @@ def _rows(out: str):
 
 @needs_compiler
 def test_worst_case_configs_use_wgmma_without_spills() -> None:
-    """The largest tiles at rank 64 (the highest register pressure), forward and dX kernels."""
+    """The configs with the highest register counts (the largest tiles), forward and dX kernels."""
     proc = _run(["--arch", "90", "--module", "pace_kernels.lora_add", "--dtype", "bf16", "--jobs", "2",
-                 "--only", "lora_add_fwd r64 BM128 BN128 BK64", "--only", "lora_add_bwd_dx r64 BM128 BK128 BD64"])
+                 "--only", "lora_add_fwd gather r16 BM128 BN128 BK64",
+                 "--only", "lora_add_bwd_dx segments r64 BM128 BK128 BD64"])
     rows = _rows(proc.stdout)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert len(rows) == 2, proc.stdout
@@ -68,7 +69,7 @@ def test_spilling_config_fails_the_check() -> None:
         "import sys, pace_kernels.lora_add as la\n"
         "la.FWD_CONFIGS_16[:] = [la._cfg(128, 128, 64, 4, 3)]\n"
         "from pace_kernels.compile_check import run_check\n"
-        "sys.exit(run_check(90, ['pace_kernels.lora_add'], only='lora_add_fwd r64', dtype='bf16'))\n"
+        "sys.exit(run_check(90, ['pace_kernels.lora_add'], only='lora_add_fwd gather r64', dtype='bf16'))\n"
     )
     proc = _run([], code=code)
     assert proc.returncode == 1, proc.stdout + proc.stderr

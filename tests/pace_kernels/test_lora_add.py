@@ -164,6 +164,18 @@ def test_pairwise_cases_cover_every_value() -> None:
             assert want <= seen, f"pairs of {a} x {b} missing: {want - seen}"
 
 
+@pytest.mark.parametrize("rank,delta_bias,mode", [(16, True, 1), (15, True, 2), (16, False, 2), (4, True, 2)])
+def test_per_sample_noise_paths(rank: int, delta_bias: bool, mode: int, device: str) -> None:
+    """Samples of >= 128 rows take the two-segment path (db folded into a spare rank slot); a full
+    padded rank with db falls back to the gathered noise tile. Both must match the reference."""
+    from pace_kernels.lora_add import _noise_mode, padded_rank
+
+    fold = delta_bias and rank < padded_rank(rank)
+    assert _noise_mode(torch.ones(1), 130, fold, delta_bias) == mode
+    case = Case("fp16", 130, 48, 40, rank, "sample", True, delta_bias, 3, True, samples=3)
+    assert_matches_reference(make_inputs(case, device), f"mode {mode}")
+
+
 def test_frozen_input_skips_dx(device: str) -> None:
     """x without requires_grad (the first adapted layer): the adapter gradients stay right."""
     case = Case("fp32", 197, 80, 48, 10, "sample", True, True, 3, True)
