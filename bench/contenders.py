@@ -151,7 +151,10 @@ def build_peft(case: Case) -> tuple[Forward, list[torch.Tensor]]:
     k, d, r = case.shape.in_features, case.shape.out_features, case.op.rank
     holder = nn.Module()
     holder.lin = nn.Linear(k, d, device=case.x.device, dtype=case.x.dtype)
-    config = peft.LoraConfig(r=r, lora_alpha=r, lora_dropout=0.0, target_modules=["lin"], lora_bias=True)
+    try:
+        config = peft.LoraConfig(r=r, lora_alpha=r, lora_dropout=0.0, target_modules=["lin"], lora_bias=True)
+    except TypeError as exc:  # lora_bias (delta b) arrived in peft 0.14
+        raise ContenderUnavailable(f"peft {peft.__version__} lacks lora_bias (needs >= 0.14): {exc}") from exc
     layer = peft.get_peft_model(holder, config).base_model.model.lin
     with torch.no_grad():
         layer.base_layer.weight.copy_(case.weight)
