@@ -164,6 +164,12 @@ def sample_plan(rows_per_sample: int, block_ms: Sequence[int]) -> SamplePlan:
 
 
 @jit_helper
+def _cdiv(a, b):
+    # tl.cdiv is itself a jit function, which the interpreter re-patches on every call (~4 ms).
+    return (a + b - 1) // b
+
+
+@jit_helper
 def _grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
     # Consecutive programs share weight column tiles across GROUP_M row tiles, so the weight
     # (and W0*M) tiles they read stay in L2.
@@ -201,7 +207,7 @@ def _scale(g, z, UPCAST: tl.constexpr):
 def _segment_rows(pid_m, seg_len, seg_rows, BLOCK_M: tl.constexpr):
     # Row tiles never straddle two samples: tile pid_m covers rows local..local+BLOCK_M of sample
     # `seg` (rows seg*seg_len + local), masked at seg_rows (rows past it belong to the tail).
-    tiles_per_seg = tl.cdiv(seg_rows, BLOCK_M)
+    tiles_per_seg = _cdiv(seg_rows, BLOCK_M)
     seg = pid_m // tiles_per_seg
     local = (pid_m % tiles_per_seg) * BLOCK_M + tl.arange(0, BLOCK_M)
     rows = seg.to(tl.int64) * seg_len + local
@@ -239,8 +245,8 @@ def _lora_mul_fwd_kernel(
     built there reaches the tensor cores without a round trip through shared memory.
     """
     pid = tl.program_id(0)
-    num_pid_m = n_seg * tl.cdiv(seg_rows, BLOCK_M)
-    num_pid_n = tl.cdiv(D, BLOCK_N)
+    num_pid_m = n_seg * _cdiv(seg_rows, BLOCK_M)
+    num_pid_n = _cdiv(D, BLOCK_N)
     pid_m, pid_n = _grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M)
     rows, row_ok, seg = _segment_rows(pid_m, seg_len, seg_rows, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -297,8 +303,8 @@ def _lora_mul_fwd_two_gemm_kernel(
     """``Y = X W0^T + b0 + z (X (W0*M)^T + db)`` with a noise row per row (per-token noise, or
     the ragged tails of per-sample tiles): two accumulators, each as wide as BLOCK_N."""
     pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(n_rows, BLOCK_M)
-    num_pid_n = tl.cdiv(D, BLOCK_N)
+    num_pid_m = _cdiv(n_rows, BLOCK_M)
+    num_pid_n = _cdiv(D, BLOCK_N)
     pid_m, pid_n = _grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M)
     rows, row_ok = _mapped_rows(pid_m, n_rows, row_chunk, row_stride, row_off, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -347,8 +353,8 @@ def _lora_mul_dx_kernel(
     transposed, ``dX^T [BLOCK_N, BLOCK_M] = W^T G^T``, for the forward's reason.
     """
     pid = tl.program_id(0)
-    num_pid_m = n_seg * tl.cdiv(seg_rows, BLOCK_M)
-    num_pid_n = tl.cdiv(K, BLOCK_N)
+    num_pid_m = n_seg * _cdiv(seg_rows, BLOCK_M)
+    num_pid_n = _cdiv(K, BLOCK_N)
     pid_m, pid_n = _grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M)
     rows, row_ok, seg = _segment_rows(pid_m, seg_len, seg_rows, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -398,8 +404,8 @@ def _lora_mul_dx_two_gemm_kernel(
     """``dX = G W0 + Gz (W0*M)`` with a noise row per row: both products go into one
     accumulator (a GEMM over the concatenated reduction [G, Gz] x [W0; W0*M])."""
     pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(n_rows, BLOCK_M)
-    num_pid_n = tl.cdiv(K, BLOCK_N)
+    num_pid_m = _cdiv(n_rows, BLOCK_M)
+    num_pid_n = _cdiv(K, BLOCK_N)
     pid_m, pid_n = _grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M)
     rows, row_ok = _mapped_rows(pid_m, n_rows, row_chunk, row_stride, row_off, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -442,8 +448,8 @@ def _lora_mul_dm_kernel(
     The programs of the first column tile also sum ``Gz`` over rows: ``d db = colsum(Gz)``. Each
     output element has exactly one owner, so no atomics and a fixed summation order."""
     pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(D, BLOCK_M)
-    num_pid_n = tl.cdiv(K, BLOCK_N)
+    num_pid_m = _cdiv(D, BLOCK_M)
+    num_pid_n = _cdiv(K, BLOCK_N)
     pid_m, pid_n = _grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M)
     offs_d = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     d_ok = offs_d < D
@@ -510,8 +516,8 @@ TWO_GEMM_DX_CONFIGS_32 = [_cfg(64, 64, 32, 4, 3)]
 DM_CONFIGS_16 = [_cfg(128, 128, 64, 8, 3), _cfg(128, 128, 32, 8, 4), _cfg(64, 128, 64, 4, 4)]
 DM_CONFIGS_32 = [_cfg(64, 64, 32, 4, 3)]
 
-_INTERP_CONFIG = _cfg(32, 32, 32, 4, 1)
-SAMPLE_BLOCK_MS: Tuple[int, ...] = (32,) if is_interpreting() else (128, 64)
+_INTERP_CONFIG = _cfg(64, 64, 64, 4, 1)
+SAMPLE_BLOCK_MS: Tuple[int, ...] = (64,) if is_interpreting() else (128, 64)
 """Tile heights :func:`sample_plan` chooses from (taller first)."""
 
 MAX_RANK = 64
@@ -822,7 +828,8 @@ def compile_specs() -> List[CompileSpec]:
     and noise on; padded rank 16 and 64 where the rank enters) and the dtypes each list serves;
     fp32 rows for both dot precisions (tf32, tf32x3)."""
     specs: List[CompileSpec] = []
-    variants = [(torch.bfloat16, "tf32"), (torch.float16, "tf32"), (torch.float32, "tf32x3"), (torch.float32, "tf32")]
+    variants = [(torch.bfloat16, "tf32"), (torch.float16, "tf32"),
+                (torch.float32, "tf32x3"), (torch.float32, "tf32")]
     for dtype, precision in variants:
         t = TRITON_DTYPE_NAMES[dtype]
         wide = dtype == torch.float32
