@@ -51,11 +51,12 @@ samples (``python``-checked in the tests):
 (:func:`sample_plan`): full tiles of ``bm`` rows per sample; the ragged tail ``t = T % bm`` runs in
 the two-GEMM kernel (2 t MMA rows) when ``2 t < bm``, else as one masked tile (bm rows); the
 cheaper ``bm`` of 128 and 64 wins (128 on ties). T = 197 = 3 x 64 + 5: three full tiles and a
-5-row tail in the two-GEMM form; ViT's ``T = p^2 + 1`` always leaves a 1-row tail. ``T < bm / 2``
+5-row tail in the two-GEMM form (ViT's ``T = p^2 + 1`` leaves 1 row when 8 divides p: T = 257,
+577). ``T < bm / 2``
 (tiny T, e.g. per-token noise or 2-D inputs) runs wholly in the two-GEMM form: that is where the
 per-sample design loses, and the dispatch falls back by this count, not by a threshold guess.
 
-Bytes per output tile (bf16, L2 -> SM, the whole K loop plus the output store; MFLOP of MMA):
+Bytes per output tile (bf16, L2 -> SM, the whole K loop plus the output store):
 
     tile / K             noise-free  W0 + W0*M buffer  factors (chosen)  two-GEMM
     128x128, K=768       416 KiB     608 KiB           444 KiB (+12%)    608 KiB, 2x MMA
@@ -64,15 +65,22 @@ Bytes per output tile (bf16, L2 -> SM, the whole K loop plus the output store; M
     64x128,  K=4096      1552 KiB    2576 KiB          1684 KiB (+25%)   2576 KiB, 2x MMA
 
 (ViT-B fc1: K=768, D=3072, N = 2B x 197; LLM: K=D=4096, T=2048; factors' extra MMA at r <= 16 in
-brackets.) Inside the SM, per K step of 32 (bf16, 8 warps, 128x128; measured PTX of both
-drafts): noise-free moves 40 KiB through shared memory; the ``W0*M``-buffer build 56 KiB (72 KiB
+brackets.) Inside the SM, per K step of 32 (bf16, 8 warps, 128x128; counted from the PTX of both
+drafts: every tile is staged by cp.async, read back by ld.shared where it is built, and read by
+wgmma): noise-free moves 40 KiB through shared memory; the ``W0*M``-buffer build 56 KiB (72 KiB
 when the built tile is the right operand and goes back to shared memory, as in SPEC's draft);
 the factor build 43 KiB. The buffer build is cheaper in instructions (one packed bf16x2 FMA per
 two elements against ~2.5 fp32 instructions per element) and costs no MMA, but these tiles are
 bound by shared-memory and L2 traffic before MMA, most of all the 64-row tiles T = 197 needs, so
-the factors win while ``R / BLOCK_M`` stays small; ranks above 64 run the reference path.
+the factors win while ``R / BLOCK_M`` is small (r <= 16, the PACE and RLRR ranks); at r = 64 on
+64-row tiles the r-wide product doubles the MMA and the two are about even, not worth a second
+code path. Ranks above 64 run the reference path.
 Both drafts compile for sm_90 with wgmma and 0 spill bytes (buffer, 128x128x32 w8 s4: 117
 registers; 64x128x64 w4 s4: 188), as do the shipped configs (``compile_specs``).
+
+``W_b`` is rounded once to the operand dtype, so its error is that of any bf16/fp16 weight
+(absolute, about half an ulp of ``W0``), not relative to the small ``W0*M`` term; the reference's
+output rounding is of the same size.
 
 Expected totals at ViT-B (T = 197, r <= 16, 64-row tiles): 2 x 1.025 x 1.25 + 1 = 3.6 MMA
 GEMM-equivalents against 5 for the two-GEMM form and 3 for the noise-free layer; at T = 2048:
