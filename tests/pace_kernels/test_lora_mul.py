@@ -325,6 +325,14 @@ def test_sample_plan_rule_and_docstring_counts() -> None:
     assert "bm 64, 1.025 (2.4%) 3.05" in doc and "bm 64, 1.280 (22%)  3.56" in doc
 
 
+def test_sample_config_tables_match_their_tile_height() -> None:
+    """The plan picks a tile height, then the autotuner of that height: its configs must have it."""
+    for table in (lora_mul.SAMPLE_CONFIGS_16, lora_mul.SAMPLE_CONFIGS_32):
+        assert set(table) == {128, 64}
+        for bm, configs in table.items():
+            assert configs and all(c.kwargs["BLOCK_M"] == bm for c in configs)
+
+
 def test_two_copy_batch_equals_two_calls(device: str) -> None:
     """SPEC section 4: in ``[x; x]`` copy c of sample b is sample ``c*B + b`` with its own noise row."""
     case = Case("fp32", 50, 80, 48, 10, "sample", True, True, 3, True, samples=2)
