@@ -143,17 +143,23 @@ def uses_triton_op() -> bool:
     return hasattr(torch.library, "triton_op") and not is_interpreting()
 
 
-def register_op(qualname: str, fn: Callable, fake: Callable, *, mutates_args: Sequence[str] = ()) -> Any:
+def register_op(qualname: str, fn: Callable, fake: Callable, *, mutates_args: Sequence[str] = (),
+                schema: Optional[str] = None) -> Any:
     """Register ``fn`` (which launches Triton kernels through :func:`wrap_triton`) as the op
     ``qualname`` (``"pace::name"``) and return its ``CustomOpDef`` (``.register_autograd`` etc.).
 
     With ``torch.library.triton_op`` the body is traced into by torch.compile, so Inductor sees the
     kernels and ``fn`` itself serves as the fake; otherwise ``torch.library.custom_op`` keeps the op
-    opaque and ``fake`` (shapes only) is registered for tracing.
+    opaque and ``fake`` (shapes only) is registered for tracing. ``schema`` (``"(Tensor x, ...) ->
+    Tensor"``) spares torch inferring it from type hints, which older versions cannot do when the
+    module uses ``from __future__ import annotations``.
     """
+    kw: Dict[str, Any] = {"mutates_args": tuple(mutates_args)}
+    if schema is not None:
+        kw["schema"] = schema
     if uses_triton_op():
-        return torch.library.triton_op(qualname, fn, mutates_args=tuple(mutates_args))
-    op = torch.library.custom_op(qualname, fn, mutates_args=tuple(mutates_args))
+        return torch.library.triton_op(qualname, fn, **kw)
+    op = torch.library.custom_op(qualname, fn, **kw)
     op.register_fake(fake)
     return op
 

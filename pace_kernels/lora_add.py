@@ -524,8 +524,14 @@ def _op_backward(grad_y: torch.Tensor, x: torch.Tensor, u: torch.Tensor, weight:
     return _backward_impl(grad_y, x, u, weight, lora_a, lora_b, noise, rows_per_noise, need_dx)
 
 
-lora_add_fwd = register_op("pace::lora_add_fwd", _op_forward, _forward_fake)
-lora_add_bwd = register_op("pace::lora_add_bwd", _op_backward, _backward_fake)
+lora_add_fwd = register_op(
+    "pace::lora_add_fwd", _op_forward, _forward_fake,
+    schema="(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, Tensor? delta_bias, "
+           "Tensor? noise, SymInt rows_per_noise) -> (Tensor, Tensor)")
+lora_add_bwd = register_op(
+    "pace::lora_add_bwd", _op_backward, _backward_fake,
+    schema="(Tensor grad_y, Tensor x, Tensor u, Tensor weight, Tensor lora_a, Tensor lora_b, Tensor? noise, "
+           "SymInt rows_per_noise, bool need_dx) -> (Tensor, Tensor, Tensor, Tensor)")
 
 
 # --------------------------------------------------------------------------------------------
