@@ -6,7 +6,8 @@ small, and the case list covers every pair of axis values (dtype, T, D, K, rank,
 delta bias, x rank, contiguity) instead of their product. T = 197 and 50 exercise the three row
 plans of per-sample noise in the interpreter's 64-row tiles (197: three full tiles plus a 5-row tail
 in the two-GEMM kernel; 50: a masked tile; 1: two-GEMM only) and, without noise or with per-token
-noise, row tiles that straddle samples. On a CUDA machine the same tests run on the GPU, plus the real-size cases at the end.
+noise, row tiles that straddle samples. On a CUDA machine the same tests run on the GPU, plus the
+real-size cases at the end.
 
 Accuracy criterion: the kernels accumulate in fp32 and round once, the reference rounds after every
 op, so both are compared with a float64 evaluation of the same formula: the kernel's error may be
