@@ -744,8 +744,15 @@ def _op_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lo
                           need_db)
 
 
-lora_mul_fwd = register_op("pace::lora_mul_fwd", _op_forward, _forward_fake)
-lora_mul_bwd = register_op("pace::lora_mul_bwd", _op_backward, _backward_fake)
+lora_mul_fwd = register_op(
+    "pace::lora_mul_fwd", _op_forward, _forward_fake,
+    schema="(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, Tensor? delta_bias, "
+           "Tensor? noise, SymInt rows_per_noise) -> Tensor")
+lora_mul_bwd = register_op(
+    "pace::lora_mul_bwd", _op_backward, _backward_fake,
+    schema="(Tensor grad_y, Tensor x, Tensor weight, Tensor lora_a, Tensor lora_b, Tensor? noise, "
+           "SymInt rows_per_noise, bool need_dx, bool need_factors, bool need_db) "
+           "-> (Tensor, Tensor, Tensor, Tensor)")
 
 
 # ------------------------------------------------------------------------------------------------
