@@ -14,13 +14,6 @@ import torch
 from . import reference
 from ._checks import check_backend, check_linear_inputs
 
-# op name -> "module:function" of its Triton implementation (same signature as the reference).
-_TRITON_IMPLS = {
-    "lora_add_linear": "pace_kernels.lora_add:lora_add_linear_triton",
-    "lora_mul_linear": "pace_kernels.lora_mul:lora_mul_linear_triton",
-}
-
-
 def _triton_impl(op: str) -> Callable:
     # Plain import statements, not importlib: torch.compile traces these (the module is imported at
     # trace time if need be), while importlib.import_module is a graph break.
@@ -30,7 +23,7 @@ def _triton_impl(op: str) -> Callable:
         elif op == "lora_mul_linear":
             from .lora_mul import lora_mul_linear_triton as fn
         else:
-            raise KeyError(op)
+            raise KeyError(f"no Triton implementation registered for {op}")
     except ImportError as exc:  # triton missing, or the kernel module not built for this platform
         raise NotImplementedError(f"{op}: backend='triton' is unavailable here ({exc})") from exc
     return fn
