@@ -334,6 +334,24 @@ def test_sample_config_tables_match_their_tile_height() -> None:
             assert configs and all(c.kwargs["BLOCK_M"] == bm for c in configs)
 
 
+def test_compile_specs_cover_every_kernel_and_argument() -> None:
+    """compile_check compiles what launches run: every kernel, every config list, every argument
+    typed (the compiling itself runs in ``python -m pace_kernels.compile_check``)."""
+    specs = lora_mul.compile_specs()
+    kernels = {lora_mul._lora_mul_fwd_kernel, lora_mul._lora_mul_fwd_two_gemm_kernel,
+               lora_mul._lora_mul_dx_kernel, lora_mul._lora_mul_dx_two_gemm_kernel, lora_mul._lora_mul_dm_kernel}
+    assert {s.fn for s in specs} == kernels
+    assert {s.dtype for s in specs} == {torch.float16, torch.bfloat16, torch.float32}
+    shipped = sum(len(v) for v in lora_mul.SAMPLE_CONFIGS_16.values())
+    rows = [s for s in specs if s.name == "lora_mul_fwd per-sample r16" and s.dtype == torch.bfloat16]
+    assert len(rows) == shipped
+    for spec in specs:
+        args = set(spec.fn.arg_names)
+        assert set(spec.signature) | set(spec.constexprs) == args, spec.name
+        assert not set(spec.signature) & set(spec.constexprs), spec.name
+        assert set(spec.divisible) <= set(spec.signature), spec.name
+
+
 def test_two_copy_batch_equals_two_calls(device: str) -> None:
     """SPEC section 4: in ``[x; x]`` copy c of sample b is sample ``c*B + b`` with its own noise row."""
     case = Case("fp32", 50, 80, 48, 10, "sample", True, True, 3, True, samples=2)
