@@ -338,8 +338,9 @@ def test_compile_specs_cover_every_kernel_and_argument() -> None:
     """compile_check compiles what launches run: every kernel, every config list, every argument
     typed (the compiling itself runs in ``python -m pace_kernels.compile_check``)."""
     specs = lora_mul.compile_specs()
-    kernels = {lora_mul._lora_mul_fwd_kernel, lora_mul._lora_mul_fwd_two_gemm_kernel,
-               lora_mul._lora_mul_dx_kernel, lora_mul._lora_mul_dx_two_gemm_kernel, lora_mul._lora_mul_dm_kernel}
+    m = lora_mul
+    kernels = {m._lora_mul_fwd_kernel, m._lora_mul_fwd_two_gemm_kernel, m._lora_mul_dx_kernel,
+               m._lora_mul_dx_two_gemm_kernel, m._lora_mul_dm_kernel}
     assert {s.fn for s in specs} == kernels
     assert {s.dtype for s in specs} == {torch.float16, torch.bfloat16, torch.float32}
     shipped = sum(len(v) for v in lora_mul.SAMPLE_CONFIGS_16.values())
