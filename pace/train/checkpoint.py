@@ -9,6 +9,7 @@ loads with ``torch.load(weights_only=True)``: no pickled code runs when a checkp
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import tempfile
 from pathlib import Path
@@ -138,7 +139,13 @@ def read_state_dict(path: PathLike) -> Dict[str, torch.Tensor]:
     raise UsageError(f"--checkpoint: {path} must end in .npz, .safetensors, .pth, .pt or .bin")
 
 
-def _short(exc: BaseException) -> str:
-    """The first line of an exception message, for one-line errors."""
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+def _short(exc: BaseException, limit: int = 160) -> str:
+    """A short one-line account of an exception, for one-line errors."""
+    if isinstance(exc, pickle.UnpicklingError):
+        if "global" in str(exc).lower():
+            return "it pickles objects other than tensors; refused, as torch.load(weights_only=True) does"
+        return "not a torch file: corrupt, truncated or another format"
+    text = " ".join(str(exc).split())
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

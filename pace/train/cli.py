@@ -39,7 +39,11 @@ class ModeDefaults:
 
 
 DATA_DEFAULTS = ModeDefaults("vit_base_patch16_224", 100, 64, 1e-3, 1e-4, 10, 0.1, 10, 10, 224)
-DIGITS_DEFAULTS = ModeDefaults("the built-in 4-block ViT", 40, 25, 5e-3, 1e-4, 4, 0.0, 5, 4, 16)
+DIGITS_DEFAULTS = ModeDefaults("the built-in 4-block ViT", 40, 10, 1e-2, 1e-4, 4, 0.0, 5, 4, 16)
+
+# (sigma, lam) per --pace mode with --data: the PACE code's README values (VTAB CIFAR: lam 1, sigma
+# 1.2); fast wants a larger sigma and a smaller lam, lazy a larger lam.
+DATA_MODE_DEFAULTS = {"none": (0.0, 0.0), "pace": (1.2, 1.0), "fast": (1.5, 0.5), "lazy": (1.2, 2.0), "fpa": (0.0, 1.0)}
 
 EPILOG = """\
 examples:
@@ -112,11 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "copies + consistency), fast (one copy + a bank of past logits), lazy (PACE_lazy_half every "
                    "--lazy-interval steps), fpa (consistency with the pre-trained model). Default: none with "
                    "--data; the built-in default compares none, pace, fast and lazy")
-    a.add_argument("--lam", type=float, metavar="L", help="consistency strength lambda (default per mode: pace 1, "
-                   "fast 0.5, lazy 2, fpa 1)")
+    a.add_argument("--lam", type=float, metavar="L", help="consistency strength lambda (default per mode with "
+                   "--data: pace 1, fast 0.5, lazy 2, fpa 1; built-in default: pace 1, fast 0.5, lazy 2)")
     a.add_argument("--sigma", type=float, metavar="S", help="std of the multiplicative noise N(1, S^2) on the "
-                   "adapter outputs, decreasing with depth (default per mode: pace 1, fast 1.5, lazy 1; 0 for none "
-                   "and fpa)")
+                   "adapter outputs, decreasing with depth (default per mode with --data: pace 1.2, fast 1.5, "
+                   "lazy 1.2; built-in default: pace 1, fast 1, lazy 0.5; none and fpa: 0)")
     a.add_argument("--lazy-interval", type=int, default=2, metavar="N", help="lazy: the PACE step comes every N "
                    "steps. Default: 2")
     a.add_argument("--copies", type=int, default=2, metavar="M", help="pace: number of noisy copies M (consistency "
@@ -150,10 +154,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "--data, 0 for the built-in default)")
     r.add_argument("--export", metavar="PATH", help="also write the merged plain model (pace.merge) as one "
                    ".safetensors file (the built-in default adds the variant's name to it)")
+    r.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch (default: 1 for the built-in "
+                   "default on CPU, whose tiny matrices run slower, not faster, on more threads when other work "
+                   "shares the cores; torch's own choice otherwise)")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     d = p.add_argument_group("built-in default (without --data)")
     d.add_argument("--shots", type=int, default=10, metavar="K", help="training images per digit 5-9. Default: 10")
+    d.add_argument("--repeats", type=int, default=3, metavar="N", help="draws of the shots (seeds --seed .. "
+                   "--seed+N-1), each trained with every method; the table shows mean and spread. Default: 3")
     d.add_argument("--pretrain-epochs", type=int, default=20, metavar="N", help="epochs of pre-training on digits "
                    "0-4 (cached in DIR/pretrain). Default: 20")
 
@@ -169,7 +178,7 @@ def _validate(args) -> None:
             raise UsageError(f"--{name} must be >= {minimum}, got {v}")
 
     for name in ("epochs", "batch_size", "rank", "eval_every", "shots", "pretrain_epochs", "img_size", "num_classes",
-                 "lazy_interval", "stop_after_epoch"):
+                 "lazy_interval", "stop_after_epoch", "threads", "repeats"):
         positive(name.replace("_", "-"), getattr(args, name))
     positive("copies", args.copies, 2)
     positive("workers", args.workers, 0)
@@ -205,12 +214,14 @@ def _device(choice: str, env):
 
 def _run(args, env) -> int:
     _validate(args)
-    import torch
-
     from . import distributed as D
     from .loop import TrainConfig
 
     device = _device(args.device, env)
+    if args.threads is not None or (args.data is None and device.type == "cpu"):
+        import torch
+
+        torch.set_num_threads(args.threads or 1)
     D.init(env, device)
     d = DIGITS_DEFAULTS if args.data is None else DATA_DEFAULTS
     pick = lambda v, default: default if v is None else v  # noqa: E731
@@ -233,7 +244,6 @@ def _run(args, env) -> int:
     if env.is_main and env.enabled:
         print(f"data-parallel: {env.world_size} processes ({'nccl' if device.type == 'cuda' else 'gloo'})",
               file=sys.stderr, flush=True)
-    torch.backends.cuda.matmul.allow_tf32 = True
     if args.data is None:
         from .default import run_default
 
@@ -247,19 +257,18 @@ def _run_data(args, env, device, base) -> int:
     import timm
 
     from .data import IMAGENET_MEAN, IMAGENET_STD, build_transforms, load_folder_data
-    from .default import MODE_DEFAULTS
     from .loop import run_training
     from .model import add_adapters, count_parameters, create_timm_model, load_checkpoint, log
 
     main = env.is_main
     mode = args.pace or "none"
-    sigma_d, lam_d = MODE_DEFAULTS[mode]
+    sigma_d, lam_d = DATA_MODE_DEFAULTS[mode]
     sigma = sigma_d if args.sigma is None else args.sigma
     lam = lam_d if args.lam is None else args.lam
     img_size = args.img_size or DATA_DEFAULTS.img_size
     bundle = load_folder_data(args.data, args.split, args.eval_split, img_size, args.augment,
                               IMAGENET_MEAN, IMAGENET_STD, args.num_classes)
-    log(f"data: {bundle.description}", main)
+    notes = [f"data: {bundle.description}"]  # printed once the inputs have all been accepted
     name = args.model or DATA_DEFAULTS.model
     model = create_timm_model(name, bundle.num_classes, pretrained=args.pretrained, drop_path=args.drop_path,
                               img_size=args.img_size, kwargs=args.model_kwargs)
@@ -268,10 +277,12 @@ def _run_data(args, env, device, base) -> int:
         tr, ev = build_transforms(img_size, args.augment, cfg["mean"], cfg["std"])
         bundle.train.transform, bundle.eval.transform = tr, ev
     if args.checkpoint:
-        log(load_checkpoint(model, args.checkpoint), main)
+        notes.append(load_checkpoint(model, args.checkpoint))
     elif not args.pretrained:
-        log("note: no --checkpoint or --pretrained: the backbone is randomly initialised", main)
+        notes.append("note: no --checkpoint or --pretrained: the backbone is randomly initialised")
     add_adapters(model, args.adapter, args.rank, sigma, args.backend)
+    for note in notes:
+        log(note, main)
     log(f"model: {name}, {count_parameters(model)}; adapter {args.adapter} rank {args.rank}; pace {mode} "
         f"(lam {lam}, sigma {sigma}); {device.type}, amp {base.amp}", main)
     cfg = replace(base, pace=mode, lam=lam, label=mode if mode != "none" else "baseline", identity=dict(
@@ -294,16 +305,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help (0) or a bad flag (2, already reported on one line)
         return int(exc.code or 0) if not isinstance(exc.code, str) else 2
-    try:
-        import torch
+    import torch
 
-        if not torch.cuda.is_available() and args.backend == "triton":
-            os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first triton import
-    except ImportError:  # pragma: no cover
-        pass
+    if not torch.cuda.is_available() and args.backend == "triton":
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first triton import
     from . import distributed as D
 
     env = D.env_from_torchrun()
+    threads = torch.get_num_threads()
     try:
         return _run(args, env)
     except UsageError as exc:
@@ -316,6 +325,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("pace-train: interrupted", file=sys.stderr, flush=True)
         return 130
     finally:
+        torch.set_num_threads(threads)
         D.shutdown()
 
 

@@ -251,6 +251,7 @@ def run_training(
             t0 = time.perf_counter()
             n_img = correct = count = 0
             loss_sum = 0.0
+            epoch_gnorms: List[float] = []
             for x, y, idx in loader:
                 x = x.to(device, non_blocking=True)
                 y = y.to(device, non_blocking=True)
@@ -297,7 +298,7 @@ def run_training(
                 log.write({"type": "step", "epoch": epoch + 1, "step": step, "lr": lr,
                            "loss": stats[0] / env.world_size, "cls_loss": stats[1] / env.world_size,
                            "consistency": stats[2] / env.world_size, "grad_norm": grad_norm})
-                last["grad_norm"] = grad_norm
+                epoch_gnorms.append(grad_norm)
                 bar.update(1)
                 bar.set_postfix(loss=f"{stats[0] / env.world_size:.3f}", gnorm=f"{grad_norm:.3g}", refresh=False)
 
@@ -307,9 +308,11 @@ def run_training(
             n_img_all, correct, count = D.all_reduce_sum([n_img, correct, count], env, device)
             peak = max(peak, peak_memory_mb(device))
             train_acc = correct / max(count, 1)
+            last["grad_norm"] = sum(epoch_gnorms) / max(len(epoch_gnorms), 1)
             img_s = n_img_all / max(seconds, 1e-9)
             log.write({"type": "epoch", "epoch": epoch + 1, "step": step, "train_loss": loss_sum / max(steps_per_epoch, 1),
-                       "train_acc": train_acc, "seconds": seconds, "img_per_s": img_s, "peak_mem_mb": peak})
+                       "train_acc": train_acc, "grad_norm_mean": last["grad_norm"], "seconds": seconds,
+                       "img_per_s": img_s, "peak_mem_mb": peak})
             if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
                 val_acc = evaluate(model, eval_ds, cfg, env, device, amp)
                 with amp():
@@ -338,12 +341,13 @@ def run_training(
 
     if finished and start_epoch >= cfg.epochs:  # a resumed run that had already finished
         if main and (out_dir / "metrics.jsonl").exists():
-            evals = [r for r in read_metrics(out_dir / "metrics.jsonl") if r.get("type") == "eval"]
-            steps = [r for r in read_metrics(out_dir / "metrics.jsonl") if r.get("type") == "step"]
+            records = read_metrics(out_dir / "metrics.jsonl")
+            evals = [r for r in records if r.get("type") == "eval"]
+            epochs = [r for r in records if r.get("type") == "epoch"]
             if evals:
                 last.update({k: evals[-1][k] for k in ("val_acc", "train_acc", "fp_distance")})
-            if steps:
-                last["grad_norm"] = steps[-1]["grad_norm"]
+            if epochs:
+                last["grad_norm"] = epochs[-1]["grad_norm_mean"]
         last = D.broadcast_object(last, env)
 
     if cfg.debug_dump:
