@@ -15,7 +15,8 @@ import pytest
 TINY_VIT = ["--model", "vit_tiny_patch16_224", "--img-size", "16",
             "--model-kwargs", json.dumps({"patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2})]
 # The built-in default shrunk for tests: 1 pre-training epoch, 3 shots per digit (15 images).
-SMALL_DEFAULT = ["--pretrain-epochs", "1", "--shots", "3", "--batch-size", "5", "--eval-every", "1", "--rank", "2"]
+SMALL_DEFAULT = ["--pretrain-epochs", "1", "--shots", "3", "--batch-size", "5", "--eval-every", "1", "--rank", "2",
+                 "--repeats", "1", "--no-progress"]
 REPO_ROOT = Path(__file__).resolve().parents[3]
 
 

@@ -127,11 +127,10 @@ def test_checkpoint_for_another_model(run_main, noah_dir, tmp_path):
 
 
 def test_unreadable_resume_checkpoint(run_main, tmp_path):
-    out = tmp_path / "o" / "baseline"
+    out = tmp_path / "o" / "baseline" / "seed0"
     out.mkdir(parents=True)
     (out / "checkpoint.pt").write_bytes(b"\x00garbage")
-    res = run_main("--pace", "none", "--resume", "--out", tmp_path / "o", "--pretrain-epochs", "1", "--epochs", "1",
-                   "--no-progress")
+    res = run_main("--pace", "none", "--resume", "--out", tmp_path / "o", "--repeats", "1", "--no-progress")
     _assert_usage_error(res, "--resume", "cannot read checkpoint")
 
 

@@ -1,0 +1,96 @@
+"""Datasets: NOAH lists and ImageFolder trees train end to end; list parsing; the batch sampler."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from pace.train.data import ShardedBatchSampler, load_folder_data, read_list
+from pace.train.errors import UsageError
+from pace.train.metrics import read_metrics
+
+from .conftest import TINY_VIT
+
+ONE_STEP = [*TINY_VIT, "--epochs", "1", "--batch-size", "64", "--workers", "0", "--threads", "1", "--no-progress"]
+
+
+def _check_run_outputs(out, n_steps):
+    records = read_metrics(out / "metrics.jsonl")
+    steps = [r for r in records if r["type"] == "step"]
+    evals = [r for r in records if r["type"] == "eval"]
+    assert len(steps) == n_steps
+    assert all(r["grad_norm"] > 0 for r in steps)
+    assert len(evals) == 1 and 0 <= evals[0]["val_acc"] <= 1 and evals[0]["fp_distance"] >= 0
+    for name in ("adapter.safetensors", "adapter.json", "curves.png", "checkpoint.pt", "result.json"):
+        assert (out / name).is_file(), name
+    assert json.loads((out / "adapter.json").read_text())["config"]["adapter"] == "lora_mul_vpt_add"
+
+
+def test_noah_folder_trains_one_step(run_main, noah_dir, tmp_path):
+    res = run_main("--data", noah_dir, *ONE_STEP, "--pace", "fast", "--out", tmp_path / "o")
+    assert res.code == 0, res.err
+    _check_run_outputs(tmp_path / "o", 1)
+    assert "NOAH lists train800val200.txt (8 images) / test.txt (4 images), 2 classes" in res.err
+
+
+def test_imagefolder_trains_one_step(run_main, imagefolder_dir, tmp_path):
+    res = run_main("--data", imagefolder_dir, *ONE_STEP, "--augment", "flip-crop", "--pace", "pace",
+                   "--out", tmp_path / "o")
+    assert res.code == 0, res.err
+    _check_run_outputs(tmp_path / "o", 1)
+    assert "ImageFolder train/ (9 images) / val/ (3 images), 3 classes" in res.err
+
+
+def test_noah_split_choice(noah_dir):
+    bundle = load_folder_data(str(noah_dir), "train800", None, 16, "none")
+    assert len(bundle.train) == 6 and len(bundle.eval) == 2  # train800 pairs with val200
+    x, y, i = bundle.train[3]
+    assert x.shape == (3, 16, 16) and y == 1 and i == 3
+
+
+def test_list_paths_relative_to_images_folder(tmp_path, noah_dir):
+    # The few-shot lists (and the PACE code's reader) name images relative to images/.
+    (noah_dir / "annotations").mkdir()
+    (noah_dir / "annotations" / "train_meta.list.num_shot_1.seed_0").write_text("train800/000001.png 1\n")
+    bundle = load_folder_data(str(noah_dir), "train_meta.list.num_shot_1.seed_0", "test", 16, "none")
+    assert bundle.train.samples[0][0] == noah_dir / "images" / "train800" / "000001.png"
+
+
+def test_read_list_skips_blank_and_comment_lines(noah_dir):
+    lst = noah_dir / "custom.txt"
+    lst.write_text("# header\n\nimages/test/000000.png 0\n  images/test/000001.png 1  \n")
+    assert [y for _, y in read_list(noah_dir, lst)] == [0, 1]
+
+
+def test_negative_label_is_rejected(noah_dir):
+    lst = noah_dir / "custom.txt"
+    lst.write_text("images/test/000000.png -1\n")
+    with pytest.raises(UsageError, match="negative"):
+        read_list(noah_dir, lst)
+
+
+@pytest.mark.parametrize("n, bs, world", [(25, 5, 2), (24, 5, 3), (7, 10, 2), (10, 3, 1)])
+def test_sharded_batch_sampler(n, bs, world):
+    shards = []
+    for rank in range(world):
+        g = torch.Generator().manual_seed(3)
+        batches = list(ShardedBatchSampler(n, bs, g, rank, world))
+        assert len(batches) == len(ShardedBatchSampler(n, bs, g, rank, world))
+        assert len({len(b) for b in batches}) == 1  # equal batches: all_gather needs equal shapes
+        shards.append([i for b in batches for i in b])
+    assert len({len(s) for s in shards}) == 1  # every rank runs the same number of steps
+    flat = [i for s in shards for i in s]
+    assert len(flat) == len(set(flat))  # no sample twice in an epoch
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(3)).tolist()
+    assert set(flat) <= set(perm[: world * (n // world)])
+
+
+def test_sampler_order_follows_its_generator():
+    g = torch.Generator().manual_seed(0)
+    s = ShardedBatchSampler(20, 4, g)
+    first, second = list(s), list(s)
+    assert first != second  # a new order each epoch
+    g.manual_seed(0)
+    assert list(s) == first

@@ -1,0 +1,38 @@
+"""Data-parallel training under torchrun (gloo on CPU): the PACE_fast bank stays whole on every rank."""
+
+from __future__ import annotations
+
+import subprocess
+
+import torch
+
+from pace.train.checkpoint import load_training_checkpoint
+
+from .conftest import SMALL_DEFAULT, python, subprocess_env
+
+
+def test_torchrun_two_ranks_fast_bank_rows_are_the_seen_samples(tmp_path):
+    out, dump = tmp_path / "out", tmp_path / "dump"
+    cmd = [python(), "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "pace.train",
+           "--pace", "fast", "--epochs", "1", *SMALL_DEFAULT, "--shots", "5", "--out", str(out),
+           "--debug-dump", str(dump)]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "data-parallel: 2 processes (gloo)" in res.stderr
+    r0, r1 = (torch.load(dump / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+
+    # 25 training images: each rank gets 12, in two batches of 5 (the incomplete batch is dropped).
+    assert r0["seen"].numel() == r1["seen"].numel() == 10
+    seen = set(r0["seen"].tolist()) | set(r1["seen"].tolist())
+    assert len(seen) == 20  # the ranks' shares are disjoint
+    # Every rank holds the same, whole bank: its written rows are exactly the samples any rank saw.
+    assert torch.equal(r0["bank"], r1["bank"])
+    written = set(torch.nonzero(r0["bank"].abs().sum(1) > 0).flatten().tolist())
+    assert written == seen
+    # Noise streams differ per rank (seed + rank); only rank 0 wrote the checkpoint, with the bank in it.
+    assert (r0["initial_seed"], r1["initial_seed"]) == (0, 1)
+    ckpt = load_training_checkpoint(out / "PACE_fast" / "seed0" / "checkpoint.pt")
+    assert torch.equal(ckpt["criterion"]["history_bank"], r0["bank"])
+    assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
+    assert "PACE_fast" in res.stdout  # the table, printed once
+    assert res.stdout.count("PACE_fast ") == 1
