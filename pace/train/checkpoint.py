@@ -67,7 +67,11 @@ def capture_rng(data_generator: Optional[torch.Generator] = None) -> Dict[str, A
             "has_gauss": int(np_has_gauss),
             "gauss": float(np_gauss),
         },
-        "python": {"version": int(py_version), "state": torch.tensor(py_state, dtype=torch.int64), "gauss": py_gauss},
+        "python": {
+            "version": int(py_version),
+            "state": torch.tensor(py_state, dtype=torch.int64),
+            "gauss": py_gauss,
+        },
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -79,7 +83,9 @@ def capture_rng(data_generator: Optional[torch.Generator] = None) -> Dict[str, A
 def restore_rng(state: Dict[str, Any], data_generator: Optional[torch.Generator] = None) -> None:
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    np.random.set_state(
+        (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"])
+    )
     p = state["python"]
     random.setstate((p["version"], tuple(int(v) for v in p["state"].tolist()), p["gauss"]))
     if "cuda" in state and torch.cuda.is_available():
@@ -101,7 +107,9 @@ def load_training_checkpoint(path: PathLike) -> Dict[str, Any]:
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise UsageError(f"--resume: {path} is not a pace-train checkpoint")
     if ckpt.get("version") != CHECKPOINT_VERSION:
-        raise UsageError(f"--resume: {path} has checkpoint version {ckpt.get('version')}, expected {CHECKPOINT_VERSION}")
+        raise UsageError(
+            f"--resume: {path} has checkpoint version {ckpt.get('version')}, expected {CHECKPOINT_VERSION}"
+        )
     return ckpt
 
 
@@ -115,7 +123,7 @@ def _unwrap_state_dict(obj: Any) -> Dict[str, torch.Tensor]:
         raise ValueError("no state dict of tensors inside")
     prefix = "module."  # saved from a DistributedDataParallel wrapper
     if all(k.startswith(prefix) for k in obj):
-        obj = {k[len(prefix):]: v for k, v in obj.items()}
+        obj = {k[len(prefix) :]: v for k, v in obj.items()}
     return obj
 
 

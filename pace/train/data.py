@@ -75,7 +75,12 @@ class DataBundle:
 
 # ---------------------------------------------------------------------------------- NOAH lists
 def _find_list(root: Path, split: str) -> Optional[Path]:
-    for cand in (root / split, root / f"{split}.txt", root / "annotations" / split, root / "annotations" / f"{split}.txt"):
+    for cand in (
+        root / split,
+        root / f"{split}.txt",
+        root / "annotations" / split,
+        root / "annotations" / f"{split}.txt",
+    ):
         if cand.is_file():
             return cand
     return None
@@ -109,7 +114,9 @@ def read_list(root: Path, list_path: Path) -> List[Tuple[Path, int]]:
             continue
         parts = line.rsplit(maxsplit=1)
         if len(parts) != 2:
-            raise UsageError(f"--data: {list_path}:{lineno}: expected 'relative/path label', got {line[:80]!r}")
+            raise UsageError(
+                f"--data: {list_path}:{lineno}: expected 'relative/path label', got {line[:80]!r}"
+            )
         rel, label = parts
         try:
             y = int(label)
@@ -123,7 +130,10 @@ def read_list(root: Path, list_path: Path) -> List[Tuple[Path, int]]:
             continue
         samples.append((path, y))
     if missing:
-        raise UsageError(f"--data: {len(missing)} image(s) listed in {list_path.name} do not exist, e.g. {root / missing[0]}")
+        raise UsageError(
+            f"--data: {len(missing)} image(s) listed in {list_path.name} do not exist, "
+            f"e.g. {root / missing[0]}"
+        )
     if not samples:
         raise UsageError(f"--data: {list_path} lists no images")
     return samples
@@ -155,18 +165,24 @@ def build_transforms(img_size: int, augment: str, mean: Sequence[float], std: Se
         return t, t
     if augment == "flip-crop":
         big = int(round(img_size * 256 / 224))
-        train = T.Compose([T.Resize(big, interpolation=bicubic), T.RandomCrop(img_size), T.RandomHorizontalFlip(), *norm])
+        train = T.Compose(
+            [T.Resize(big, interpolation=bicubic), T.RandomCrop(img_size), T.RandomHorizontalFlip(), *norm]
+        )
         test = T.Compose([T.Resize(big, interpolation=bicubic), T.CenterCrop(img_size), *norm])
         return train, test
     raise UsageError(f"--augment must be 'none' or 'flip-crop', got {augment!r}")
 
 
-def _check_classes(train_labels: Sequence[int], eval_labels: Sequence[int], num_classes: Optional[int], what: str) -> int:
+def _check_classes(
+    train_labels: Sequence[int], eval_labels: Sequence[int], num_classes: Optional[int], what: str
+) -> int:
     top = max(train_labels) + 1
     if num_classes is not None:
         bad = max(max(train_labels), max(eval_labels, default=0))
         if bad >= num_classes:
-            raise UsageError(f"class-count mismatch: {what} has label {bad} but --num-classes is {num_classes}")
+            raise UsageError(
+                f"class-count mismatch: {what} has label {bad} but --num-classes is {num_classes}"
+            )
         return num_classes
     bad = max(eval_labels, default=0)
     if bad >= top:
@@ -202,20 +218,26 @@ def load_folder_data(
                 eval_split = "test_meta.list"
         eval_list = _find_list(root, eval_split)
         if eval_list is None:
-            raise UsageError(f"--data: no evaluation list {eval_split!r} in {root} (pick one with --eval-split)")
+            raise UsageError(
+                f"--data: no evaluation list {eval_split!r} in {root} (pick one with --eval-split)"
+            )
         train = read_list(root, train_list)
         evals = read_list(root, eval_list)
         n = _check_classes([y for _, y in train], [y for _, y in evals], num_classes, train_list.name)
         return DataBundle(
-            ImageList(train, train_tf), ImageList(evals, eval_tf), n,
-            f"NOAH lists {train_list.name} ({len(train)} images) / {eval_list.name} ({len(evals)} images), {n} classes",
+            ImageList(train, train_tf),
+            ImageList(evals, eval_tf),
+            n,
+            f"NOAH lists {train_list.name} ({len(train)} images) / {eval_list.name} ({len(evals)} images), "
+            f"{n} classes",
         )
 
     train_dir = root / (split or "train")
     if not train_dir.is_dir():
         wanted = split or "train800val200"
         raise UsageError(
-            f"--data: {root} holds neither a NOAH list {wanted!r} (.txt) nor an ImageFolder '{split or 'train'}/' directory"
+            f"--data: {root} holds neither a NOAH list {wanted!r} (.txt) nor an ImageFolder "
+            f"'{split or 'train'}/' directory"
         )
     if eval_split is None:
         eval_split = next((s for s in ("val", "test") if (root / s).is_dir()), None)
@@ -237,13 +259,18 @@ def load_folder_data(
             f"({len(eval_classes)} vs {len(classes)} classes)"
         )
     if num_classes is not None and num_classes != len(classes):
-        raise UsageError(f"class-count mismatch: {train_dir} has {len(classes)} classes but --num-classes is {num_classes}")
+        raise UsageError(
+            f"class-count mismatch: {train_dir} has {len(classes)} classes but --num-classes is {num_classes}"
+        )
     to_id = {c: i for i, c in enumerate(classes)}
     train = [(p, to_id[c]) for p, c in train_files]
     evals = [(p, to_id[c]) for p, c in eval_files]
     return DataBundle(
-        ImageList(train, train_tf), ImageList(evals, eval_tf), len(classes),
-        f"ImageFolder {train_dir.name}/ ({len(train)} images) / {eval_dir.name}/ ({len(evals)} images), {len(classes)} classes",
+        ImageList(train, train_tf),
+        ImageList(evals, eval_tf),
+        len(classes),
+        f"ImageFolder {train_dir.name}/ ({len(train)} images) / {eval_dir.name}/ ({len(evals)} images), "
+        f"{len(classes)} classes",
         class_names=classes,
     )
 
@@ -259,7 +286,9 @@ class ShardedBatchSampler(Sampler):
     smaller than one batch.
     """
 
-    def __init__(self, n: int, batch_size: int, generator: torch.Generator, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self, n: int, batch_size: int, generator: torch.Generator, rank: int = 0, world_size: int = 1
+    ) -> None:
         if batch_size <= 0:
             raise UsageError(f"--batch-size must be positive, got {batch_size}")
         self.n, self.batch_size, self.generator = n, batch_size, generator
@@ -274,9 +303,9 @@ class ShardedBatchSampler(Sampler):
 
     def __iter__(self) -> Iterator[List[int]]:
         perm = torch.randperm(self.n, generator=self.generator).tolist()
-        shard = perm[self.rank: self.per_rank * self.world_size: self.world_size]
+        shard = perm[self.rank : self.per_rank * self.world_size : self.world_size]
         for i in range(len(self)):
-            yield shard[i * self.batch_size:(i + 1) * self.batch_size]
+            yield shard[i * self.batch_size : (i + 1) * self.batch_size]
 
 
 def shard_indices(n: int, rank: int, world_size: int) -> List[int]:

@@ -86,7 +86,9 @@ def split_pretrain(x: torch.Tensor, y: torch.Tensor, seed: int) -> Tuple[TensorI
     return TensorImages(x[old[:n_tr]], y[old[:n_tr]]), TensorImages(x[old[n_tr:]], y[old[n_tr:]])
 
 
-def split_few_shot(x: torch.Tensor, y: torch.Tensor, shots: int, seed: int) -> Tuple[TensorImages, TensorImages]:
+def split_few_shot(
+    x: torch.Tensor, y: torch.Tensor, shots: int, seed: int
+) -> Tuple[TensorImages, TensorImages]:
     """The new task: digits 5-9 as labels 0-4, ``shots`` per class to train on (drawn with
     ``seed``), every other 5-9 digit held out for testing."""
     g = torch.Generator().manual_seed(seed)
@@ -110,14 +112,31 @@ def make_model(setup: DigitsSetup, drop_path: float) -> nn.Module:
 
 
 def _cache_key(setup: DigitsSetup) -> str:
-    blob = json.dumps({"model": setup.model, "kwargs": setup.model_kwargs, "img": setup.img_size,
-                       "epochs": setup.pretrain_epochs, "lr": setup.pretrain_lr, "bs": setup.pretrain_batch,
-                       "seed": setup.seed, "v": 1}, sort_keys=True)
+    blob = json.dumps(
+        {
+            "model": setup.model,
+            "kwargs": setup.model_kwargs,
+            "img": setup.img_size,
+            "epochs": setup.pretrain_epochs,
+            "lr": setup.pretrain_lr,
+            "bs": setup.pretrain_batch,
+            "seed": setup.seed,
+            "v": 1,
+        },
+        sort_keys=True,
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def pretrain(setup: DigitsSetup, pre_train: TensorImages, pre_val: TensorImages, out: Path, env: D.DistEnv,
-             device: torch.device, progress: bool) -> Dict[str, torch.Tensor]:
+def pretrain(
+    setup: DigitsSetup,
+    pre_train: TensorImages,
+    pre_val: TensorImages,
+    out: Path,
+    env: D.DistEnv,
+    device: torch.device,
+    progress: bool,
+) -> Dict[str, torch.Tensor]:
     """Full training of the small ViT on digits 0-4, cached as ``out/pretrain/backbone.safetensors``
     (reused when its settings match). Rank 0 trains; the other ranks wait and read the cache."""
     from safetensors.torch import load_file, save_file
@@ -141,17 +160,25 @@ def pretrain(setup: DigitsSetup, pre_train: TensorImages, pre_val: TensorImages,
         n = len(pre_train)
         per_epoch = n // setup.pretrain_batch
         sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, cosine_with_warmup(per_epoch * setup.pretrain_epochs, per_epoch, 0.01))
+            opt, cosine_with_warmup(per_epoch * setup.pretrain_epochs, per_epoch, 0.01)
+        )
         from tqdm import tqdm
 
-        bar = tqdm(total=per_epoch * setup.pretrain_epochs, desc="pre-train 0-4", unit="step",
-                   disable=not progress, file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
+        bar = tqdm(
+            total=per_epoch * setup.pretrain_epochs,
+            desc="pre-train 0-4",
+            unit="step",
+            disable=not progress,
+            file=sys.stderr,
+            dynamic_ncols=True,
+            mininterval=0.5,
+        )
         x_all, y_all = pre_train.x.to(device), pre_train.y.to(device)
         for _ in range(setup.pretrain_epochs):
             model.train()
             perm = torch.randperm(n, generator=g)
             for i in range(per_epoch):
-                b = perm[i * setup.pretrain_batch:(i + 1) * setup.pretrain_batch].to(device)
+                b = perm[i * setup.pretrain_batch : (i + 1) * setup.pretrain_batch].to(device)
                 loss = F.cross_entropy(model(x_all[b]), y_all[b])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -165,14 +192,32 @@ def pretrain(setup: DigitsSetup, pre_train: TensorImages, pre_val: TensorImages,
             acc = (model(pre_val.x.to(device)).argmax(-1).cpu() == pre_val.y).float().mean().item()
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         atomic_write(cache, lambda tmp: save_file(state, tmp))
-        atomic_write_text(meta_path, json.dumps({"key": key, "val_acc_0_4": acc, "epochs": setup.pretrain_epochs,
-                                                 "seconds": time.perf_counter() - t0}, indent=2) + "\n")
-        print(f"pre-trained on digits 0-4 in {time.perf_counter() - t0:.1f} s: "
-              f"{100 * acc:.1f}% on held-out 0-4 digits (cached: {cache})", file=sys.stderr, flush=True)
+        atomic_write_text(
+            meta_path,
+            json.dumps(
+                {
+                    "key": key,
+                    "val_acc_0_4": acc,
+                    "epochs": setup.pretrain_epochs,
+                    "seconds": time.perf_counter() - t0,
+                },
+                indent=2,
+            )
+            + "\n",
+        )
+        print(
+            f"pre-trained on digits 0-4 in {time.perf_counter() - t0:.1f} s: "
+            f"{100 * acc:.1f}% on held-out 0-4 digits (cached: {cache})",
+            file=sys.stderr,
+            flush=True,
+        )
     elif env.is_main:
         acc = json.loads(meta_path.read_text()).get("val_acc_0_4", float("nan"))
-        print(f"using the cached pre-trained backbone {cache} ({100 * acc:.1f}% on held-out 0-4)",
-              file=sys.stderr, flush=True)
+        print(
+            f"using the cached pre-trained backbone {cache} ({100 * acc:.1f}% on held-out 0-4)",
+            file=sys.stderr,
+            flush=True,
+        )
     D.barrier(env)
     return load_file(str(cache))
 
@@ -199,8 +244,10 @@ def format_table(rows: List[Row], device: torch.device) -> str:
     lines = [head, "-" * len(head)]
     for row in rows:
         a = f"{100 * row.mean('acc'):.2f}" + (f" +- {100 * row.std('acc'):.2f}" if n > 1 else "")
-        line = (f"{row.name:<10} {a:>16} {row.mean('grad_norm'):>9.3f} {row.mean('fp_distance'):>8.3f} "
-                f"{sum(r.seconds for r in row.runs):>7.1f} {max(r.peak_mem_mb for r in row.runs):>13.0f}")
+        line = (
+            f"{row.name:<10} {a:>16} {row.mean('grad_norm'):>9.3f} {row.mean('fp_distance'):>8.3f} "
+            f"{sum(r.seconds for r in row.runs):>7.1f} {max(r.peak_mem_mb for r in row.runs):>13.0f}"
+        )
         if n > 1:
             line += "  " + " ".join(f"{100 * r.acc:.1f}" for r in row.runs)
         lines.append(line)
@@ -211,9 +258,14 @@ def run_default(args, env: D.DistEnv, device: torch.device, base: TrainConfig) -
     """The no-argument experiment (or one of its variants with ``--pace``), repeated over
     ``--repeats`` draws of the shots (seeds ``--seed`` .. ``--seed + repeats - 1``); one
     pre-trained backbone serves every draw."""
-    setup = DigitsSetup(shots=args.shots, pretrain_epochs=args.pretrain_epochs, seed=args.seed,
-                        model=args.model or DIGITS_VIT, model_kwargs=args.model_kwargs,
-                        img_size=args.img_size or DIGITS_IMG)
+    setup = DigitsSetup(
+        shots=args.shots,
+        pretrain_epochs=args.pretrain_epochs,
+        seed=args.seed,
+        model=args.model or DIGITS_VIT,
+        model_kwargs=args.model_kwargs,
+        img_size=args.img_size or DIGITS_IMG,
+    )
     out = Path(args.out)
     t_start = time.perf_counter()
     variants = [(n, m) for n, m in VARIANTS] if args.pace is None else [(_name(args.pace), args.pace)]
@@ -229,9 +281,14 @@ def run_default(args, env: D.DistEnv, device: torch.device, base: TrainConfig) -
     if env.is_main:
         _, held = split_few_shot(x, y, setup.shots, seeds[0])
         n_held = len(held)
-        print(f"pace-train built-in default: pre-train a ViT on digits 0-4 ({len(pre_train)} images), adapt to "
-              f"digits 5-9 from {setup.shots} shots/class ({5 * setup.shots} images, {len(seeds)} draw(s)), test "
-              f"on the other {n_held} 5-9 digits; output in {out}", file=sys.stderr, flush=True)
+        print(
+            f"pace-train built-in default: pre-train a ViT on digits 0-4 ({len(pre_train)} images), adapt to "
+            f"digits 5-9 from {setup.shots} shots/class ({5 * setup.shots} images, {len(seeds)} draw(s)), "
+            "test "
+            f"on the other {n_held} 5-9 digits; output in {out}",
+            file=sys.stderr,
+            flush=True,
+        )
     backbone = pretrain(setup, pre_train, pre_val, out, env, device, base.progress)
     head = {k for k in backbone if k.startswith("head.")}
 
@@ -248,28 +305,62 @@ def run_default(args, env: D.DistEnv, device: torch.device, base: TrainConfig) -
             model.load_state_dict({k: v for k, v in backbone.items() if k not in head}, strict=False)
             add_adapters(model, args.adapter, args.rank, sigma, args.backend)
             if env.is_main and not rows and not row.runs:
-                print(f"model: {setup.model} {count_parameters(model)} (adapter {args.adapter}, rank {args.rank})",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"model: {setup.model} {count_parameters(model)} "
+                    f"(adapter {args.adapter}, rank {args.rank})",
+                    file=sys.stderr,
+                    flush=True,
+                )
             label = name if len(seeds) == 1 else f"{name} seed {seed}"
-            cfg = replace(base, pace=mode, lam=lam if mode != "none" else 0.0, label=label, seed=seed,
-                          identity=dict(base.identity, sigma=sigma, adapter=args.adapter, rank=args.rank))
+            cfg = replace(
+                base,
+                pace=mode,
+                lam=lam if mode != "none" else 0.0,
+                label=label,
+                seed=seed,
+                identity=dict(base.identity, sigma=sigma, adapter=args.adapter, rank=args.rank),
+            )
             reset_peak_memory(device)
-            row.runs.append(run_training(
-                model, few, held, 5, cfg, out / name / f"seed{seed}", env, device,
-                export=_export_path(args.export, name, seed, len(variants) * len(seeds)),
-                export_meta={"model": setup.model, "num_classes": 5}))
+            row.runs.append(
+                run_training(
+                    model,
+                    few,
+                    held,
+                    5,
+                    cfg,
+                    out / name / f"seed{seed}",
+                    env,
+                    device,
+                    export=_export_path(args.export, name, seed, len(variants) * len(seeds)),
+                    export_meta={"model": setup.model, "num_classes": 5},
+                )
+            )
         rows.append(row)
 
     if env.is_main:
         table = format_table(rows, device)
         total = time.perf_counter() - t_start
-        header = (f"digits 5-9 from {setup.shots} shots/class ({len(seeds)} draw(s)), frozen ViT pre-trained on 0-4; "
-                  f"adapter {args.adapter} rank {args.rank}; accuracy on the {n_held} held-out 5-9 digits")
-        notes = ("grad norm: trainable tensors, mean over the final epoch's steps; FP-distance: final model vs. "
-                 "adapters off, 64 held-out digits, eval mode; seconds: all draws; memory: the process's peak")
-        print(f"\n{header}\n{table}\n{notes}\ntotal {total:.1f} s on {device.type}; outputs in {out}\n", flush=True)
-        summary = {"header": header, "table": table, "notes": notes, "total_seconds": total, "seeds": seeds,
-                   "results": {row.name: [r.as_dict() for r in row.runs] for row in rows}}
+        header = (
+            f"digits 5-9 from {setup.shots} shots/class ({len(seeds)} draw(s)), "
+            "frozen ViT pre-trained on 0-4; "
+            f"adapter {args.adapter} rank {args.rank}; accuracy on the {n_held} held-out 5-9 digits"
+        )
+        notes = (
+            "grad norm: trainable tensors, mean over the final epoch's steps; FP-distance: final model vs. "
+            "adapters off, 64 held-out digits, eval mode; seconds: all draws; memory: the process's peak"
+        )
+        print(
+            f"\n{header}\n{table}\n{notes}\ntotal {total:.1f} s on {device.type}; outputs in {out}\n",
+            flush=True,
+        )
+        summary = {
+            "header": header,
+            "table": table,
+            "notes": notes,
+            "total_seconds": total,
+            "seeds": seeds,
+            "results": {row.name: [r.as_dict() for r in row.runs] for row in rows},
+        }
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
         atomic_write_text(out / "summary.txt", f"{header}\n{table}\n{notes}\n")
         runs = {row.name: read_metrics(Path(row.runs[0].out_dir) / "metrics.jsonl") for row in rows}

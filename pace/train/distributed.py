@@ -77,7 +77,7 @@ def average_gradients(params: Sequence[torch.nn.Parameter], env: DistEnv) -> Non
     offset = 0
     for p, g in zip(params, grads):
         n = g.numel()
-        chunk = flat[offset:offset + n].view_as(g).to(g.dtype)
+        chunk = flat[offset : offset + n].view_as(g).to(g.dtype)
         offset += n
         if p.grad is None:
             p.grad = chunk
@@ -94,7 +94,9 @@ def all_reduce_sum(values: Sequence[float], env: DistEnv, device: torch.device) 
     return t.tolist()
 
 
-def all_gather_rows(index: torch.Tensor, logits: torch.Tensor, env: DistEnv) -> Tuple[torch.Tensor, torch.Tensor]:
+def all_gather_rows(
+    index: torch.Tensor, logits: torch.Tensor, env: DistEnv
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Every rank's ``(index, logits)`` of this step, concatenated in rank order.
 
     The batch sampler gives every rank the same number of samples per step, so plain

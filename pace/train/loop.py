@@ -118,7 +118,9 @@ def _collate_first(ds: Dataset, n: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, ds: Dataset, cfg: TrainConfig, env: D.DistEnv, device: torch.device, amp) -> float:
+def evaluate(
+    model: nn.Module, ds: Dataset, cfg: TrainConfig, env: D.DistEnv, device: torch.device, amp
+) -> float:
     """Top-1 accuracy over the whole set; each rank scores its share and the counts are summed."""
     model.eval()
     part = Subset(ds, shard_indices(len(ds), env.rank, env.world_size))
@@ -175,10 +177,22 @@ def run_training(
         raise UsageError("the model has no trainable tensors")
     D.broadcast_parameters(params, env)
 
-    identity = dict(cfg.identity, num_classes=num_classes, num_train=len(train_ds), pace=cfg.pace,
-                    lam=cfg.lam, copies=cfg.copies, lazy_interval=cfg.lazy_interval, batch_size=cfg.batch_size,
-                    lr=cfg.lr, wd=cfg.wd, warmup_epochs=cfg.warmup_epochs, seed=cfg.seed, amp=cfg.amp,
-                    trainable=names)
+    identity = dict(
+        cfg.identity,
+        num_classes=num_classes,
+        num_train=len(train_ds),
+        pace=cfg.pace,
+        lam=cfg.lam,
+        copies=cfg.copies,
+        lazy_interval=cfg.lazy_interval,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        wd=cfg.wd,
+        warmup_epochs=cfg.warmup_epochs,
+        seed=cfg.seed,
+        amp=cfg.amp,
+        trainable=names,
+    )
 
     # Streams: the data order is the same on every rank; noise and augmentation differ per rank.
     data_gen = torch.Generator()
@@ -186,19 +200,30 @@ def run_training(
     seed_everything(cfg.seed + env.rank)
 
     sampler = ShardedBatchSampler(len(train_ds), cfg.batch_size, data_gen, env.rank, env.world_size)
-    loader = DataLoader(train_ds, batch_sampler=sampler, num_workers=cfg.workers, generator=data_gen,
-                        pin_memory=device.type == "cuda")
+    loader = DataLoader(
+        train_ds,
+        batch_sampler=sampler,
+        num_workers=cfg.workers,
+        generator=data_gen,
+        pin_memory=device.type == "cuda",
+    )
     steps_per_epoch = len(sampler)
     total_steps = steps_per_epoch * cfg.epochs
     warmup_steps = int(round(cfg.warmup_epochs * steps_per_epoch))
 
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.wd)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_with_warmup(total_steps, warmup_steps, cfg.min_lr_ratio))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, cosine_with_warmup(total_steps, warmup_steps, cfg.min_lr_ratio)
+    )
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     fast = cfg.pace == "fast"
     crit = pace.PaceCriterion(
-        mode=cfg.pace, lam=cfg.lam, copies=cfg.copies, lazy_interval=cfg.lazy_interval,
-        num_samples=len(train_ds) if fast else None, num_classes=num_classes if fast else None,
+        mode=cfg.pace,
+        lam=cfg.lam,
+        copies=cfg.copies,
+        lazy_interval=cfg.lazy_interval,
+        num_samples=len(train_ds) if fast else None,
+        num_classes=num_classes if fast else None,
     ).to(device)
     amp = _amp_context(cfg, device)
     fwd_model = torch.compile(model) if cfg.compile else model
@@ -214,16 +239,23 @@ def run_training(
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
         if ck.get("epochs") != cfg.epochs:
-            D_log(f"[{cfg.label}] note: checkpoint planned {ck.get('epochs')} epochs, now {cfg.epochs}: the cosine "
-                  "schedule is recomputed, so the result will differ from an uninterrupted run", main)
+            D_log(
+                f"[{cfg.label}] note: checkpoint planned {ck.get('epochs')} epochs, now {cfg.epochs}: "
+                "the cosine "
+                "schedule is recomputed, so the result will differ from an uninterrupted run",
+                main,
+            )
         scaler.load_state_dict(ck["scaler"]) if ck.get("scaler") else None
         crit.load_state_dict(ck["criterion"])
         rngs = ck["rng"]
         if len(rngs) == env.world_size:
             restore_rng(rngs[env.rank], data_gen)
         else:
-            D_log(f"[{cfg.label}] note: checkpoint from {len(rngs)} process(es), now {env.world_size}: "
-                  "random streams are re-seeded", main)
+            D_log(
+                f"[{cfg.label}] note: checkpoint from {len(rngs)} process(es), now {env.world_size}: "
+                "random streams are re-seeded",
+                main,
+            )
             restore_rng(rngs[0], data_gen)
             seed_everything(cfg.seed + env.rank + 7919 * ck["epoch"])
         start_epoch, step, keep_lines = ck["epoch"], ck["step"], ck["metrics_lines"]
@@ -231,17 +263,32 @@ def run_training(
     elif cfg.resume:
         D_log(f"[{cfg.label}] --resume: no checkpoint in {out_dir}, starting from the beginning", main)
 
-    log = MetricsLog(out_dir / "metrics.jsonl" if main else None, keep_lines=keep_lines if cfg.resume else None)
+    log = MetricsLog(
+        out_dir / "metrics.jsonl" if main else None, keep_lines=keep_lines if cfg.resume else None
+    )
     fp_x = _collate_first(eval_ds, cfg.fp_batch).to(device)
     seen_indices: List[torch.Tensor] = []
 
     from tqdm import tqdm
 
-    bar = tqdm(total=steps_per_epoch * (cfg.epochs - start_epoch), desc=cfg.label, unit="step", leave=True,
-               disable=not (main and cfg.progress), file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
+    bar = tqdm(
+        total=steps_per_epoch * (cfg.epochs - start_epoch),
+        desc=cfg.label,
+        unit="step",
+        leave=True,
+        disable=not (main and cfg.progress),
+        file=sys.stderr,
+        dynamic_ncols=True,
+        mininterval=0.5,
+    )
     reset_peak_memory(device)
     run_t0 = time.perf_counter()
-    last = {"grad_norm": float("nan"), "fp_distance": float("nan"), "val_acc": float("nan"), "train_acc": float("nan")}
+    last = {
+        "grad_norm": float("nan"),
+        "fp_distance": float("nan"),
+        "val_acc": float("nan"),
+        "train_acc": float("nan"),
+    }
     finished = start_epoch >= cfg.epochs
     peak = 0.0
     epoch = start_epoch
@@ -262,15 +309,29 @@ def run_training(
                 if cfg.debug_nan_step is not None and step == cfg.debug_nan_step:
                     loss = loss * float("nan")
                 stats = D.all_reduce_sum(
-                    [loss.detach().item(), out.cls_loss.detach().item(), out.consistency.detach().item(),
-                     0.0 if torch.isfinite(loss.detach()) else 1.0],
-                    env, device,
+                    [
+                        loss.detach().item(),
+                        out.cls_loss.detach().item(),
+                        out.consistency.detach().item(),
+                        0.0 if torch.isfinite(loss.detach()) else 1.0,
+                    ],
+                    env,
+                    device,
                 )
                 if stats[3] > 0:
-                    kept = f"{ckpt_path} (epoch {epoch})" if epoch > start_epoch or (cfg.resume and start_epoch) else None
-                    where = f"the last good checkpoint {kept} is kept" if kept else "no checkpoint was written yet"
+                    kept = (
+                        f"{ckpt_path} (epoch {epoch})"
+                        if epoch > start_epoch or (cfg.resume and start_epoch)
+                        else None
+                    )
+                    where = (
+                        f"the last good checkpoint {kept} is kept"
+                        if kept
+                        else "no checkpoint was written yet"
+                    )
                     raise NonFiniteLossError(
-                        f"non-finite loss ({loss.detach().item()}) at epoch {epoch + 1}, step {step + 1}: stopping; {where}"
+                        f"non-finite loss ({loss.detach().item()}) at epoch {epoch + 1}, step {step + 1}: "
+                        f"stopping; {where}"
                     )
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
@@ -295,12 +356,23 @@ def run_training(
                     correct += int((out.logits.argmax(-1) == out.targets).sum())
                     count += out.targets.numel()
                 loss_sum += stats[0] / env.world_size
-                log.write({"type": "step", "epoch": epoch + 1, "step": step, "lr": lr,
-                           "loss": stats[0] / env.world_size, "cls_loss": stats[1] / env.world_size,
-                           "consistency": stats[2] / env.world_size, "grad_norm": grad_norm})
+                log.write(
+                    {
+                        "type": "step",
+                        "epoch": epoch + 1,
+                        "step": step,
+                        "lr": lr,
+                        "loss": stats[0] / env.world_size,
+                        "cls_loss": stats[1] / env.world_size,
+                        "consistency": stats[2] / env.world_size,
+                        "grad_norm": grad_norm,
+                    }
+                )
                 epoch_gnorms.append(grad_norm)
                 bar.update(1)
-                bar.set_postfix(loss=f"{stats[0] / env.world_size:.3f}", gnorm=f"{grad_norm:.3g}", refresh=False)
+                bar.set_postfix(
+                    loss=f"{stats[0] / env.world_size:.3f}", gnorm=f"{grad_norm:.3g}", refresh=False
+                )
 
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
@@ -310,27 +382,70 @@ def run_training(
             train_acc = correct / max(count, 1)
             last["grad_norm"] = sum(epoch_gnorms) / max(len(epoch_gnorms), 1)
             img_s = n_img_all / max(seconds, 1e-9)
-            log.write({"type": "epoch", "epoch": epoch + 1, "step": step, "train_loss": loss_sum / max(steps_per_epoch, 1),
-                       "train_acc": train_acc, "grad_norm_mean": last["grad_norm"], "seconds": seconds,
-                       "img_per_s": img_s, "peak_mem_mb": peak})
+            log.write(
+                {
+                    "type": "epoch",
+                    "epoch": epoch + 1,
+                    "step": step,
+                    "train_loss": loss_sum / max(steps_per_epoch, 1),
+                    "train_acc": train_acc,
+                    "grad_norm_mean": last["grad_norm"],
+                    "seconds": seconds,
+                    "img_per_s": img_s,
+                    "peak_mem_mb": peak,
+                }
+            )
             if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
                 val_acc = evaluate(model, eval_ds, cfg, env, device, amp)
                 with amp():
                     fp = float(pace.fp_distance(model, fp_x))
                 last.update(val_acc=val_acc, train_acc=train_acc, fp_distance=fp)
-                log.write({"type": "eval", "epoch": epoch + 1, "step": step, "train_acc": train_acc,
-                           "val_acc": val_acc, "fp_distance": fp})
-                bar.set_postfix(loss=f"{loss_sum / max(steps_per_epoch, 1):.3f}", val_acc=f"{100 * val_acc:.1f}%")
+                log.write(
+                    {
+                        "type": "eval",
+                        "epoch": epoch + 1,
+                        "step": step,
+                        "train_acc": train_acc,
+                        "val_acc": val_acc,
+                        "fp_distance": fp,
+                    }
+                )
+                bar.set_postfix(
+                    loss=f"{loss_sum / max(steps_per_epoch, 1):.3f}", val_acc=f"{100 * val_acc:.1f}%"
+                )
             if cfg.epoch_lines and main:
-                bar.write(f"[{cfg.label}] epoch {epoch + 1}/{cfg.epochs}: {img_s:.1f} img/s, peak memory "
-                          f"{peak:.0f} MB, train acc {100 * train_acc:.1f}%"
-                          + (f", val acc {100 * last['val_acc']:.2f}%" if (epoch + 1) % cfg.eval_every == 0 else ""))
+                bar.write(
+                    f"[{cfg.label}] epoch {epoch + 1}/{cfg.epochs}: {img_s:.1f} img/s, peak memory "
+                    f"{peak:.0f} MB, train acc {100 * train_acc:.1f}%"
+                    + (f", val acc {100 * last['val_acc']:.2f}%" if (epoch + 1) % cfg.eval_every == 0 else "")
+                )
 
-            _save_checkpoint(ckpt_path, epoch + 1, step, names, params, opt, sched, scaler, crit, data_gen,
-                             log, identity, cfg, env)
-            if cfg.stop_after_epoch is not None and epoch + 1 >= cfg.stop_after_epoch and epoch + 1 < cfg.epochs:
-                D_log(f"[{cfg.label}] stopping after epoch {epoch + 1} as asked (--stop-after-epoch); "
-                      f"continue with --resume", main)
+            _save_checkpoint(
+                ckpt_path,
+                epoch + 1,
+                step,
+                names,
+                params,
+                opt,
+                sched,
+                scaler,
+                crit,
+                data_gen,
+                log,
+                identity,
+                cfg,
+                env,
+            )
+            if (
+                cfg.stop_after_epoch is not None
+                and epoch + 1 >= cfg.stop_after_epoch
+                and epoch + 1 < cfg.epochs
+            ):
+                D_log(
+                    f"[{cfg.label}] stopping after epoch {epoch + 1} as asked (--stop-after-epoch); "
+                    f"continue with --resume",
+                    main,
+                )
                 break
         else:
             finished = True
@@ -353,13 +468,29 @@ def run_training(
     if cfg.debug_dump:
         dump = Path(cfg.debug_dump)
         dump.mkdir(parents=True, exist_ok=True)
-        torch.save({"seen": torch.cat(seen_indices) if seen_indices else torch.zeros(0, dtype=torch.long),
-                    "bank": None if crit.history_bank is None else crit.history_bank.detach().cpu(),
-                    "initial_seed": torch.initial_seed(), "world_size": env.world_size},
-                   dump / f"rank{env.rank}.pt")
+        torch.save(
+            {
+                "seen": torch.cat(seen_indices) if seen_indices else torch.zeros(0, dtype=torch.long),
+                "bank": None if crit.history_bank is None else crit.history_bank.detach().cpu(),
+                "initial_seed": torch.initial_seed(),
+                "world_size": env.world_size,
+            },
+            dump / f"rank{env.rank}.pt",
+        )
 
-    result = RunResult(cfg.label, last["val_acc"], last["train_acc"], last["grad_norm"], last["fp_distance"],
-                       seconds, peak, step, epoch + 1 if not finished else cfg.epochs, finished, str(out_dir))
+    result = RunResult(
+        cfg.label,
+        last["val_acc"],
+        last["train_acc"],
+        last["grad_norm"],
+        last["fp_distance"],
+        seconds,
+        peak,
+        step,
+        epoch + 1 if not finished else cfg.epochs,
+        finished,
+        str(out_dir),
+    )
     if main:
         if finished:
             pace.save_adapter(model, out_dir / "adapter")
@@ -377,7 +508,9 @@ def D_log(msg: str, enabled: bool) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
-def _save_checkpoint(path, epoch, step, names, params, opt, sched, scaler, crit, data_gen, log, identity, cfg, env):
+def _save_checkpoint(
+    path, epoch, step, names, params, opt, sched, scaler, crit, data_gen, log, identity, cfg, env
+):
     rngs = D.all_gather_object(capture_rng(data_gen), env)  # every rank's streams, saved by rank 0
     if env.is_main:
         state = {

@@ -54,7 +54,10 @@ def load_checkpoint(model: nn.Module, path: str) -> str:
         from timm.models.vision_transformer import VisionTransformer, _load_weights
 
         if not isinstance(model, VisionTransformer):
-            raise UsageError(f"--checkpoint: .npz files hold the original ViT release layout; {type(model).__name__} is not a ViT")
+            raise UsageError(
+                f"--checkpoint: .npz files hold the original ViT release layout; "
+                f"{type(model).__name__} is not a ViT"
+            )
         try:
             _load_weights(model, str(p))
         except Exception as exc:  # noqa: BLE001

@@ -33,9 +33,13 @@ def plot_runs(runs: Mapping[str, List[Dict[str, Any]]], path: Path, title: str =
         xs, ys = _series(records, "eval", "fp_distance")
         ax_fp.plot(xs, ys, "o-", color=color, ms=3, label=label)
         xs, ys = _series(records, "eval", "val_acc")
-        ax_acc.plot(xs, [100 * y for y in ys], "o-", color=color, ms=3, label=f"{name} val" if label else "val")
+        ax_acc.plot(
+            xs, [100 * y for y in ys], "o-", color=color, ms=3, label=f"{name} val" if label else "val"
+        )
         xs, ys = _series(records, "eval", "train_acc")
-        ax_acc.plot(xs, [100 * y for y in ys], "--", color=color, lw=0.8, label=f"{name} train" if label else "train")
+        ax_acc.plot(
+            xs, [100 * y for y in ys], "--", color=color, lw=0.8, label=f"{name} train" if label else "train"
+        )
     ax_g.set(title="gradient norm (trainable tensors)", xlabel="step", yscale="log")
     ax_fp.set(title="FP-distance (held-out batch, eval mode)", xlabel="step")
     ax_acc.set(title="accuracy (%)", xlabel="step")

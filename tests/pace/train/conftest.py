@@ -12,11 +12,30 @@ import numpy as np
 import pytest
 
 # A one-block ViT at 16x16 in 8x8 patches: a training step takes milliseconds on a CPU.
-TINY_VIT = ["--model", "vit_tiny_patch16_224", "--img-size", "16",
-            "--model-kwargs", json.dumps({"patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2})]
+TINY_VIT = [
+    "--model",
+    "vit_tiny_patch16_224",
+    "--img-size",
+    "16",
+    "--model-kwargs",
+    json.dumps({"patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2}),
+]
 # The built-in default shrunk for tests: 1 pre-training epoch, 3 shots per digit (15 images).
-SMALL_DEFAULT = ["--pretrain-epochs", "1", "--shots", "3", "--batch-size", "5", "--eval-every", "1", "--rank", "2",
-                 "--repeats", "1", "--no-progress"]
+SMALL_DEFAULT = [
+    "--pretrain-epochs",
+    "1",
+    "--shots",
+    "3",
+    "--batch-size",
+    "5",
+    "--eval-every",
+    "1",
+    "--rank",
+    "2",
+    "--repeats",
+    "1",
+    "--no-progress",
+]
 REPO_ROOT = Path(__file__).resolve().parents[3]
 
 
@@ -51,13 +70,15 @@ def _png(path: Path, value: int, rng: np.random.Generator) -> None:
     from PIL import Image
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    pixels = np.clip(rng.normal(value, 30, size=(12, 10, 3)), 0, 255).astype(np.uint8)  # not square: resize works
+    pixels = np.clip(rng.normal(value, 30, size=(12, 10, 3)), 0, 255).astype(
+        np.uint8
+    )  # not square: resize works
     Image.fromarray(pixels).save(path)
 
 
 @pytest.fixture
 def noah_dir(tmp_path) -> Path:
-    """A NOAH-format folder: images/ plus train800.txt, val200.txt, train800val200.txt, test.txt (2 classes)."""
+    """A NOAH folder: images/ plus train800.txt, val200.txt, train800val200.txt, test.txt (2 classes)."""
     root = tmp_path / "noah"
     rng = np.random.default_rng(0)
     lists = {"train800": 6, "val200": 2, "test": 4}

@@ -55,8 +55,15 @@ def test_read_state_dict_unwraps_training_checkpoints(tmp_path):
 
 def _tiny_vit(num_classes=3, seed=0):
     torch.manual_seed(seed)
-    return timm.create_model("vit_tiny_patch16_224", img_size=16, patch_size=8, embed_dim=32, depth=2, num_heads=2,
-                             num_classes=num_classes)
+    return timm.create_model(
+        "vit_tiny_patch16_224",
+        img_size=16,
+        patch_size=8,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+        num_classes=num_classes,
+    )
 
 
 def _save_original_vit_npz(model, path):
@@ -79,9 +86,9 @@ def _save_original_vit_npz(model, path):
         w[p + "LayerNorm_0/scale"], w[p + "LayerNorm_0/bias"] = n(blk.norm1.weight), n(blk.norm1.bias)
         w[p + "LayerNorm_2/scale"], w[p + "LayerNorm_2/bias"] = n(blk.norm2.weight), n(blk.norm2.bias)
         for j, name in enumerate(("query", "key", "value")):
-            wq = blk.attn.qkv.weight[j * d:(j + 1) * d]
+            wq = blk.attn.qkv.weight[j * d : (j + 1) * d]
             w[mha + name + "/kernel"] = n(wq.T.reshape(d, heads, d // heads))
-            w[mha + name + "/bias"] = n(blk.attn.qkv.bias[j * d:(j + 1) * d].reshape(heads, d // heads))
+            w[mha + name + "/bias"] = n(blk.attn.qkv.bias[j * d : (j + 1) * d].reshape(heads, d // heads))
         w[mha + "out/kernel"] = n(blk.attn.proj.weight.reshape(d, heads, d // heads).permute(1, 2, 0))
         w[mha + "out/bias"] = n(blk.attn.proj.bias)
         for r, fc in enumerate((blk.mlp.fc1, blk.mlp.fc2)):

@@ -10,9 +10,32 @@ import torch
 from .conftest import TINY_VIT, python, subprocess_env
 
 ISSUE_FLAGS = [
-    "--model", "--pretrained", "--checkpoint", "--data", "--split", "--adapter", "--rank", "--pace", "--lam",
-    "--sigma", "--lazy-interval", "--copies", "--epochs", "--batch-size", "--lr", "--wd", "--warmup-epochs",
-    "--drop-path", "--amp", "--compile", "--backend", "--seed", "--out", "--resume", "--eval-every", "--workers",
+    "--model",
+    "--pretrained",
+    "--checkpoint",
+    "--data",
+    "--split",
+    "--adapter",
+    "--rank",
+    "--pace",
+    "--lam",
+    "--sigma",
+    "--lazy-interval",
+    "--copies",
+    "--epochs",
+    "--batch-size",
+    "--lr",
+    "--wd",
+    "--warmup-epochs",
+    "--drop-path",
+    "--amp",
+    "--compile",
+    "--backend",
+    "--seed",
+    "--out",
+    "--resume",
+    "--eval-every",
+    "--workers",
     "--export",
 ]
 
@@ -30,8 +53,13 @@ def test_help_documents_every_flag(run_main):
 
 
 def test_python_m_entry_point():
-    res = subprocess.run([python(), "-m", "pace.train", "--help"], capture_output=True, text=True,
-                         env=subprocess_env(), timeout=120)
+    res = subprocess.run(
+        [python(), "-m", "pace.train", "--help"],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=120,
+    )
     assert res.returncode == 0 and "--pace" in res.stdout
 
 
@@ -46,7 +74,9 @@ def _assert_usage_error(res, *words):
 
 
 def test_missing_data_dir(run_main, tmp_path):
-    _assert_usage_error(run_main("--data", tmp_path / "nope", "--out", tmp_path / "o"), "--data", "not a directory")
+    _assert_usage_error(
+        run_main("--data", tmp_path / "nope", "--out", tmp_path / "o"), "--data", "not a directory"
+    )
 
 
 def test_data_dir_without_known_layout(run_main, tmp_path):
@@ -70,8 +100,10 @@ def test_listed_image_missing(run_main, noah_dir, tmp_path):
 
 
 def test_unknown_model(run_main, noah_dir, tmp_path):
-    _assert_usage_error(run_main("--data", noah_dir, "--model", "vit_nonexistent_9000", "--out", tmp_path / "o"),
-                        "unknown timm model")
+    _assert_usage_error(
+        run_main("--data", noah_dir, "--model", "vit_nonexistent_9000", "--out", tmp_path / "o"),
+        "unknown timm model",
+    )
 
 
 def test_unknown_adapter(run_main, tmp_path):
@@ -87,20 +119,25 @@ def test_bad_model_kwargs(run_main, tmp_path):
 
 
 def test_class_count_mismatch_flag(run_main, noah_dir, tmp_path):
-    _assert_usage_error(run_main("--data", noah_dir, "--num-classes", "1", "--out", tmp_path / "o"),
-                        "class-count mismatch")
+    _assert_usage_error(
+        run_main("--data", noah_dir, "--num-classes", "1", "--out", tmp_path / "o"), "class-count mismatch"
+    )
 
 
 def test_class_count_mismatch_between_splits(run_main, noah_dir, tmp_path):
     (noah_dir / "test.txt").write_text("images/test/000000.png 7\n")
-    _assert_usage_error(run_main("--data", noah_dir, "--out", tmp_path / "o"), "class-count mismatch", "label 7")
+    _assert_usage_error(
+        run_main("--data", noah_dir, "--out", tmp_path / "o"), "class-count mismatch", "label 7"
+    )
 
 
 def test_class_count_mismatch_imagefolder(run_main, imagefolder_dir, tmp_path):
     extra = imagefolder_dir / "val" / "yak"
     extra.mkdir()
     (extra / "0.png").write_bytes((imagefolder_dir / "val" / "cat" / "0.png").read_bytes())
-    _assert_usage_error(run_main("--data", imagefolder_dir, "--out", tmp_path / "o"), "class-count mismatch", "yak")
+    _assert_usage_error(
+        run_main("--data", imagefolder_dir, "--out", tmp_path / "o"), "class-count mismatch", "yak"
+    )
 
 
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors", ".npz"])
@@ -136,19 +173,36 @@ def test_unreadable_resume_checkpoint(run_main, tmp_path):
 
 def test_bad_input_in_a_real_process(noah_dir, tmp_path):
     """The console behaviour end to end: exit status 2, one line, no traceback."""
-    res = subprocess.run([python(), "-m", "pace.train", "--data", str(noah_dir), "--model", "nope_net",
-                          "--out", str(tmp_path / "o")], capture_output=True, text=True, env=subprocess_env(),
-                         timeout=120)
+    res = subprocess.run(
+        [
+            python(),
+            "-m",
+            "pace.train",
+            "--data",
+            str(noah_dir),
+            "--model",
+            "nope_net",
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=120,
+    )
     assert res.returncode == 2
     assert res.stderr.strip().count("\n") == 0 and "unknown timm model" in res.stderr
     assert "Traceback" not in res.stderr
 
 
-@pytest.mark.parametrize("argv, words", [
-    (["--epochs", "0"], ["--epochs", ">= 1"]),
-    (["--copies", "1"], ["--copies", ">= 2"]),
-    (["--sigma", "-1"], ["--sigma"]),
-    (["--checkpoint", "x.pth"], ["--checkpoint", "need --data"]),
-])
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--epochs", "0"], ["--epochs", ">= 1"]),
+        (["--copies", "1"], ["--copies", ">= 2"]),
+        (["--sigma", "-1"], ["--sigma"]),
+        (["--checkpoint", "x.pth"], ["--checkpoint", "need --data"]),
+    ],
+)
 def test_bad_numbers_and_combinations(run_main, tmp_path, argv, words):
     _assert_usage_error(run_main(*argv, "--out", tmp_path / "o"), *words)

@@ -13,7 +13,18 @@ from pace.train.metrics import read_metrics
 
 from .conftest import TINY_VIT
 
-ONE_STEP = [*TINY_VIT, "--epochs", "1", "--batch-size", "64", "--workers", "0", "--threads", "1", "--no-progress"]
+ONE_STEP = [
+    *TINY_VIT,
+    "--epochs",
+    "1",
+    "--batch-size",
+    "64",
+    "--workers",
+    "0",
+    "--threads",
+    "1",
+    "--no-progress",
+]
 
 
 def _check_run_outputs(out, n_steps):
@@ -36,8 +47,17 @@ def test_noah_folder_trains_one_step(run_main, noah_dir, tmp_path):
 
 
 def test_imagefolder_trains_one_step(run_main, imagefolder_dir, tmp_path):
-    res = run_main("--data", imagefolder_dir, *ONE_STEP, "--augment", "flip-crop", "--pace", "pace",
-                   "--out", tmp_path / "o")
+    res = run_main(
+        "--data",
+        imagefolder_dir,
+        *ONE_STEP,
+        "--augment",
+        "flip-crop",
+        "--pace",
+        "pace",
+        "--out",
+        tmp_path / "o",
+    )
     assert res.code == 0, res.err
     _check_run_outputs(tmp_path / "o", 1)
     assert "ImageFolder train/ (9 images) / val/ (3 images), 3 classes" in res.err

@@ -10,12 +10,14 @@ from .conftest import SMALL_DEFAULT
 
 
 def test_default_runs_every_variant_and_prints_the_table(run_main, tmp_path):
-    res = run_main(*SMALL_DEFAULT, "--repeats", "2", "--epochs", "1", "--out", tmp_path)  # the last --repeats wins
+    res = run_main(
+        *SMALL_DEFAULT, "--repeats", "2", "--epochs", "1", "--out", tmp_path
+    )  # the last --repeats wins
     assert res.code == 0, res.err
     lines = res.out.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("method"))
     assert "acc % (mean+-sd)" in lines[header] and "FP-dist" in lines[header] and "seconds" in lines[header]
-    rows = [line.split()[0] for line in lines[header + 2: header + 6]]
+    rows = [line.split()[0] for line in lines[header + 2 : header + 6]]
     assert rows == ["baseline", "PACE", "PACE_fast", "PACE_lazy"]
     assert (tmp_path / "summary.txt").read_text().count("\n") >= 6
     summary = json.loads((tmp_path / "summary.json").read_text())

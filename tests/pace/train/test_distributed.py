@@ -13,9 +13,26 @@ from .conftest import SMALL_DEFAULT, python, subprocess_env
 
 def test_torchrun_two_ranks_fast_bank_rows_are_the_seen_samples(tmp_path):
     out, dump = tmp_path / "out", tmp_path / "dump"
-    cmd = [python(), "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "pace.train",
-           "--pace", "fast", "--epochs", "1", *SMALL_DEFAULT, "--shots", "5", "--out", str(out),
-           "--debug-dump", str(dump)]
+    cmd = [
+        python(),
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "pace.train",
+        "--pace",
+        "fast",
+        "--epochs",
+        "1",
+        *SMALL_DEFAULT,
+        "--shots",
+        "5",
+        "--out",
+        str(out),
+        "--debug-dump",
+        str(dump),
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "data-parallel: 2 processes (gloo)" in res.stderr

@@ -74,7 +74,9 @@ def test_export_writes_the_merged_model(run_main, tmp_path):
     from pace.train.default import DigitsSetup, make_model
 
     export = tmp_path / "merged.safetensors"
-    res = run_main("--pace", "pace", *SMALL_DEFAULT, "--epochs", "1", "--out", tmp_path / "o", "--export", export)
+    res = run_main(
+        "--pace", "pace", *SMALL_DEFAULT, "--epochs", "1", "--out", tmp_path / "o", "--export", export
+    )
     assert res.code == 0, res.err
     merged_state = load_file(export)
     assert not any("lora" in k or "prompt" in k for k in merged_state)
