@@ -351,6 +351,20 @@ def _validate(args) -> None:
         raise UsageError(
             "--pretrained / --checkpoint need --data (the built-in default pre-trains its own backbone)"
         )
+    if args.data is None:
+        given = [
+            flag
+            for flag, value in (
+                ("--split", args.split),
+                ("--eval-split", args.eval_split),
+                ("--num-classes", args.num_classes),
+                ("--augment", None if args.augment == "none" else args.augment),
+                ("--normalize", None if args.normalize == "imagenet" else args.normalize),
+            )
+            if value is not None
+        ]
+        if given:
+            raise UsageError(f"{', '.join(given)} only apply with --data")
 
 
 def _device(choice: str, env):

@@ -237,7 +237,7 @@ def load_folder_data(
         wanted = split or "train800val200"
         raise UsageError(
             f"--data: {root} holds neither a NOAH list {wanted!r} (.txt) nor an ImageFolder "
-            f"'{split or 'train'}/' directory"
+            f"'{split or 'train'}/' directory (pick the training split with --split)"
         )
     if eval_split is None:
         eval_split = next((s for s in ("val", "test") if (root / s).is_dir()), None)

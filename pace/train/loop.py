@@ -241,11 +241,11 @@ def run_training(
         if ck.get("epochs") != cfg.epochs:
             D_log(
                 f"[{cfg.label}] note: checkpoint planned {ck.get('epochs')} epochs, now {cfg.epochs}: "
-                "the cosine "
-                "schedule is recomputed, so the result will differ from an uninterrupted run",
+                "the cosine schedule is recomputed, so the result will differ from an uninterrupted run",
                 main,
             )
-        scaler.load_state_dict(ck["scaler"]) if ck.get("scaler") else None
+        if ck.get("scaler"):
+            scaler.load_state_dict(ck["scaler"])
         crit.load_state_dict(ck["criterion"])
         rngs = ck["rng"]
         if len(rngs) == env.world_size:

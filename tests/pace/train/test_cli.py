@@ -202,6 +202,7 @@ def test_bad_input_in_a_real_process(noah_dir, tmp_path):
         (["--copies", "1"], ["--copies", ">= 2"]),
         (["--sigma", "-1"], ["--sigma"]),
         (["--checkpoint", "x.pth"], ["--checkpoint", "need --data"]),
+        (["--split", "train800", "--augment", "flip-crop"], ["--split, --augment", "only apply with --data"]),
     ],
 )
 def test_bad_numbers_and_combinations(run_main, tmp_path, argv, words):
