@@ -9,9 +9,7 @@ in the two-GEMM kernel; 50: a masked tile; 1: two-GEMM only) and, without noise 
 noise, row tiles that straddle samples. On a CUDA machine the same tests run on the GPU, plus the
 real-size cases at the end.
 
-Accuracy criterion: the kernels accumulate in fp32 and round once, the reference rounds after every
-op, so both are compared with a float64 evaluation of the same formula: the kernel's error may be
-at most twice the reference's own error plus a small floor.
+The accuracy criterion is in tests/pace_kernels/_cases.py.
 """
 
 from __future__ import annotations
@@ -19,8 +17,7 @@ from __future__ import annotations
 import math
 import re
 import time
-from dataclasses import dataclass
-from typing import Dict, Optional
+from functools import partial
 
 import pytest
 import torch
@@ -28,40 +25,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import pace_kernels
-from pace_kernels import lora_mul, reference
+from pace_kernels import lora_mul
+from tests.pace_kernels import _cases
+from tests.pace_kernels._cases import ARGS, GRAD_NAMES, Case, cuda_only
 
-CUDA = torch.cuda.is_available()
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-# Floor of the allowed error, relative to the largest magnitude of the float64 result.
-FLOOR = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
-GRAD_NAMES = ("x", "lora_a", "lora_b", "delta_bias")
-ARGS = ("x", "weight", "bias", "lora_a", "lora_b", "delta_bias", "noise")
-
-
-@dataclass
-class Case:
-    dtype: str
-    tokens: int
-    d_out: int
-    k_in: int
-    rank: int
-    noise: Optional[str]  # "sample", "token" or None
-    bias: bool
-    delta_bias: bool
-    x_ndim: int
-    contiguous: bool
-    samples: int = 0  # 0: by T (2 at T = 197, 3 at 50, 5 at 1)
-    noise_dtype: Optional[torch.dtype] = None  # None: fp32
-
-    def __post_init__(self) -> None:
-        if self.samples == 0:
-            self.samples = 2 if self.tokens > 100 else 3 if self.tokens > 1 else 5
-
-    def __str__(self) -> str:
-        layout = "c" if self.contiguous else "nc"
-        return (f"{self.dtype}-T{self.tokens}-D{self.d_out}-K{self.k_in}-r{self.rank}-{self.noise}"
-                f"-b{int(self.bias)}-db{int(self.delta_bias)}-{self.x_ndim}d-{layout}")
-
+OP = "lora_mul_linear"
+forward_backward = partial(_cases.forward_backward, OP)
+assert_matches_reference = partial(_cases.assert_matches_reference, OP)
 
 # Every pair of values of any two axes occurs in at least one case (16 cases, not 7776).
 PAIRWISE = [
@@ -84,78 +54,11 @@ PAIRWISE = [
 ]
 
 
-def make_inputs(case: Case, device: str, seed: int = 0) -> Dict[str, Optional[torch.Tensor]]:
-    """Leaf tensors of one call; ``x`` is 2-D ``[B*T, K]`` or 3-D ``[B, T, K]``, non-contiguous
-    when asked (every other column of a wider tensor). ``B A`` is O(1) so the multiplicative
+def make_inputs(case: Case, device: str, seed: int = 0) -> _cases.Inputs:
+    """:func:`_cases.make_inputs` with ``A, B ~ r^-1/4``: ``B A`` is O(1), so the multiplicative
     adapter is as large as the frozen path and its errors are visible."""
-    g = torch.Generator().manual_seed(seed)
-    dtype = DTYPES[case.dtype]
-    b, t, k, d, r = case.samples, case.tokens, case.k_in, case.d_out, case.rank
-    lead = (b, t) if case.x_ndim == 3 else (b * t,)
-
-    def rnd(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=g) * scale).to(device)
-
-    if case.contiguous:
-        x = rnd(*lead, k).to(dtype)
-    else:
-        x = rnd(*lead, 2 * k).to(dtype)[..., ::2]
-        assert not x.is_contiguous()
-    noise = None
-    if case.noise is not None:
-        shape = (lead[0], d) if case.noise == "sample" else (*lead, d)
-        noise = (1.0 + 0.5 * rnd(*shape)).to(case.noise_dtype or torch.float32)
-    return dict(
-        x=x.requires_grad_(),
-        weight=rnd(d, k, scale=k ** -0.5).to(dtype),
-        bias=rnd(d, scale=0.5).to(dtype) if case.bias else None,
-        lora_a=rnd(r, k, scale=r ** -0.25).to(dtype).requires_grad_(),
-        lora_b=rnd(d, r, scale=r ** -0.25).to(dtype).requires_grad_(),
-        delta_bias=rnd(d, scale=0.5).to(dtype).requires_grad_() if case.delta_bias else None,
-        noise=noise,
-        grad=rnd(*lead, d).to(dtype),
-    )
-
-
-def forward_backward(inputs: Dict[str, Optional[torch.Tensor]], backend: str,
-                     dtype: Optional[torch.dtype] = None):
-    """Output and gradients of every leaf that requires grad (``dtype``: run on copies cast to it)."""
-    leaves = {}
-    args = []
-    for name in ARGS:
-        t = inputs[name]
-        if t is not None and dtype is not None:
-            t = t.detach().to(dtype).requires_grad_(t.requires_grad)
-        if t is not None and t.requires_grad:
-            leaves[name] = t
-        args.append(t)
-    if backend == "reference":
-        y = reference.lora_mul_linear(*args)
-    else:
-        y = pace_kernels.lora_mul_linear(*args, backend=backend)
-    grad = inputs["grad"] if dtype is None else inputs["grad"].to(dtype)
-    grads = torch.autograd.grad(y, list(leaves.values()), grad) if leaves else []
-    return y.detach(), dict(zip(leaves, grads))
-
-
-def assert_matches_reference(inputs, label: str = "") -> None:
-    dtype = inputs["x"].dtype
-    y_k, g_k = forward_backward(inputs, "triton")
-    y_r, g_r = forward_backward(inputs, "torch")
-    y_64, g_64 = forward_backward(inputs, "reference", torch.float64)
-    assert y_k.dtype == dtype and y_k.shape == y_r.shape
-    assert set(g_k) == set(g_r) == set(g_64)
-    results = [("y", y_k, y_r, y_64)] + [(n, g_k[n], g_r[n], g_64[n]) for n in g_64]
-    for name, got, ref, exact in results:
-        assert got.shape == exact.shape and got.dtype == ref.dtype, name
-        assert torch.isfinite(got).all(), f"{label} {name}: non-finite values"
-        scale = exact.abs().max().item() + 1e-12
-        err_kernel = (got.double() - exact).abs().max().item()
-        err_ref = (ref.double() - exact).abs().max().item()
-        allowed = 2 * err_ref + FLOOR[dtype] * scale
-        assert err_kernel <= allowed, (
-            f"{label} {name}: kernel error {err_kernel:.3g} > allowed {allowed:.3g} "
-            f"(reference error {err_ref:.3g}, scale {scale:.3g})")
+    scale = case.rank ** -0.25
+    return _cases.make_inputs(case, device, seed, a_scale=scale, b_scale=scale)
 
 
 @pytest.mark.parametrize("case", PAIRWISE, ids=str)
@@ -167,12 +70,7 @@ def test_pairwise_cases_cover_every_value() -> None:
     axes = dict(dtype={"fp32", "fp16", "bf16"}, tokens={197, 50, 1}, d_out={17, 80, 130}, k_in={33, 48, 70},
                 rank={1, 2, 10, 18}, noise={"sample", "token", None}, bias={True, False},
                 delta_bias={True, False}, x_ndim={2, 3}, contiguous={True, False})
-    names = list(axes)
-    for i, a in enumerate(names):
-        for b in names[i + 1:]:
-            seen = {(getattr(c, a), getattr(c, b)) for c in PAIRWISE}
-            want = {(va, vb) for va in axes[a] for vb in axes[b]}
-            assert want <= seen, f"pairs of {a} x {b} missing: {want - seen}"
+    _cases.assert_pairwise_coverage(PAIRWISE, axes)
 
 
 @pytest.mark.parametrize("tokens", [64, 40, 10])
@@ -225,7 +123,7 @@ def test_gradients_bitwise_deterministic(device: str) -> None:
 
 
 @pytest.mark.parametrize("noise", ["sample", "token", None])
-def test_memory_contract(noise: Optional[str], device: str) -> None:
+def test_memory_contract(noise: str | None, device: str) -> None:
     """Saved for backward: only the op's inputs (x, W0 itself, the factors, the noise), never a
     ``D x K`` tensor of its own nor an ``N x D`` one (SPEC section 3, issue 5 item 4)."""
     case = Case("fp32", 50, 24, 40, 3, noise, True, True, 3, True)  # N = 150, D = 24, K = 40
@@ -356,60 +254,28 @@ def test_compile_specs_cover_every_kernel_and_argument() -> None:
 def test_two_copy_batch_equals_two_calls(device: str) -> None:
     """SPEC section 4: in ``[x; x]`` copy c of sample b is sample ``c*B + b`` with its own noise row."""
     case = Case("fp32", 50, 80, 48, 10, "sample", True, True, 3, True, samples=2)
-    inputs = make_inputs(case, device)
-    x, b = inputs["x"].detach(), case.samples
-    noise = 1.0 + 0.5 * torch.randn(2 * b, case.d_out, device=device)
-    params = {n: inputs[n] for n in ("weight", "bias", "lora_a", "lora_b", "delta_bias")}
-    both = pace_kernels.lora_mul_linear(torch.cat([x, x]), noise=noise, backend="triton", **params)
-    first = pace_kernels.lora_mul_linear(x, noise=noise[:b], backend="triton", **params)
-    second = pace_kernels.lora_mul_linear(x, noise=noise[b:], backend="triton", **params)
-    torch.testing.assert_close(both[:b], first, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(both[b:], second, rtol=1e-5, atol=1e-5)
-    assert (both[:b] - both[b:]).abs().max() > 1e-2, "the two copies must get different noise"
+    _cases.check_two_copy_batch(OP, make_inputs(case, device), case.samples, device)
 
 
 def test_op_registration_passes_opcheck(device: str) -> None:
     """The torch.library ops: schema, fake (meta) kernels, autograd registration, AOT dispatch."""
-    n, k, d, r = 10, 20, 24, 3
-    x = torch.randn(n, k, device=device, requires_grad=True)
-    w, bias = torch.randn(d, k, device=device), torch.randn(d, device=device)
-    a = torch.randn(r, k, device=device, requires_grad=True)
-    lb = torch.randn(d, r, device=device, requires_grad=True)
-    db = torch.randn(d, device=device, requires_grad=True)
-    z = torch.randn(2, d, device=device)
+    x, w, bias, a, lb, db, z = _cases.opcheck_inputs(device)
     torch.library.opcheck(torch.ops.pace.lora_mul_fwd.default, (x, w, bias, a, lb, db, z, 5))
-    g = torch.randn(n, d, device=device)
+    g = torch.randn(x.shape[0], w.shape[0], device=device)
     torch.library.opcheck(torch.ops.pace.lora_mul_bwd.default,
                           (g, x.detach(), w, a.detach(), lb.detach(), z, 5, True, True, True))
 
 
 def test_autocast(device: str) -> None:
     """Under autocast the op computes in the autocast dtype, like F.linear, on both backends."""
-    amp = torch.float16 if device == "cuda" else torch.bfloat16
     inputs = make_inputs(Case("fp32", 1, 80, 48, 10, "sample", True, True, 3, True), device)
-    args = [inputs[n] for n in ARGS]
-    with torch.autocast(device_type=device, dtype=amp):
-        y_k = pace_kernels.lora_mul_linear(*args, backend="triton")
-        y_r = pace_kernels.lora_mul_linear(*args, backend="torch")
-    assert y_k.dtype == y_r.dtype == amp
-    scale = y_r.float().abs().max().item()
-    torch.testing.assert_close(y_k.float(), y_r.float(), rtol=3e-2, atol=3e-2 * scale)
-    g_k = torch.autograd.grad(y_k.float().sum(), inputs["lora_b"])[0]
-    g_r = torch.autograd.grad(y_r.float().sum(), inputs["lora_b"])[0]
-    assert g_k.dtype == torch.float32  # the parameter's own dtype
-    torch.testing.assert_close(g_k, g_r, rtol=3e-2, atol=3e-2 * g_r.abs().max().item())
+    _cases.assert_autocast_like_reference(OP, inputs, device, rtol=3e-2)
 
 
 def test_fallbacks_empty_and_bad_inputs(device: str) -> None:
     """float64 and ranks above MAX_RANK run the reference; an empty batch works; bad inputs raise
     the reference's errors."""
-    for dtype, rank in ((torch.float64, 4), (torch.float32, lora_mul.MAX_RANK + 1)):
-        def rnd(*shape, dtype=dtype):
-            return torch.randn(*shape, device=device, dtype=dtype)
-
-        args = (rnd(2, 3, 8), rnd(6, 8), None, rnd(rank, 8), rnd(6, rank))
-        torch.testing.assert_close(pace_kernels.lora_mul_linear(*args, backend="triton"),
-                                   reference.lora_mul_linear(*args))
+    _cases.assert_falls_back_to_reference(OP, lora_mul.MAX_RANK, device)
 
     x = torch.randn(0, 7, 8, device=device, requires_grad=True)
     a = torch.randn(2, 8, device=device, requires_grad=True)
@@ -433,27 +299,14 @@ def test_fallbacks_empty_and_bad_inputs(device: str) -> None:
 # ------------------------------------------------------------------------------------------------
 # CUDA only: real sizes.
 
-def cuda_only(fn):
-    return pytest.mark.cuda(pytest.mark.skipif(not CUDA, reason="needs a CUDA device (real sizes)")(fn))
-
-
-def _relative_error(got: torch.Tensor, exact: torch.Tensor) -> float:
-    return ((got.float() - exact.float()).abs().max() / (exact.float().abs().max() + 1e-12)).item()
-
 
 @cuda_only
 @pytest.mark.parametrize("layer,k_in,d_out", [("qkv", 768, 2304), ("fc1", 768, 3072), ("fc2", 3072, 768)])
 @pytest.mark.parametrize("noise", ["sample", "token", None])
-def test_vit_b_sizes_bf16(layer: str, k_in: int, d_out: int, noise: Optional[str]) -> None:
+def test_vit_b_sizes_bf16(layer: str, k_in: int, d_out: int, noise: str | None) -> None:
     """ViT-B layers, 2B x 197 = 25216 rows (B = 64, two copies), bf16: kernel vs reference, both vs fp32."""
     case = Case("bf16", 197, d_out, k_in, 16, noise, True, True, 3, True, samples=128)
-    inputs = make_inputs(case, "cuda")
-    y_k, g_k = forward_backward(inputs, "triton")
-    y_r, g_r = forward_backward(inputs, "torch")
-    y_32, g_32 = forward_backward(inputs, "reference", torch.float32)
-    for name, got, ref, exact in [("y", y_k, y_r, y_32)] + [(n, g_k[n], g_r[n], g_32[n]) for n in g_32]:
-        err_k, err_r = _relative_error(got, exact), _relative_error(ref, exact)
-        assert err_k <= 2 * err_r + 1e-2, f"{layer} {name}: kernel {err_k:.3g}, reference {err_r:.3g}"
+    _cases.assert_relative_error_like_reference(OP, make_inputs(case, "cuda"), layer)
 
 
 @cuda_only
@@ -462,12 +315,7 @@ def test_more_than_2_to_31_output_elements() -> None:
     samples, tokens, k_in, d_out, rank = 2048, 1025, 64, 1024, 8
     assert samples * tokens * d_out > 2 ** 31
     case = Case("bf16", tokens, d_out, k_in, rank, "sample", True, True, 3, True, samples=samples)
-    inputs = make_inputs(case, "cuda")
-    y_k, g_k = forward_backward(inputs, "triton")
-    y_r, g_r = forward_backward(inputs, "torch")
-    for name, got, ref in [("y", y_k, y_r)] + [(n, g_k[n], g_r[n]) for n in g_r]:
-        assert _relative_error(got, ref) < 3e-2, name
-    torch.testing.assert_close(y_k[-1, -5:].float(), y_r[-1, -5:].float(), rtol=3e-2, atol=3e-2)
+    _cases.assert_int64_offsets(OP, make_inputs(case, "cuda"))
 
 
 @cuda_only
@@ -495,13 +343,7 @@ def test_timing_noisy_vs_noise_free_vit_b_fc1(capsys) -> None:
 def test_torch_compile_fullgraph_matches_eager(device: str) -> None:
     """A small model of PaceLinear (lora_mul_vpt_add and rlrr, noisy, backend="triton") compiles as
     one graph with the fused op in it, and matches eager."""
-    import torch._dynamo
-    import torch._inductor.config
-
     from pace import PaceLinear
-
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
 
     def layer(k: int, d: int, kind: str) -> PaceLinear:
         m = PaceLinear(k, d, adapter=kind, rank=4, sigma=0.5, backend="triton", device=device)
@@ -514,22 +356,7 @@ def test_torch_compile_fullgraph_matches_eager(device: str) -> None:
     model = torch.nn.Sequential(layer(24, 40, "lora_mul_vpt_add"), torch.nn.GELU(),
                                 layer(40, 16, "rlrr")).train()
     x = torch.randn(3, 5, 24, device=device, requires_grad=True)
-
-    def step(fn):
-        torch.manual_seed(1)
-        y = fn(x)
-        params = [p for p in model.parameters() if p.requires_grad]
-        grads = torch.autograd.grad(y.square().sum(), [x] + params)
-        return y.detach(), grads
-
-    y_eager, g_eager = step(model)
-    with torch._inductor.config.patch(fallback_random=True):  # the same noise draws as eager
-        y_comp, g_comp = step(torch.compile(model, fullgraph=True))
-    assert torch._dynamo.utils.counters["graph_break"] == {}
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
-    torch.testing.assert_close(y_comp, y_eager, rtol=1e-4, atol=1e-4)
-    for a, b in zip(g_comp, g_eager):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    _cases.assert_compiled_matches_eager(model, x)
 
 
 def test_injected_vit_b_lora_mul_vpt_add_matches_reference(device: str) -> None:
