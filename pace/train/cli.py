@@ -53,8 +53,8 @@ DATA_MODE_DEFAULTS = {
 
 EPILOG = """\
 examples:
-  pace-train                                   # built-in digits experiment, CPU, a few minutes
-  pace-train --pace fast --epochs 5            # one variant of it
+  pace-train                                   # built-in digits experiment, about 2 minutes on 2 CPU cores
+  pace-train --pace fast --repeats 1           # one variant of it, one draw of the shots
   pace-train --data data/vtab-1k/cifar --checkpoint ViT-B_16.npz --pace pace --lam 1 --sigma 1.2
   pace-train --data data/few-shot/oxford-flowers102 --split train_meta.list.num_shot_1.seed_0 \\
              --augment flip-crop --lr 5e-3 --rank 18 --pace pace --sigma 1.5
@@ -63,8 +63,8 @@ examples:
 outputs (under --out): metrics.jsonl (per step: loss, lr, grad_norm; per evaluation: train_acc,
 val_acc, fp_distance), checkpoint.pt (every epoch, atomic), adapter.safetensors + adapter.json
 (pace.save_adapter), curves.png, result.json. The built-in default writes one such folder per
-variant plus summary.txt / summary.json / curves.png comparing them, and caches the pre-trained
-backbone in pretrain/.
+method and draw (DIR/<method>/seed<k>/) plus summary.txt / summary.json / curves.png comparing
+them, and caches the pre-trained backbone in DIR/pretrain/.
 exit status: 0 done, 1 stopped on a NaN/inf loss, 2 bad input (one line on stderr).
 """
 
@@ -246,8 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--resume",
         action="store_true",
-        help="continue from DIR/checkpoint.pt (from the last finished "
-        "epoch) to exactly the result of an uninterrupted run",
+        help="continue from the last finished epoch's checkpoint (DIR/checkpoint.pt; built-in default: "
+        "DIR/<method>/seed<k>/checkpoint.pt, finished runs are kept) to exactly the result of an "
+        "uninterrupted run (same flags, same number of processes)",
     )
     r.add_argument(
         "--stop-after-epoch",
