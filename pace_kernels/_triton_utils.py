@@ -1,5 +1,6 @@
 """Pieces every Triton kernel module shares: interpreter detection, autotune switch, dot helper,
-torch.library registration and the compile-check machinery.
+torch.library registration, the body of the public ``*_linear_triton`` entry points and the
+compile-check machinery.
 
 Each kernel module (``lora_add``, ``lora_mul``) exposes ``compile_specs() -> list[CompileSpec]``:
 one entry per kernel and shipped config, which ``python -m pace_kernels.compile_check`` compiles
@@ -18,6 +19,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
+
+from . import reference
+from ._checks import check_linear_inputs
 
 try:  # the module must import (for is_interpreting, CompileSpec) even where triton is missing
     import triton
@@ -62,6 +66,11 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 """Operand dtypes the kernels take (float64 inputs go to the reference)."""
 
 
+def padded_rank(rank: int) -> int:
+    """The rank as the kernels see it: a power of two >= 16 (the smallest ``tl.dot`` K/N size)."""
+    return max(16, triton.next_power_of_2(rank))
+
+
 # --------------------------------------------------------------------------------------------
 # Autotuning: real lists on a GPU, one fixed config in the interpreter.
 
@@ -97,6 +106,17 @@ def fp32_dot_precision() -> str:
     so do the kernels; otherwise ``tf32x3`` (three tf32 products, about fp32 accuracy, still on
     tensor cores). Plain ``ieee`` FMA dots spill registers at rank 64 in every tile tried on sm_90."""
     return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3"
+
+
+def dot_flags(dtype: torch.dtype) -> Tuple[bool, str]:
+    """``(UPCAST, PRECISION)`` constexprs for dots on ``dtype`` operands: :func:`dot_upcast`, and
+    :func:`fp32_dot_precision` for fp32 (fp16/bf16 dots ignore the precision; they get ``"tf32"``)."""
+    return dot_upcast(dtype), fp32_dot_precision() if dtype == torch.float32 else "tf32"
+
+
+DOT_VARIANTS: Tuple[Tuple[torch.dtype, str], ...] = (
+    (torch.bfloat16, "tf32"), (torch.float16, "tf32"), (torch.float32, "tf32x3"), (torch.float32, "tf32"))
+"""Every ``(operand dtype, PRECISION)`` pair :func:`dot_flags` can give: the rows a compile check needs."""
 
 
 def jit_helper(fn: Callable) -> Callable:
@@ -162,6 +182,34 @@ def register_op(qualname: str, fn: Callable, fake: Callable, *, mutates_args: Se
     op = torch.library.custom_op(qualname, fn, **kw)
     op.register_fake(fake)
     return op
+
+
+# --------------------------------------------------------------------------------------------
+# Public entry points: the part every ``*_linear_triton`` function shares.
+
+def run_fused_linear(op: str, launch: Callable[..., torch.Tensor], max_rank: int, x: torch.Tensor,
+                     weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
+                     lora_b: torch.Tensor, delta_bias: Optional[torch.Tensor],
+                     noise: Optional[torch.Tensor]) -> torch.Tensor:
+    """The reference's ``op`` (``"lora_add_linear"``, ...) with its checks and errors, run by
+    ``launch`` where the kernels take the inputs and by the reference otherwise (float64, ranks
+    above ``max_rank``).
+
+    ``launch(x2d, weight, bias, lora_a, lora_b, delta_bias, noise2d, rows_per_noise) -> y2d`` gets
+    ``x`` flattened to ``[N, K]`` (contiguous), the noise to ``[N / rows_per_noise, D]``, and the
+    frozen ``weight``/``bias`` and the noise detached (they never get gradients); its ``[N, D]``
+    output is viewed back to ``[..., D]``. Anything further a kernel needs of its operands (unit
+    strides, say) is ``launch``'s to arrange.
+    """
+    shapes = check_linear_inputs(op, x, weight, bias, lora_a, lora_b, delta_bias, noise)
+    if x.dtype not in KERNEL_DTYPES or shapes.rank > max_rank:
+        return getattr(reference, op)(x, weight, bias, lora_a, lora_b, delta_bias, noise)
+    d_out, k_in = shapes.out_features, shapes.in_features
+    x2d = x.reshape(-1, k_in).contiguous()
+    noise2d = None if noise is None else noise.detach().reshape(-1, d_out)
+    y = launch(x2d, weight.detach(), None if bias is None else bias.detach(), lora_a, lora_b, delta_bias,
+               noise2d, shapes.rows_per_noise)
+    return y.view(*x.shape[:-1], d_out)
 
 
 # --------------------------------------------------------------------------------------------

@@ -39,19 +39,18 @@ import torch
 import triton
 import triton.language as tl
 
-from . import reference
-from ._checks import check_linear_inputs
 from ._triton_utils import (
-    KERNEL_DTYPES,
+    DOT_VARIANTS,
     TRITON_DTYPE_NAMES,
     CompileSpec,
     config_label,
     dot_acc,
-    dot_upcast,
-    fp32_dot_precision,
+    dot_flags,
     jit_helper,
+    padded_rank,
     pick_configs,
     register_op,
+    run_fused_linear,
     wrap_triton,
 )
 
@@ -59,11 +58,6 @@ __all__ = ["lora_add_linear_triton", "LoraAddFunction", "compile_specs", "MAX_RA
 
 MAX_RANK = 64
 """Largest rank the kernels take; larger ranks run the reference path."""
-
-
-def padded_rank(rank: int) -> int:
-    """The rank as the kernels see it: a power of two >= 16 (the smallest ``tl.dot`` K/N size)."""
-    return max(16, triton.next_power_of_2(rank))
 
 
 # --------------------------------------------------------------------------------------------
@@ -375,10 +369,6 @@ _rank_grad_32 = triton.autotune(pick_configs(RANK_GRAD_CONFIGS_32, _INTERP_RANK_
 # Launchers (fake-tensor traceable: torch ops and wrap_triton launches only)
 
 
-def _kernel_flags(dtype: torch.dtype) -> Tuple[bool, str]:
-    return dot_upcast(dtype), fp32_dot_precision() if dtype == torch.float32 else "tf32"
-
-
 SEGMENT_MIN_ROWS = 128
 """Per-sample noise with at least this many rows per sample (the largest BLOCK_M of any config) takes
 the two-segment path: a row tile then never holds rows of more than two samples."""
@@ -411,7 +401,7 @@ def _rank_grads(lhs: torch.Tensor, rhs: torch.Tensor, noise: Optional[torch.Tens
     partial = torch.empty((splits, n_cols, rank), device=lhs.device, dtype=torch.float32)
     colsum = torch.empty((splits, n_cols) if with_colsum else (1, 1), device=lhs.device, dtype=torch.float32)
     z = noise if noise is not None else lhs
-    upcast, precision = _kernel_flags(lhs.dtype)
+    upcast, precision = dot_flags(lhs.dtype)
 
     def grid(meta):
         return (triton.cdiv(n_cols, meta["BLOCK_F"]), splits)
@@ -439,7 +429,7 @@ def _forward_impl(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     u = torch.empty((n_rows, rank), device=x.device, dtype=x.dtype)
     if n_rows == 0 or d_out == 0:
         return y, u
-    upcast, precision = _kernel_flags(x.dtype)
+    upcast, precision = dot_flags(x.dtype)
     kernel = _fwd_32 if x.dtype == torch.float32 else _fwd_16
     z = noise if noise is not None else x
     r_pad = padded_rank(rank)
@@ -481,7 +471,7 @@ def _backward_impl(grad_y: torch.Tensor, x: torch.Tensor, u: torch.Tensor, weigh
         return (dx.zero_(), lora_a.new_zeros(lora_a.shape), lora_b.new_zeros(lora_b.shape),
                 x.new_zeros((d_out,)))
     p = torch.empty((n_rows, rank), device=x.device, dtype=x.dtype)
-    upcast, precision = _kernel_flags(x.dtype)
+    upcast, precision = dot_flags(x.dtype)
     kernel = _dx_32 if x.dtype == torch.float32 else _dx_16
     z = noise if noise is not None else g
     dx_arg = dx if need_dx else p  # never written when COMPUTE_DX is off
@@ -577,6 +567,12 @@ lora_add_fwd.register_autograd(LoraAddFunction.backward, setup_context=LoraAddFu
 # Public entry point
 
 
+def _launch_2d(x2d, weight, bias, lora_a, lora_b, delta_bias, noise2d, rows_per_noise):
+    # The kernels take any strides, so the operands go in as given; U is for backward only.
+    y, _ = torch.ops.pace.lora_add_fwd(x2d, weight, bias, lora_a, lora_b, delta_bias, noise2d, rows_per_noise)
+    return y
+
+
 def lora_add_linear_triton(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -588,16 +584,8 @@ def lora_add_linear_triton(
 ) -> torch.Tensor:
     """``Y = x W0^T + b0 + Z * ((x A^T) B^T + db)`` with the fused kernels; the reference's signature
     and errors. float64 inputs and ranks above :data:`MAX_RANK` run the reference instead."""
-    shapes = check_linear_inputs("lora_add_linear", x, weight, bias, lora_a, lora_b, delta_bias, noise)
-    if x.dtype not in KERNEL_DTYPES or shapes.rank > MAX_RANK:
-        return reference.lora_add_linear(x, weight, bias, lora_a, lora_b, delta_bias, noise)
-    d_out, k_in = shapes.out_features, shapes.in_features
-    x2d = x.reshape(-1, k_in).contiguous()
-    noise2d = None if noise is None else noise.detach().reshape(-1, d_out)
-    y, _ = torch.ops.pace.lora_add_fwd(
-        x2d, weight.detach(), None if bias is None else bias.detach(), lora_a, lora_b, delta_bias, noise2d,
-        shapes.rows_per_noise)
-    return y.view(*x.shape[:-1], d_out)
+    return run_fused_linear("lora_add_linear", _launch_2d, MAX_RANK, x, weight, bias, lora_a, lora_b,
+                            delta_bias, noise)
 
 
 # --------------------------------------------------------------------------------------------
@@ -613,8 +601,7 @@ def compile_specs() -> List[CompileSpec]:
     each dtype its list serves; fp32 rows for both dot precisions (tf32, tf32x3)."""
     specs: List[CompileSpec] = []
     common = dict(N="i32", D="i32", K="i32", RANK="i32", rows_per_noise="i32")
-    variants = [(torch.bfloat16, "tf32"), (torch.float16, "tf32"), (torch.float32, "tf32x3"), (torch.float32, "tf32")]
-    for dtype, precision in variants:
+    for dtype, precision in DOT_VARIANTS:
         t = TRITON_DTYPE_NAMES[dtype]
         wide = dtype == torch.float32
         suffix = f" {precision}" if wide else ""

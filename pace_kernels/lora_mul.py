@@ -96,20 +96,19 @@ import torch
 import triton
 import triton.language as tl
 
-from . import reference
-from ._checks import check_linear_inputs
 from ._triton_utils import (
-    KERNEL_DTYPES,
+    DOT_VARIANTS,
     TRITON_DTYPE_NAMES,
     CompileSpec,
     config_label,
     dot_acc,
-    dot_upcast,
-    fp32_dot_precision,
+    dot_flags,
     is_interpreting,
     jit_helper,
+    padded_rank,
     pick_configs,
     register_op,
+    run_fused_linear,
     wrap_triton,
 )
 
@@ -533,11 +532,6 @@ MAX_RANK = 64
 the reference path."""
 
 
-def padded_rank(rank: int) -> int:
-    """The rank as the kernels see it: a power of two >= 16 (the smallest ``tl.dot`` size)."""
-    return max(16, triton.next_power_of_2(rank))
-
-
 def _tune(fn, configs: Sequence[triton.Config], key: Sequence[str]):
     return triton.autotune(pick_configs(configs, _INTERP_CONFIG), key=list(key))(fn)
 
@@ -568,7 +562,7 @@ _dm = {16: _tune(_lora_mul_dm_kernel, DM_CONFIGS_16, ("N", "D", "K")),
 
 def _kernel_flags(dtype: torch.dtype) -> Tuple[int, bool, str]:
     bits = 32 if dtype == torch.float32 else 16
-    return bits, dot_upcast(dtype), fp32_dot_precision() if dtype == torch.float32 else "tf32"
+    return (bits, *dot_flags(dtype))
 
 
 def _adapter_weight(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
@@ -799,6 +793,17 @@ lora_mul_fwd.register_autograd(LoraMulFunction.backward, setup_context=LoraMulFu
 # Public entry point
 
 
+def _contiguous(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if t is None else t.contiguous()
+
+
+def _launch_2d(x2d, weight, bias, lora_a, lora_b, delta_bias, noise2d, rows_per_noise):
+    # The kernels assume unit stride along every operand's last dimension (see "Kernels" above).
+    return torch.ops.pace.lora_mul_fwd(x2d, weight.contiguous(), _contiguous(bias), lora_a.contiguous(),
+                                       lora_b.contiguous(), _contiguous(delta_bias), _contiguous(noise2d),
+                                       rows_per_noise)
+
+
 def lora_mul_linear_triton(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -812,17 +817,8 @@ def lora_mul_linear_triton(
     signature and errors. RLRR is the rank-1 case (``lora_b = s_left [D, 1]``, ``lora_a =
     s_right^T [1, K]``, ``delta_bias = shift``). float64 inputs and ranks above :data:`MAX_RANK`
     run the reference instead."""
-    shapes = check_linear_inputs("lora_mul_linear", x, weight, bias, lora_a, lora_b, delta_bias, noise)
-    if x.dtype not in KERNEL_DTYPES or shapes.rank > MAX_RANK:
-        return reference.lora_mul_linear(x, weight, bias, lora_a, lora_b, delta_bias, noise)
-    d_out, k_in = shapes.out_features, shapes.in_features
-    x2d = x.reshape(-1, k_in).contiguous()
-    noise2d = None if noise is None else noise.detach().reshape(-1, d_out).contiguous()
-    y = torch.ops.pace.lora_mul_fwd(
-        x2d, weight.detach().contiguous(), None if bias is None else bias.detach().contiguous(),
-        lora_a.contiguous(), lora_b.contiguous(), None if delta_bias is None else delta_bias.contiguous(),
-        noise2d, shapes.rows_per_noise)
-    return y.view(*x.shape[:-1], d_out)
+    return run_fused_linear("lora_mul_linear", _launch_2d, MAX_RANK, x, weight, bias, lora_a, lora_b,
+                            delta_bias, noise)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -843,9 +839,7 @@ def compile_specs() -> List[CompileSpec]:
     and noise on; padded rank 16 and 64 where the rank enters) and the dtypes each list serves;
     fp32 rows for both dot precisions (tf32, tf32x3)."""
     specs: List[CompileSpec] = []
-    variants = [(torch.bfloat16, "tf32"), (torch.float16, "tf32"),
-                (torch.float32, "tf32x3"), (torch.float32, "tf32")]
-    for dtype, precision in variants:
+    for dtype, precision in DOT_VARIANTS:
         t = TRITON_DTYPE_NAMES[dtype]
         wide = dtype == torch.float32
         common = dict(UPCAST=False, PRECISION=precision)
