@@ -15,8 +15,9 @@ import os
 import re
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable
 
 import torch
 
@@ -51,13 +52,13 @@ class CompileSpec:
 
     name: str
     fn: Callable
-    signature: Dict[str, str]
-    constexprs: Dict[str, Any]
+    signature: dict[str, str]
+    constexprs: dict[str, Any]
     num_warps: int
     num_stages: int
     dtype: torch.dtype
     note: str = field(default="")
-    divisible: Tuple[str, ...] = field(default=())
+    divisible: tuple[str, ...] = field(default=())
 
 
 TRITON_DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
@@ -86,7 +87,7 @@ def autotune_enabled() -> bool:
     return os.environ.get("PACE_KERNELS_AUTOTUNE", "1") not in ("", "0")
 
 
-def pick_configs(gpu_configs: Sequence[Any], interpreter_config: Any) -> List[Any]:
+def pick_configs(gpu_configs: Sequence[Any], interpreter_config: Any) -> list[Any]:
     """The configs an autotuner gets: ``gpu_configs`` when autotuning, else one fixed config
     (``interpreter_config`` when interpreting, the first GPU config otherwise). An autotuner with
     a single config launches it without benchmarking."""
@@ -108,13 +109,13 @@ def fp32_dot_precision() -> str:
     return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3"
 
 
-def dot_flags(dtype: torch.dtype) -> Tuple[bool, str]:
+def dot_flags(dtype: torch.dtype) -> tuple[bool, str]:
     """``(UPCAST, PRECISION)`` constexprs for dots on ``dtype`` operands: :func:`dot_upcast`, and
     :func:`fp32_dot_precision` for fp32 (fp16/bf16 dots ignore the precision; they get ``"tf32"``)."""
     return dot_upcast(dtype), fp32_dot_precision() if dtype == torch.float32 else "tf32"
 
 
-DOT_VARIANTS: Tuple[Tuple[torch.dtype, str], ...] = (
+DOT_VARIANTS: tuple[tuple[torch.dtype, str], ...] = (
     (torch.bfloat16, "tf32"), (torch.float16, "tf32"), (torch.float32, "tf32x3"), (torch.float32, "tf32"))
 """Every ``(operand dtype, PRECISION)`` pair :func:`dot_flags` can give: the rows a compile check needs."""
 
@@ -164,7 +165,7 @@ def uses_triton_op() -> bool:
 
 
 def register_op(qualname: str, fn: Callable, fake: Callable, *, mutates_args: Sequence[str] = (),
-                schema: Optional[str] = None) -> Any:
+                schema: str | None = None) -> Any:
     """Register ``fn`` (which launches Triton kernels through :func:`wrap_triton`) as the op
     ``qualname`` (``"pace::name"``) and return its ``CustomOpDef`` (``.register_autograd`` etc.).
 
@@ -174,7 +175,7 @@ def register_op(qualname: str, fn: Callable, fake: Callable, *, mutates_args: Se
     Tensor"``) spares torch inferring it from type hints, which older versions cannot do when the
     module uses ``from __future__ import annotations``.
     """
-    kw: Dict[str, Any] = {"mutates_args": tuple(mutates_args)}
+    kw: dict[str, Any] = {"mutates_args": tuple(mutates_args)}
     if schema is not None:
         kw["schema"] = schema
     if uses_triton_op():
@@ -188,9 +189,9 @@ def register_op(qualname: str, fn: Callable, fake: Callable, *, mutates_args: Se
 # Public entry points: the part every ``*_linear_triton`` function shares.
 
 def run_fused_linear(op: str, launch: Callable[..., torch.Tensor], max_rank: int, x: torch.Tensor,
-                     weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
-                     lora_b: torch.Tensor, delta_bias: Optional[torch.Tensor],
-                     noise: Optional[torch.Tensor]) -> torch.Tensor:
+                     weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
+                     lora_b: torch.Tensor, delta_bias: torch.Tensor | None,
+                     noise: torch.Tensor | None) -> torch.Tensor:
     """The reference's ``op`` (``"lora_add_linear"``, ...) with its checks and errors, run by
     ``launch`` where the kernels take the inputs and by the reference otherwise (float64, ranks
     above ``max_rank``).
@@ -266,7 +267,7 @@ _PTXAS_SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 _PTXAS_REGS = re.compile(r"Used (\d+) registers")
 
 
-def parse_ptxas(text: str) -> Tuple[int, int, int]:
+def parse_ptxas(text: str) -> tuple[int, int, int]:
     """``(registers, spill store bytes, spill load bytes)`` from ``ptxas -v`` output (one kernel)."""
     regs = _PTXAS_REGS.search(text)
     spill = _PTXAS_SPILL.search(text)
@@ -328,7 +329,7 @@ def compile_for_arch(spec: CompileSpec, arch: int = 90) -> CompileReport:
         return CompileReport(spec, error=f"{type(exc).__name__}: {exc}".splitlines()[0][:200], arch=arch)
 
 
-def config_label(constexprs: Dict[str, Any], keys: Sequence[str], num_warps: int, num_stages: int) -> str:
+def config_label(constexprs: dict[str, Any], keys: Sequence[str], num_warps: int, num_stages: int) -> str:
     """Short label for a config row, e.g. ``BM128 BN128 BK64 w8 s3``."""
     parts = []
     for k in keys:

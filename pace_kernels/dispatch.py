@@ -7,12 +7,13 @@ tests exercise them without a GPU); ``"torch"`` forces the reference.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 
 from . import reference
 from ._checks import check_backend, check_linear_inputs
+
 
 def _triton_impl(op: str) -> Callable:
     # Plain import statements, not importlib: torch.compile traces these (the module is imported at
@@ -29,7 +30,7 @@ def _triton_impl(op: str) -> Callable:
     return fn
 
 
-def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
     if device_type not in ("cuda", "cpu"):
         return None
     if not torch.is_autocast_enabled(device_type):
@@ -37,7 +38,7 @@ def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     return torch.get_autocast_dtype(device_type)
 
 
-def _cast(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     return None if t is None else t.to(dtype)
 
 
@@ -61,11 +62,11 @@ def _dispatch(op: str, backend: str, x, weight, bias, lora_a, lora_b, delta_bias
 def lora_add_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
+    bias: torch.Tensor | None,
     lora_a: torch.Tensor,
     lora_b: torch.Tensor,
-    delta_bias: Optional[torch.Tensor] = None,
-    noise: Optional[torch.Tensor] = None,
+    delta_bias: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
     *,
     backend: str = "auto",
 ) -> torch.Tensor:
@@ -76,13 +77,14 @@ def lora_add_linear(
 def lora_mul_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
+    bias: torch.Tensor | None,
     lora_a: torch.Tensor,
     lora_b: torch.Tensor,
-    delta_bias: Optional[torch.Tensor] = None,
-    noise: Optional[torch.Tensor] = None,
+    delta_bias: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
     *,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """``Y = x W0^T + b0 + Z * (x (W0 * (B A))^T + db)``; see :func:`pace_kernels.reference.lora_mul_linear`."""
+    """``Y = x W0^T + b0 + Z * (x (W0 * (B A))^T + db)``; see
+    :func:`pace_kernels.reference.lora_mul_linear`."""
     return _dispatch("lora_mul_linear", backend, x, weight, bias, lora_a, lora_b, delta_bias, noise)

@@ -33,7 +33,6 @@ intermediate results. In the interpreter bf16 dot operands are upcast (SPEC sect
 from __future__ import annotations
 
 import itertools
-from typing import List, Optional, Tuple
 
 import torch
 import triton
@@ -134,7 +133,8 @@ def _fwd_kernel(
         u_ptrs = u_ptr + offs_m.to(tl.int64)[:, None] * stride_um + offs_r[None, :] * stride_ur
         tl.store(u_ptrs, u_lo, mask=m_ok[:, None] & r_ok[None, :])
 
-    bt = tl.load(b_ptr + offs_r[:, None] * stride_br + cols[None, :] * stride_bd, mask=r_ok[:, None], other=0.0)
+    bt = tl.load(b_ptr + offs_r[:, None] * stride_br + cols[None, :] * stride_bd,
+                 mask=r_ok[:, None], other=0.0)
     if FOLD_DB:
         # db rides in the first padded rank slot: a column of ones in U, db as that row of B^T.
         slot = offs_r == RANK
@@ -161,7 +161,8 @@ def _fwd_kernel(
         sample = offs_m // rows_per_noise
         for j in tl.static_range(2):
             s = first + j
-            z = tl.load(z_ptr + s.to(tl.int64) * stride_zm + cols * stride_zd, mask=s * rows_per_noise < N, other=0.0)
+            z = tl.load(z_ptr + s.to(tl.int64) * stride_zm + cols * stride_zd,
+                        mask=s * rows_per_noise < N, other=0.0)
             bz = (bt.to(tl.float32) * z.to(tl.float32)[None, :]).to(dtype)
             us = tl.where((sample == s)[:, None], u_lo.to(tl.float32), 0.0).to(dtype)
             acc = dot_acc(us, bz, acc, UPCAST, PRECISION)
@@ -246,7 +247,8 @@ def _bwd_dx_kernel(
         p_ptrs = p_ptr + offs_m.to(tl.int64)[:, None] * stride_pm + offs_r[None, :] * stride_pr
         tl.store(p_ptrs, p_lo, mask=m_ok[:, None] & r_ok[None, :])
     if COMPUTE_DX:
-        a = tl.load(a_ptr + offs_r[:, None] * stride_ar + cols[None, :] * stride_ak, mask=r_ok[:, None], other=0.0)
+        a = tl.load(a_ptr + offs_r[:, None] * stride_ar + cols[None, :] * stride_ak,
+                    mask=r_ok[:, None], other=0.0)
         acc = dot_acc(p_lo, a, acc, UPCAST, PRECISION)
         dx_ptrs = dx_ptr + offs_m.to(tl.int64)[:, None] * stride_dxm + offs_k[None, :] * stride_dxk
         tl.store(dx_ptrs, acc.to(dtype), mask=m_ok[:, None] & (offs_k < K)[None, :])
@@ -307,8 +309,10 @@ def _rank_grad_kernel(
 # (``python -m pace_kernels.compile_check``). The interpreter runs one small config instead.
 
 
-def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int, names=("BLOCK_M", "BLOCK_N", "BLOCK_K")) -> triton.Config:
-    return triton.Config({names[0]: bm, names[1]: bn, names[2]: bk, "GROUP_M": 8}, num_warps=warps, num_stages=stages)
+def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int,
+         names=("BLOCK_M", "BLOCK_N", "BLOCK_K")) -> triton.Config:
+    return triton.Config({names[0]: bm, names[1]: bn, names[2]: bk, "GROUP_M": 8},
+                         num_warps=warps, num_stages=stages)
 
 
 _DX_NAMES = ("BLOCK_M", "BLOCK_K", "BLOCK_D")
@@ -361,8 +365,10 @@ _fwd_32 = triton.autotune(pick_configs(FWD_CONFIGS_32, _INTERP_FWD), key=_SHAPE_
 _dx_16 = triton.autotune(pick_configs(DX_CONFIGS_16, _INTERP_DX), key=_SHAPE_KEY)(_bwd_dx_kernel)
 _dx_32 = triton.autotune(pick_configs(DX_CONFIGS_32, _INTERP_DX), key=_SHAPE_KEY)(_bwd_dx_kernel)
 _RG_KEY = ["N", "F", "R"]
-_rank_grad_16 = triton.autotune(pick_configs(RANK_GRAD_CONFIGS_16, _INTERP_RANK_GRAD), key=_RG_KEY)(_rank_grad_kernel)
-_rank_grad_32 = triton.autotune(pick_configs(RANK_GRAD_CONFIGS_32, _INTERP_RANK_GRAD), key=_RG_KEY)(_rank_grad_kernel)
+_rank_grad_16 = triton.autotune(pick_configs(RANK_GRAD_CONFIGS_16, _INTERP_RANK_GRAD),
+                                key=_RG_KEY)(_rank_grad_kernel)
+_rank_grad_32 = triton.autotune(pick_configs(RANK_GRAD_CONFIGS_32, _INTERP_RANK_GRAD),
+                                key=_RG_KEY)(_rank_grad_kernel)
 
 
 # --------------------------------------------------------------------------------------------
@@ -374,7 +380,7 @@ SEGMENT_MIN_ROWS = 128
 the two-segment path: a row tile then never holds rows of more than two samples."""
 
 
-def _noise_mode(noise: Optional[torch.Tensor], rows_per_noise: int, folds_db: bool, has_db: bool) -> int:
+def _noise_mode(noise: torch.Tensor | None, rows_per_noise: int, folds_db: bool, has_db: bool) -> int:
     """0: no noise; 1: gather a noise row per output row; 2: per-sample segments (see _fwd_kernel)."""
     if noise is None:
         return 0
@@ -391,8 +397,8 @@ def _num_splits(n_rows: int, n_cols: int) -> int:
     return max(1, min(triton.cdiv(n_rows, 256), triton.cdiv(4 * 132, col_tiles)))
 
 
-def _rank_grads(lhs: torch.Tensor, rhs: torch.Tensor, noise: Optional[torch.Tensor], rows_per_noise: int,
-               with_colsum: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+def _rank_grads(lhs: torch.Tensor, rhs: torch.Tensor, noise: torch.Tensor | None, rows_per_noise: int,
+               with_colsum: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(lhs^T (Zr *) rhs [F, r] fp32, colsum(Zr * lhs) [F] fp32 or None)``, deterministically."""
     n_rows, n_cols = lhs.shape
     rank = rhs.shape[1]
@@ -420,9 +426,9 @@ def _rank_grads(lhs: torch.Tensor, rhs: torch.Tensor, noise: Optional[torch.Tens
     return partial.sum(0), (colsum.sum(0) if with_colsum else None)
 
 
-def _forward_impl(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
-                  lora_b: torch.Tensor, delta_bias: Optional[torch.Tensor], noise: Optional[torch.Tensor],
-                  rows_per_noise: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def _forward_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
+                  lora_b: torch.Tensor, delta_bias: torch.Tensor | None, noise: torch.Tensor | None,
+                  rows_per_noise: int) -> tuple[torch.Tensor, torch.Tensor]:
     n_rows, k_in = x.shape
     d_out, rank = lora_b.shape
     y = torch.empty((n_rows, d_out), device=x.device, dtype=x.dtype)
@@ -461,8 +467,9 @@ def _forward_fake(x, weight, bias, lora_a, lora_b, delta_bias, noise, rows_per_n
 
 
 def _backward_impl(grad_y: torch.Tensor, x: torch.Tensor, u: torch.Tensor, weight: torch.Tensor,
-                   lora_a: torch.Tensor, lora_b: torch.Tensor, noise: Optional[torch.Tensor], rows_per_noise: int,
-                   need_dx: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                   lora_a: torch.Tensor, lora_b: torch.Tensor, noise: torch.Tensor | None,
+                   rows_per_noise: int,
+                   need_dx: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     n_rows, k_in = x.shape
     d_out, rank = lora_b.shape
     g = grad_y.contiguous()
@@ -502,15 +509,15 @@ def _backward_fake(grad_y, x, u, weight, lora_a, lora_b, noise, rows_per_noise, 
             lora_b.new_empty(lora_b.shape), x.new_empty((weight.shape[0],)))
 
 
-def _op_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
-                lora_b: torch.Tensor, delta_bias: Optional[torch.Tensor], noise: Optional[torch.Tensor],
-                rows_per_noise: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def _op_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
+                lora_b: torch.Tensor, delta_bias: torch.Tensor | None, noise: torch.Tensor | None,
+                rows_per_noise: int) -> tuple[torch.Tensor, torch.Tensor]:
     return _forward_impl(x, weight, bias, lora_a, lora_b, delta_bias, noise, rows_per_noise)
 
 
 def _op_backward(grad_y: torch.Tensor, x: torch.Tensor, u: torch.Tensor, weight: torch.Tensor,
-                 lora_a: torch.Tensor, lora_b: torch.Tensor, noise: Optional[torch.Tensor], rows_per_noise: int,
-                 need_dx: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                 lora_a: torch.Tensor, lora_b: torch.Tensor, noise: torch.Tensor | None, rows_per_noise: int,
+                 need_dx: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _backward_impl(grad_y, x, u, weight, lora_a, lora_b, noise, rows_per_noise, need_dx)
 
 
@@ -576,11 +583,11 @@ def _launch_2d(x2d, weight, bias, lora_a, lora_b, delta_bias, noise2d, rows_per_
 def lora_add_linear_triton(
     x: torch.Tensor,
     weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
+    bias: torch.Tensor | None,
     lora_a: torch.Tensor,
     lora_b: torch.Tensor,
-    delta_bias: Optional[torch.Tensor] = None,
-    noise: Optional[torch.Tensor] = None,
+    delta_bias: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``Y = x W0^T + b0 + Z * ((x A^T) B^T + db)`` with the fused kernels; the reference's signature
     and errors. float64 inputs and ranks above :data:`MAX_RANK` run the reference instead."""
@@ -595,18 +602,19 @@ def lora_add_linear_triton(
 _NOISE_NAMES = {1: "gather", 2: "segments"}
 
 
-def compile_specs() -> List[CompileSpec]:
+def compile_specs() -> list[CompileSpec]:
     """Every kernel in every shipped Hopper config, at the worst-case constexprs (bias, delta bias
     and noise on, both noise paths), at rank 16 and 64 (the smallest and largest padded rank), for
     each dtype its list serves; fp32 rows for both dot precisions (tf32, tf32x3)."""
-    specs: List[CompileSpec] = []
+    specs: list[CompileSpec] = []
     common = dict(N="i32", D="i32", K="i32", RANK="i32", rows_per_noise="i32")
     for dtype, precision in DOT_VARIANTS:
         t = TRITON_DTYPE_NAMES[dtype]
         wide = dtype == torch.float32
         suffix = f" {precision}" if wide else ""
         for r in (16, 64):
-            for cfg, (noise, fold) in itertools.product(FWD_CONFIGS_32 if wide else FWD_CONFIGS_16, ((1, False), (2, True))):
+            fwd_configs = FWD_CONFIGS_32 if wide else FWD_CONFIGS_16
+            for cfg, (noise, fold) in itertools.product(fwd_configs, ((1, False), (2, True))):
                 consts = dict(cfg.kwargs, HAS_BIAS=True, HAS_DB=True, FOLD_DB=fold, NOISE=noise, R=r,
                               UPCAST=False, PRECISION=precision, stride_xk=1, stride_wk=1, stride_ak=1,
                               stride_br=1, stride_zd=1, stride_yd=1, stride_ur=1)
@@ -615,8 +623,10 @@ def compile_specs() -> List[CompileSpec]:
                            stride_xm="i32", stride_wd="i32", stride_ar="i32", stride_bd="i32",
                            stride_zm="i32", stride_ym="i32", stride_um="i32")
                 specs.append(CompileSpec(
-                    f"lora_add_fwd {_NOISE_NAMES[noise]} r{r}{suffix}", _fwd_kernel, sig, consts, cfg.num_warps, cfg.num_stages, dtype,
-                    note=config_label(consts, ("BLOCK_M", "BLOCK_N", "BLOCK_K"), cfg.num_warps, cfg.num_stages),
+                    f"lora_add_fwd {_NOISE_NAMES[noise]} r{r}{suffix}", _fwd_kernel, sig, consts,
+                    cfg.num_warps, cfg.num_stages, dtype,
+                    note=config_label(consts, ("BLOCK_M", "BLOCK_N", "BLOCK_K"), cfg.num_warps,
+                                      cfg.num_stages),
                     divisible=("D", "K", "stride_xm", "stride_wd", "stride_ar", "stride_zm", "stride_ym")))
             for cfg, noise in itertools.product(DX_CONFIGS_32 if wide else DX_CONFIGS_16, (1, 2)):
                 consts = dict(cfg.kwargs, NOISE=noise, COMPUTE_DX=True, R=r, UPCAST=False,
@@ -627,7 +637,8 @@ def compile_specs() -> List[CompileSpec]:
                            stride_gm="i32", stride_wd="i32", stride_ar="i32", stride_bd="i32",
                            stride_zm="i32", stride_dxm="i32", stride_pm="i32")
                 specs.append(CompileSpec(
-                    f"lora_add_bwd_dx {_NOISE_NAMES[noise]} r{r}{suffix}", _bwd_dx_kernel, sig, consts, cfg.num_warps, cfg.num_stages,
+                    f"lora_add_bwd_dx {_NOISE_NAMES[noise]} r{r}{suffix}", _bwd_dx_kernel, sig, consts,
+                    cfg.num_warps, cfg.num_stages,
                     dtype, note=config_label(consts, _DX_NAMES, cfg.num_warps, cfg.num_stages),
                     divisible=("D", "K", "stride_gm", "stride_wd", "stride_ar", "stride_zm", "stride_dxm")))
             for cfg in RANK_GRAD_CONFIGS_32 if wide else RANK_GRAD_CONFIGS_16:
@@ -640,6 +651,7 @@ def compile_specs() -> List[CompileSpec]:
                            stride_of="i32", stride_cs="i32")
                 specs.append(CompileSpec(
                     f"lora_add_rank_grad r{r}{suffix}", _rank_grad_kernel, sig, consts, cfg.num_warps,
-                    cfg.num_stages, dtype, note=config_label(consts, _RG_NAMES, cfg.num_warps, cfg.num_stages),
+                    cfg.num_stages, dtype,
+                    note=config_label(consts, _RG_NAMES, cfg.num_warps, cfg.num_stages),
                     divisible=("F", "stride_lm", "stride_zm", "stride_os", "stride_of", "stride_cs")))
     return specs

@@ -89,8 +89,8 @@ GEMM-equivalents against 5 for the two-GEMM form and 3 for the noise-free layer;
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -149,7 +149,7 @@ def sample_plan(rows_per_sample: int, block_ms: Sequence[int]) -> SamplePlan:
     """
     if rows_per_sample < 1:
         raise ValueError(f"rows_per_sample must be >= 1, got {rows_per_sample}")
-    best: Optional[SamplePlan] = None
+    best: SamplePlan | None = None
     for bm in block_ms:
         tail = rows_per_sample % bm
         full = rows_per_sample - tail
@@ -524,7 +524,7 @@ DM_CONFIGS_16 = [_cfg(128, 128, 64, 8, 3), _cfg(128, 128, 32, 8, 4), _cfg(64, 12
 DM_CONFIGS_32 = [_cfg(64, 64, 32, 4, 3)]
 
 _INTERP_CONFIG = _cfg(64, 64, 64, 4, 1)
-SAMPLE_BLOCK_MS: Tuple[int, ...] = (64,) if is_interpreting() else (128, 64)
+SAMPLE_BLOCK_MS: tuple[int, ...] = (64,) if is_interpreting() else (128, 64)
 """Tile heights :func:`sample_plan` chooses from (taller first)."""
 
 MAX_RANK = 64
@@ -560,7 +560,7 @@ _dm = {16: _tune(_lora_mul_dm_kernel, DM_CONFIGS_16, ("N", "D", "K")),
 # Launchers (fake-tensor traceable: torch ops and wrap_triton launches only)
 
 
-def _kernel_flags(dtype: torch.dtype) -> Tuple[int, bool, str]:
+def _kernel_flags(dtype: torch.dtype) -> tuple[int, bool, str]:
     bits = 32 if dtype == torch.float32 else 16
     return (bits, *dot_flags(dtype))
 
@@ -599,8 +599,8 @@ def _launch_rows_kernels(kind: str, bits: int, plan: SamplePlan, n_seg: int, seg
         wrap_triton(tuned)[grid2](*two_gemm_args, **consts["two_gemm"])
 
 
-def _forward_impl(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
-                  lora_b: torch.Tensor, delta_bias: Optional[torch.Tensor], noise: Optional[torch.Tensor],
+def _forward_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
+                  lora_b: torch.Tensor, delta_bias: torch.Tensor | None, noise: torch.Tensor | None,
                   rows_per_noise: int) -> torch.Tensor:
     n_rows, k_in = x.shape
     d_out, rank = lora_b.shape
@@ -649,8 +649,8 @@ def _forward_fake(x, weight, bias, lora_a, lora_b, delta_bias, noise, rows_per_n
 
 
 def _backward_impl(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor,
-                   lora_b: torch.Tensor, noise: Optional[torch.Tensor], rows_per_noise: int, need_dx: bool,
-                   need_factors: bool, need_db: bool) -> Tuple[torch.Tensor, ...]:
+                   lora_b: torch.Tensor, noise: torch.Tensor | None, rows_per_noise: int, need_dx: bool,
+                   need_factors: bool, need_db: bool) -> tuple[torch.Tensor, ...]:
     n_rows, k_in = x.shape
     d_out, rank = lora_b.shape
     g = grad_y.contiguous()
@@ -724,16 +724,16 @@ def _backward_fake(grad_y, x, weight, lora_a, lora_b, noise, rows_per_noise, nee
             torch.empty_like(lora_b), x.new_empty((weight.shape[0],)))
 
 
-def _op_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
-                lora_b: torch.Tensor, delta_bias: Optional[torch.Tensor], noise: Optional[torch.Tensor],
+def _op_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
+                lora_b: torch.Tensor, delta_bias: torch.Tensor | None, noise: torch.Tensor | None,
                 rows_per_noise: int) -> torch.Tensor:
     return _forward_impl(x, weight, bias, lora_a, lora_b, delta_bias, noise, rows_per_noise)
 
 
 def _op_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor,
-                 lora_b: torch.Tensor, noise: Optional[torch.Tensor], rows_per_noise: int, need_dx: bool,
+                 lora_b: torch.Tensor, noise: torch.Tensor | None, rows_per_noise: int, need_dx: bool,
                  need_factors: bool,
-                 need_db: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                 need_db: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _backward_impl(grad_y, x, weight, lora_a, lora_b, noise, rows_per_noise, need_dx, need_factors,
                           need_db)
 
@@ -793,7 +793,7 @@ lora_mul_fwd.register_autograd(LoraMulFunction.backward, setup_context=LoraMulFu
 # Public entry point
 
 
-def _contiguous(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+def _contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.contiguous()
 
 
@@ -807,11 +807,11 @@ def _launch_2d(x2d, weight, bias, lora_a, lora_b, delta_bias, noise2d, rows_per_
 def lora_mul_linear_triton(
     x: torch.Tensor,
     weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
+    bias: torch.Tensor | None,
     lora_a: torch.Tensor,
     lora_b: torch.Tensor,
-    delta_bias: Optional[torch.Tensor] = None,
-    noise: Optional[torch.Tensor] = None,
+    delta_bias: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``Y = x W0^T + b0 + Z * (x (W0 * (B A))^T + db)`` with the fused kernels; the reference's
     signature and errors. RLRR is the rank-1 case (``lora_b = s_left [D, 1]``, ``lora_a =
@@ -834,11 +834,11 @@ def _spec(name: str, fn, sig: dict, consts: dict, cfg: triton.Config, dtype: tor
                        divisible=tuple(divisible))
 
 
-def compile_specs() -> List[CompileSpec]:
+def compile_specs() -> list[CompileSpec]:
     """Every kernel in every shipped Hopper config, at the worst-case constexprs (bias, delta bias
     and noise on; padded rank 16 and 64 where the rank enters) and the dtypes each list serves;
     fp32 rows for both dot precisions (tf32, tf32x3)."""
-    specs: List[CompileSpec] = []
+    specs: list[CompileSpec] = []
     for dtype, precision in DOT_VARIANTS:
         t = TRITON_DTYPE_NAMES[dtype]
         wide = dtype == torch.float32

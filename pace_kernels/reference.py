@@ -10,8 +10,6 @@ gradients, and the kernels do not produce any for them.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 
@@ -20,7 +18,7 @@ from ._checks import check_linear_inputs
 __all__ = ["lora_add_linear", "lora_mul_linear", "expand_noise"]
 
 
-def expand_noise(noise: Optional[torch.Tensor], x: torch.Tensor, dtype: torch.dtype) -> Optional[torch.Tensor]:
+def expand_noise(noise: torch.Tensor | None, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
     """Reshape a per-sample ``[x.shape[0], D]`` or per-token ``[*x.shape[:-1], D]`` noise so it
     broadcasts against an output of shape ``[*x.shape[:-1], D]`` (tokens of a sample share a row)."""
     if noise is None:
@@ -34,11 +32,11 @@ def expand_noise(noise: Optional[torch.Tensor], x: torch.Tensor, dtype: torch.dt
 def lora_add_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
+    bias: torch.Tensor | None,
     lora_a: torch.Tensor,
     lora_b: torch.Tensor,
-    delta_bias: Optional[torch.Tensor] = None,
-    noise: Optional[torch.Tensor] = None,
+    delta_bias: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``Y = x W0^T + b0 + Z * ((x A^T) B^T + db)`` (SPEC section 3, ``lora_add``)."""
     check_linear_inputs("lora_add_linear", x, weight, bias, lora_a, lora_b, delta_bias, noise)
@@ -51,11 +49,11 @@ def lora_add_linear(
 def lora_mul_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
+    bias: torch.Tensor | None,
     lora_a: torch.Tensor,
     lora_b: torch.Tensor,
-    delta_bias: Optional[torch.Tensor] = None,
-    noise: Optional[torch.Tensor] = None,
+    delta_bias: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``Y = x W0^T + b0 + Z * (x (W0 * (B A))^T + db)`` (SPEC section 3, ``lora_mul``)."""
     check_linear_inputs("lora_mul_linear", x, weight, bias, lora_a, lora_b, delta_bias, noise)
