@@ -75,7 +75,9 @@ def block_indices(names: Sequence[str], head: Optional[str]) -> Dict[str, int]:
     head's key is +inf; indices are the ranks of the distinct sorted keys."""
     keys: Dict[str, Tuple[float, ...]] = {}
     for name in names:
-        keys[name] = (float("inf"),) if name == head else tuple(int(t) for t in name.split(".") if t.isdigit())
+        keys[name] = (
+            (float("inf"),) if name == head else tuple(int(t) for t in name.split(".") if t.isdigit())
+        )
     width = max((len(k) for k in keys.values()), default=0)
     padded = {n: k + (0,) * (width - len(k)) for n, k in keys.items()}
     rank = {k: i for i, k in enumerate(sorted(set(padded.values())))}
@@ -138,7 +140,9 @@ def inject(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if adapter not in ADAPTER_KINDS or adapter == "head":
-        raise ValueError(f"adapter must be one of {tuple(k for k in ADAPTER_KINDS if k != 'head')}, got {adapter!r}")
+        raise ValueError(
+            f"adapter must be one of {tuple(k for k in ADAPTER_KINDS if k != 'head')}, got {adapter!r}"
+        )
     if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
         raise ValueError(f"rank must be a positive int, got {rank!r}")
     sigma = check_sigma(sigma)
@@ -153,7 +157,8 @@ def inject(
 
     head_name = _find_head(model, head)
     names = [
-        n for n, m in model.named_modules()
+        n
+        for n, m in model.named_modules()
         if isinstance(m, nn.Linear) and (n == head_name or _matches(n, targets))
     ]
     if not names:
@@ -180,9 +185,16 @@ def inject(
                 _set_submodule(model, name, SSFNorm(m, m.normalized_shape[-1]))
     _share_stochastic_layers(model)
     model.pace_config = {
-        "adapter": adapter, "rank": rank, "sigma": sigma,
-        "targets": targets, "schedule": schedule, "noise_free_blocks": noise_free_blocks,
-        "head": head_name, "noise": noise, "noise_on": noise_on, "noise_shape": noise_shape,
+        "adapter": adapter,
+        "rank": rank,
+        "sigma": sigma,
+        "targets": targets,
+        "schedule": schedule,
+        "noise_free_blocks": noise_free_blocks,
+        "head": head_name,
+        "noise": noise,
+        "noise_on": noise_on,
+        "noise_shape": noise_shape,
     }
     return model
 
@@ -215,7 +227,11 @@ def trainable_parameters(model: nn.Module) -> List[nn.Parameter]:
 def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Run ``model`` as the pre-trained network: every adapter's ``dh`` (and SSF) off and no noise.
     The classifier head is kept as it is, since the pre-trained model has none for the new task."""
-    switched = [m for m in model.modules() if isinstance(m, (PaceLinear, SSFNorm)) and getattr(m, "adapter", "") != "head"]
+    switched = [
+        m
+        for m in model.modules()
+        if isinstance(m, (PaceLinear, SSFNorm)) and getattr(m, "adapter", "") != "head"
+    ]
     before = [m.adapter_enabled for m in switched]
     for m in switched:
         m.adapter_enabled = False

@@ -81,11 +81,16 @@ def load_adapter(model: nn.Module, path: PathLike) -> nn.Module:
     params = dict(model.named_parameters())
     missing = sorted(set(tensors) - set(params))
     if missing:
-        raise ValueError(f"load_adapter: the model has no parameters named {missing[:5]} (different model or config?)")
+        raise ValueError(
+            f"load_adapter: the model has no parameters named {missing[:5]} (different model or config?)"
+        )
     with torch.no_grad():
         for name, t in tensors.items():
             p = params[name]
             if p.shape != t.shape:
-                raise ValueError(f"load_adapter: {name} has shape {list(t.shape)} in the file, {list(p.shape)} in the model")
+                raise ValueError(
+                    f"load_adapter: {name} has shape {list(t.shape)} in the file, "
+                    f"{list(p.shape)} in the model"
+                )
             p.copy_(t)
     return model

@@ -33,7 +33,12 @@ def _check_positive_int(name: str, value: object) -> None:
 
 
 def check_sigma(sigma: object) -> float:
-    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not math.isfinite(sigma) or sigma < 0:
+    if (
+        isinstance(sigma, bool)
+        or not isinstance(sigma, (int, float))
+        or not math.isfinite(sigma)
+        or sigma < 0
+    ):
         raise ValueError(f"sigma must be a finite number >= 0, got {sigma!r}")
     return float(sigma)
 
@@ -149,13 +154,19 @@ class PaceLinear(nn.Module):
             nn.init.kaiming_uniform_(self.scale_right, a=math.sqrt(5))
 
     @classmethod
-    def from_linear(cls, layer: nn.Linear, **kwargs) -> "PaceLinear":
+    def from_linear(cls, layer: nn.Linear, **kwargs) -> PaceLinear:
         """Wrap a pre-trained ``nn.Linear``: its ``weight``/``bias`` Parameters are shared, not copied."""
         if not isinstance(layer, nn.Linear):
             raise TypeError(f"layer must be an nn.Linear, got {type(layer).__name__}")
         w = layer.weight
-        mod = cls(layer.in_features, layer.out_features, bias=layer.bias is not None,
-                  device=w.device, dtype=w.dtype, **kwargs)
+        mod = cls(
+            layer.in_features,
+            layer.out_features,
+            bias=layer.bias is not None,
+            device=w.device,
+            dtype=w.dtype,
+            **kwargs,
+        )
         trainable = mod.adapter == "head"
         mod.weight = layer.weight
         mod.weight.requires_grad_(trainable)
@@ -172,7 +183,11 @@ class PaceLinear(nn.Module):
     def _draw(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         if not (self.training and self.sigma > 0 and self.adapter_enabled) or x.ndim < 2:
             return None
-        shape = (x.shape[0], self.out_features) if self.noise_shape == "sample" else (*x.shape[:-1], self.out_features)
+        shape = (
+            (x.shape[0], self.out_features)
+            if self.noise_shape == "sample"
+            else (*x.shape[:-1], self.out_features)
+        )
         return draw_noise(self.noise, self.sigma, shape, device=x.device)
 
     def delta_bias_vector(self) -> Optional[torch.Tensor]:
@@ -195,9 +210,13 @@ class PaceLinear(nn.Module):
         kind, w, b = self.adapter, self.weight, self.bias
         db = self.delta_bias_vector()
         if kind == "lora_add":
-            return pace_kernels.lora_add_linear(x, w, b, self.lora_a, self.lora_b, db, z, backend=self.backend)
+            return pace_kernels.lora_add_linear(
+                x, w, b, self.lora_a, self.lora_b, db, z, backend=self.backend
+            )
         if kind in ("lora_mul", "lora_mul_vpt_add"):
-            return pace_kernels.lora_mul_linear(x, w, b, self.lora_a, self.lora_b, db, z, backend=self.backend)
+            return pace_kernels.lora_mul_linear(
+                x, w, b, self.lora_a, self.lora_b, db, z, backend=self.backend
+            )
         if kind == "rlrr":
             return pace_kernels.lora_mul_linear(
                 x, w, b, self.scale_right, self.scale_left, db, z, backend=self.backend
@@ -212,13 +231,17 @@ class PaceLinear(nn.Module):
             raise TypeError(f"PaceLinear: x must be a torch.Tensor, got {type(x).__name__}")
         if x.ndim < 1 or x.shape[-1] != self.in_features:
             raise ValueError(
-                f"PaceLinear: x must have shape [..., {self.in_features}], got [{', '.join(map(str, x.shape))}]"
+                f"PaceLinear: x must have shape [..., {self.in_features}], "
+                f"got [{', '.join(map(str, x.shape))}]"
             )
         z = self._draw(x)
         if self.adapter == "head" or not self.adapter_enabled:
             frozen = self.adapter != "head"
-            out = F.linear(x, self.weight.detach() if frozen else self.weight,
-                           self.bias.detach() if frozen and self.bias is not None else self.bias)
+            out = F.linear(
+                x,
+                self.weight.detach() if frozen else self.weight,
+                self.bias.detach() if frozen and self.bias is not None else self.bias,
+            )
             return out if z is None else self._apply_output_noise(out, z, x)
         # The fused ops take multiplicative noise on dh; every other placement is applied after them.
         fused = z is not None and self.noise_on == "delta" and self.noise != "additive"
@@ -257,7 +280,9 @@ class PaceLinear(nn.Module):
     def to_linear(self) -> nn.Linear:
         """A plain ``nn.Linear`` with the adapter folded in (SPEC section 6)."""
         w, b = self.merged_weight_and_bias()
-        layer = nn.Linear(self.in_features, self.out_features, bias=b is not None, device=w.device, dtype=w.dtype)
+        layer = nn.Linear(
+            self.in_features, self.out_features, bias=b is not None, device=w.device, dtype=w.dtype
+        )
         with torch.no_grad():
             layer.weight.copy_(w)
             if b is not None:
@@ -267,7 +292,8 @@ class PaceLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, "
             f"adapter={self.adapter}, rank={self.rank}, sigma={self.sigma:.4g}, noise={self.noise}, "
             f"noise_on={self.noise_on}, noise_shape={self.noise_shape}, backend={self.backend}"
         )

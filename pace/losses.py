@@ -139,9 +139,15 @@ class PaceCriterion(nn.Module):
             raise ValueError("mode='fast' needs index= (the dataset indices of the batch)")
         index = torch.as_tensor(index, device=self.history_bank.device).long()
         if index.shape != (x.shape[0],):
-            raise ValueError(f"index must have shape [{x.shape[0]}] (one dataset index per sample), got {list(index.shape)}")
+            raise ValueError(
+                f"index must have shape [{x.shape[0]}] (one dataset index per sample), "
+                f"got {list(index.shape)}"
+            )
         if logits.shape[-1] != self.history_bank.shape[1]:
-            raise ValueError(f"logits have {logits.shape[-1]} classes but the history bank holds {self.history_bank.shape[1]}")
+            raise ValueError(
+                f"logits have {logits.shape[-1]} classes but the history bank holds "
+                f"{self.history_bank.shape[1]}"
+            )
         past = self.history_bank[index].to(device=logits.device, dtype=logits.dtype)
         cons = consistency(logits, past)
         self.update_bank(index, logits)

@@ -41,7 +41,9 @@ def _check_tensor(name: str, t: object, *, optional: bool = False) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name} must be a floating-point tensor (float16/bfloat16/float32/float64), got {t.dtype}")
+        raise TypeError(
+            f"{name} must be a floating-point tensor (float16/bfloat16/float32/float64), got {t.dtype}"
+        )
 
 
 def check_linear_inputs(
@@ -84,24 +86,41 @@ def check_linear_inputs(
         raise ValueError(f"{op}: lora_a must have shape [rank, {k_in}] with rank >= 1, got {_shape(lora_a)}")
     rank = lora_a.shape[0]
     if tuple(lora_b.shape) != (d_out, rank):
-        raise ValueError(f"{op}: lora_b must have shape [{d_out}, {rank}] ([out_features, rank]), got {_shape(lora_b)}")
+        raise ValueError(
+            f"{op}: lora_b must have shape [{d_out}, {rank}] ([out_features, rank]), got {_shape(lora_b)}"
+        )
     if delta_bias is not None and tuple(delta_bias.shape) != (d_out,):
         raise ValueError(f"{op}: delta_bias must have shape [{d_out}], got {_shape(delta_bias)}")
 
-    for name, t in (("weight", weight), ("bias", bias), ("lora_a", lora_a), ("lora_b", lora_b),
-                    ("delta_bias", delta_bias)):
+    for name, t in (
+        ("weight", weight),
+        ("bias", bias),
+        ("lora_a", lora_a),
+        ("lora_b", lora_b),
+        ("delta_bias", delta_bias),
+    ):
         if t is not None and t.dtype != x.dtype:
             raise TypeError(f"{op}: {name} has dtype {t.dtype} but x has {x.dtype}; they must match")
-    for name, t in (("weight", weight), ("bias", bias), ("lora_a", lora_a), ("lora_b", lora_b),
-                    ("delta_bias", delta_bias), ("noise", noise)):
+    for name, t in (
+        ("weight", weight),
+        ("bias", bias),
+        ("lora_a", lora_a),
+        ("lora_b", lora_b),
+        ("delta_bias", delta_bias),
+        ("noise", noise),
+    ):
         if t is not None and t.device != x.device:
-            raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}; they must be on one device")
+            raise ValueError(
+                f"{op}: {name} is on {t.device} but x is on {x.device}; they must be on one device"
+            )
 
     n_rows = x.numel() // k_in if k_in > 0 else 0
     rows_per_noise = 0
     if noise is not None:
         if x.ndim < 2:
-            raise ValueError(f"{op}: noise needs x with a leading sample dimension, got x of shape {_shape(x)}")
+            raise ValueError(
+                f"{op}: noise needs x with a leading sample dimension, got x of shape {_shape(x)}"
+            )
         per_sample = (x.shape[0], d_out)
         per_token = (*x.shape[:-1], d_out)
         if tuple(noise.shape) == per_sample:

@@ -23,8 +23,9 @@ from typing import Iterator, List, Optional, Sequence, Tuple, Union
 KERNEL_MODULES = ["pace_kernels.lora_add", "pace_kernels.lora_mul"]
 
 
-def _load_specs(modules: Sequence[str], only: Union[None, str, Sequence[str]] = None,
-                dtype: Optional[str] = None) -> list:
+def _load_specs(
+    modules: Sequence[str], only: Union[None, str, Sequence[str]] = None, dtype: Optional[str] = None
+) -> list:
     """Specs of every importable module; ``only``: keep those whose ``"name config"`` contains one of
     these substrings; ``dtype``: keep one operand dtype (``"bf16"``, ``"fp16"``, ``"fp32"``)."""
     from ._triton_utils import TRITON_DTYPE_NAMES
@@ -83,8 +84,14 @@ def _compile_all(specs: list, arch: int, jobs: int) -> Iterator:
             pool.shutdown()
 
 
-def run_check(arch: int = 90, modules: Sequence[str] = KERNEL_MODULES, only: Union[None, str, Sequence[str]] = None,
-              limit: Optional[int] = None, jobs: int = 1, dtype: Optional[str] = None) -> int:
+def run_check(
+    arch: int = 90,
+    modules: Sequence[str] = KERNEL_MODULES,
+    only: Union[None, str, Sequence[str]] = None,
+    limit: Optional[int] = None,
+    jobs: int = 1,
+    dtype: Optional[str] = None,
+) -> int:
     """Compile and print the table; return the process exit status (0 all good, 1 otherwise)."""
     from ._triton_utils import TRITON_DTYPE_NAMES
 
@@ -94,7 +101,10 @@ def run_check(arch: int = 90, modules: Sequence[str] = KERNEL_MODULES, only: Uni
     if not specs:
         print("no kernel specs found")
         return 1
-    header = f"{'kernel':<44} {'dtype':<5} {'config':<44} {'regs':>4} {'spill':>5} {'smem':>6} {'wgmma':>5}  status"
+    header = (
+        f"{'kernel':<44} {'dtype':<5} {'config':<44} "
+        f"{'regs':>4} {'spill':>5} {'smem':>6} {'wgmma':>5}  status"
+    )
     print(f"# compile_check for sm_{arch}")
     print(header)
     print("-" * len(header))
@@ -127,14 +137,23 @@ def run_check(arch: int = 90, modules: Sequence[str] = KERNEL_MODULES, only: Uni
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability as an int (90 = Hopper)")
+    parser.add_argument(
+        "--arch", type=int, default=90, help="CUDA compute capability as an int (90 = Hopper)"
+    )
     parser.add_argument("--module", action="append", help="kernel module(s) to check (default: all)")
-    parser.add_argument("--only", action="append",
-                        help="check only specs whose 'name config' contains this string (repeatable)")
+    parser.add_argument(
+        "--only",
+        action="append",
+        help="check only specs whose 'name config' contains this string (repeatable)",
+    )
     parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="check only this operand dtype")
     parser.add_argument("--limit", type=int, help="check only the first N matching specs")
-    parser.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1),
-                        help="compile in this many processes (default: up to 4)")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=min(4, os.cpu_count() or 1),
+        help="compile in this many processes (default: up to 4)",
+    )
     args = parser.parse_args(argv)
 
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -142,7 +161,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         # run again in a fresh process without it.
         env = dict(os.environ)
         env.pop("TRITON_INTERPRET")
-        cmd = [sys.executable, "-m", "pace_kernels.compile_check"] + list(sys.argv[1:] if argv is None else argv)
+        cmd = [sys.executable, "-m", "pace_kernels.compile_check"] + list(
+            sys.argv[1:] if argv is None else argv
+        )
         return subprocess.call(cmd, env=env)
     return run_check(args.arch, args.module or KERNEL_MODULES, args.only, args.limit, args.jobs, args.dtype)
 

@@ -22,7 +22,9 @@ def _rel(a, b):
 @pytest.fixture(scope="module")
 def vit_b():
     # ViT-B/16 (12 blocks, 768 wide); a 32x32 input keeps the test fast on CPU.
-    return timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=7, img_size=32, drop_path_rate=0.1)
+    return timm.create_model(
+        "vit_base_patch16_224", pretrained=False, num_classes=7, img_size=32, drop_path_rate=0.1
+    )
 
 
 def test_vit_b_inject_schedule_init_and_merge(vit_b):
@@ -77,7 +79,9 @@ def test_swin_inject_schedule_and_merge():
     assert "head.fc" in layers and layers["head.fc"].adapter == "head"
     # Swin: no noise-free block; a layer between blocks shares the index of the block after it.
     assert layers["layers.0.blocks.0.attn.qkv"].sigma > 0
-    assert layers["layers.1.downsample.reduction"].block_index == layers["layers.1.blocks.0.mlp.fc1"].block_index
+    assert (
+        layers["layers.1.downsample.reduction"].block_index == layers["layers.1.blocks.0.mlp.fc1"].block_index
+    )
     n = len({m.block_index for m in layers.values()})
     assert layers["head.fc"].block_index == n - 1
     assert layers["layers.0.blocks.0.attn.qkv"].sigma == pytest.approx(1.0)
@@ -94,10 +98,23 @@ def test_swin_inject_schedule_and_merge():
 
 def test_block_indices_and_schedules():
     names = ["blocks.0.fc", "blocks.1.fc", "layers.1.downsample.reduction", "head"]
-    idx = pace.block_indices(["layers.0.blocks.0.fc", "layers.0.blocks.1.fc", "layers.1.downsample.reduction",
-                              "layers.1.blocks.0.fc", "head.fc"], head="head.fc")
-    assert idx == {"layers.0.blocks.0.fc": 0, "layers.0.blocks.1.fc": 1, "layers.1.downsample.reduction": 2,
-                   "layers.1.blocks.0.fc": 2, "head.fc": 3}
+    idx = pace.block_indices(
+        [
+            "layers.0.blocks.0.fc",
+            "layers.0.blocks.1.fc",
+            "layers.1.downsample.reduction",
+            "layers.1.blocks.0.fc",
+            "head.fc",
+        ],
+        head="head.fc",
+    )
+    assert idx == {
+        "layers.0.blocks.0.fc": 0,
+        "layers.0.blocks.1.fc": 1,
+        "layers.1.downsample.reduction": 2,
+        "layers.1.blocks.0.fc": 2,
+        "head.fc": 3,
+    }
     assert pace.block_indices(names, head="head")["head"] == 2
     assert pace.schedule_factors(13, 1, "pace") == pytest.approx([0] + [(13 - j) / 12 for j in range(1, 13)])
     assert pace.schedule_factors(4, 0, "constant") == [1.0] * 4
@@ -109,7 +126,9 @@ def test_block_indices_and_schedules():
 class _Mlp(nn.Module):
     def __init__(self):
         super().__init__()
-        self.encoder = nn.ModuleList([nn.Sequential(nn.Linear(12, 16), nn.GELU(), nn.Linear(16, 12)) for _ in range(3)])
+        self.encoder = nn.ModuleList(
+            [nn.Sequential(nn.Linear(12, 16), nn.GELU(), nn.Linear(16, 12)) for _ in range(3)]
+        )
         self.norm = nn.LayerNorm(12)
         self.head = nn.Linear(12, 4)
 
@@ -142,7 +161,10 @@ def test_generic_module_targets_and_merge_every_kind(kind):
 def test_regex_targets_and_bad_arguments():
     model = _Mlp()
     pace.inject(model, adapter="lora_add", targets=r"encoder\.[01]\.2", head=None)
-    assert sorted(n for n, m in model.named_modules() if isinstance(m, pace.PaceLinear)) == ["encoder.0.2", "encoder.1.2"]
+    assert sorted(n for n, m in model.named_modules() if isinstance(m, pace.PaceLinear)) == [
+        "encoder.0.2",
+        "encoder.1.2",
+    ]
     with pytest.raises(ValueError, match="already holds PaceLinear"):
         pace.inject(model)
     for kwargs, msg in (
@@ -174,6 +196,7 @@ def test_set_sigma_reapplies_schedule_and_adapters_disabled():
         y_off = model(x)
     assert pace.fp_distance(model, x).item() > 0
     merged_head_only = _Mlp()
-    merged_head_only.load_state_dict({k: v for k, v in model.state_dict().items()
-                                      if "lora" not in k and "delta_bias" not in k})
+    merged_head_only.load_state_dict(
+        {k: v for k, v in model.state_dict().items() if "lora" not in k and "delta_bias" not in k}
+    )
     torch.testing.assert_close(y_off, merged_head_only(x))

@@ -38,8 +38,14 @@ KINDS = ["lora_add", "lora_mul", "vpt_add", "lora_mul_vpt_add", "rlrr"]
 @pytest.mark.parametrize("noise_shape,rank", [("sample", 1), ("token", 10), (None, 10)])
 def test_kind_matches_spec_forward_and_grads(kind, noise_shape, rank):
     S, T, K, D, sigma = 2, 197, 33, 18, 0.7
-    layer = pace.PaceLinear(K, D, adapter=kind, rank=rank, sigma=sigma if noise_shape else 0.0,
-                            noise_shape=noise_shape or "sample")
+    layer = pace.PaceLinear(
+        K,
+        D,
+        adapter=kind,
+        rank=rank,
+        sigma=sigma if noise_shape else 0.0,
+        noise_shape=noise_shape or "sample",
+    )
     _randomise(layer)
     x = torch.randn(S, T, K)
     g = torch.randn(S, T, D)
@@ -68,8 +74,13 @@ def test_kind_matches_spec_forward_and_grads(kind, noise_shape, rank):
     torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-4, atol=1e-4)
     for name, p in layer.adapter_parameters().items():
         ref = f64[name].grad
-        torch.testing.assert_close(p.grad.double() / ref.abs().max(), ref / ref.abs().max(), rtol=1e-4, atol=1e-4,
-                                   msg=lambda m, n=name: f"grad of {n}: {m}")
+        torch.testing.assert_close(
+            p.grad.double() / ref.abs().max(),
+            ref / ref.abs().max(),
+            rtol=1e-4,
+            atol=1e-4,
+            msg=lambda m, n=name: f"grad of {n}: {m}",
+        )
     assert layer.weight.grad is None or kind == "head"
 
 
@@ -113,7 +124,9 @@ def test_noise_one_draw_per_sample_and_channel_with_mean_one_and_std_sigma():
     assert per.std(dim=0).min() > 0.8 * sigma  # every channel varies across samples, independently drawn
     layer.eval()
     with torch.no_grad():
-        torch.testing.assert_close(layer(x) - nn.functional.linear(x, layer.weight, layer.bias), torch.ones(S, T, D))
+        torch.testing.assert_close(
+            layer(x) - nn.functional.linear(x, layer.weight, layer.bias), torch.ones(S, T, D)
+        )
 
 
 def test_ablation_noises():

@@ -100,8 +100,14 @@ def test_fpa_compares_with_adapters_off_and_none_is_plain_ce():
 
 
 def _small_vit(drop_path):
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=4, img_size=32, depth=3,
-                             drop_path_rate=drop_path)
+    return timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        num_classes=4,
+        img_size=32,
+        depth=3,
+        drop_path_rate=drop_path,
+    )
 
 
 def test_shared_drop_path_copies_identical_without_noise_and_different_with_noise():

@@ -76,18 +76,32 @@ def test_reference_matches_spec(op, S, T, K, D, r, noise, has_bias):
     for dtype, tol in ((f64, 1e-10), (torch.float32, 2e-4)):
         leaves = [t.detach().to(dtype).clone().requires_grad_() for t in (x, a, b, db)]
         xx, aa, bb, dd = leaves
-        y = fn(xx, w0.to(dtype), None if b0 is None else b0.to(dtype), aa, bb, dd, None if z is None else z.to(dtype))
+        y = fn(
+            xx,
+            w0.to(dtype),
+            None if b0 is None else b0.to(dtype),
+            aa,
+            bb,
+            dd,
+            None if z is None else z.to(dtype),
+        )
         y.backward(g.to(dtype))
         scale = y_spec.abs().max()
         torch.testing.assert_close(y.double() / scale, y_spec / scale, atol=tol, rtol=tol)
         for name, leaf, ref in zip(("x", "lora_a", "lora_b", "delta_bias"), leaves, grads_spec):
             s = ref.abs().max()
-            torch.testing.assert_close(leaf.grad.double() / s, ref / s, atol=tol, rtol=tol, msg=f"grad of {name}")
+            torch.testing.assert_close(
+                leaf.grad.double() / s, ref / s, atol=tol, rtol=tol, msg=f"grad of {name}"
+            )
 
 
 def test_two_dim_x_per_row_noise():
     x = torch.randn(7, 33, dtype=torch.float64)
-    w0, a, b = torch.randn(17, 33, dtype=torch.float64), torch.randn(2, 33, dtype=torch.float64), torch.randn(17, 2, dtype=torch.float64)
+    w0, a, b = (
+        torch.randn(17, 33, dtype=torch.float64),
+        torch.randn(2, 33, dtype=torch.float64),
+        torch.randn(17, 2, dtype=torch.float64),
+    )
     z = torch.rand(7, 17, dtype=torch.float64) + 0.5
     y = reference.lora_add_linear(x, w0, None, a, b, None, z)
     torch.testing.assert_close(y, x @ w0.T + z * (x @ a.T @ b.T))
