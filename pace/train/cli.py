@@ -374,6 +374,12 @@ def _device(choice: str, env):
     if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise UsageError("--device cuda: no CUDA device is available")
+        visible = torch.cuda.device_count()
+        if env.local_rank >= visible:  # more ranks per node than GPUs: set_device would crash
+            raise UsageError(
+                f"--device {choice}: LOCAL_RANK {env.local_rank} but only {visible} GPU(s) visible "
+                "(start at most that many processes per node, or pass --device cpu)"
+            )
         return torch.device("cuda", env.local_rank)
     return torch.device("cpu")
 

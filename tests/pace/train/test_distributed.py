@@ -1,9 +1,11 @@
-"""Data-parallel training under torchrun (gloo on CPU): the PACE_fast bank stays whole on every rank."""
+"""Data-parallel training under torchrun (gloo on CPU): the PACE_fast bank stays whole on every rank;
+more ranks per node than GPUs is a usage error, not a crash in set_device."""
 
 from __future__ import annotations
 
 import subprocess
 
+import pytest
 import torch
 
 from pace.train.checkpoint import load_training_checkpoint
@@ -32,6 +34,8 @@ def test_torchrun_two_ranks_fast_bank_rows_are_the_seen_samples(tmp_path):
         str(out),
         "--debug-dump",
         str(dump),
+        "--device",
+        "cpu",  # two ranks need not find two GPUs; gloo on CPU runs anywhere
     ]
     res = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -53,3 +57,20 @@ def test_torchrun_two_ranks_fast_bank_rows_are_the_seen_samples(tmp_path):
     assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
     assert "PACE_fast" in res.stdout  # the table, printed once
     assert res.stdout.count("PACE_fast ") == 1
+
+
+@pytest.mark.parametrize("choice", ["auto", "cuda"])
+def test_more_local_ranks_than_gpus_is_a_usage_error(run_main, tmp_path, monkeypatch, choice):
+    # A one-GPU machine under torchrun --nproc_per_node=2: rank 1 must not ask for cuda:1.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    res = run_main("--device", choice, *SMALL_DEFAULT, "--out", tmp_path / "o")
+    assert res.code == 2, res.err
+    lines = [line for line in res.err.splitlines() if line.strip()]
+    assert lines == [
+        f"pace-train: error: --device {choice}: LOCAL_RANK 1 but only 1 GPU(s) visible "
+        "(start at most that many processes per node, or pass --device cpu)"
+    ]
