@@ -188,6 +188,11 @@ def register_op(qualname: str, fn: Callable, fake: Callable, *, mutates_args: Se
 # --------------------------------------------------------------------------------------------
 # Public entry points: the part every ``*_linear_triton`` function shares.
 
+def contiguous_or_none(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t.contiguous()``, or None for None: for the operands a kernel reads with unit stride."""
+    return None if t is None else t.contiguous()
+
+
 def run_fused_linear(op: str, launch: Callable[..., torch.Tensor], max_rank: int, x: torch.Tensor,
                      weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
                      lora_b: torch.Tensor, delta_bias: torch.Tensor | None,

@@ -43,6 +43,7 @@ from ._triton_utils import (
     TRITON_DTYPE_NAMES,
     CompileSpec,
     config_label,
+    contiguous_or_none,
     dot_acc,
     dot_flags,
     jit_helper,
@@ -575,8 +576,10 @@ lora_add_fwd.register_autograd(LoraAddFunction.backward, setup_context=LoraAddFu
 
 
 def _launch_2d(x2d, weight, bias, lora_a, lora_b, delta_bias, noise2d, rows_per_noise):
-    # The kernels take any strides, so the operands go in as given; U is for backward only.
-    y, _ = torch.ops.pace.lora_add_fwd(x2d, weight, bias, lora_a, lora_b, delta_bias, noise2d, rows_per_noise)
+    # The kernels take any strides of the 2-D operands, but read the 1-D b0 and db with unit
+    # stride (``bias_ptr + cols``): those must be contiguous. U is for backward only.
+    y, _ = torch.ops.pace.lora_add_fwd(x2d, weight, contiguous_or_none(bias), lora_a, lora_b,
+                                       contiguous_or_none(delta_bias), noise2d, rows_per_noise)
     return y
 
 

@@ -101,6 +101,7 @@ from ._triton_utils import (
     TRITON_DTYPE_NAMES,
     CompileSpec,
     config_label,
+    contiguous_or_none,
     dot_acc,
     dot_flags,
     is_interpreting,
@@ -793,14 +794,11 @@ lora_mul_fwd.register_autograd(LoraMulFunction.backward, setup_context=LoraMulFu
 # Public entry point
 
 
-def _contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else t.contiguous()
-
-
 def _launch_2d(x2d, weight, bias, lora_a, lora_b, delta_bias, noise2d, rows_per_noise):
     # The kernels assume unit stride along every operand's last dimension (see "Kernels" above).
-    return torch.ops.pace.lora_mul_fwd(x2d, weight.contiguous(), _contiguous(bias), lora_a.contiguous(),
-                                       lora_b.contiguous(), _contiguous(delta_bias), _contiguous(noise2d),
+    return torch.ops.pace.lora_mul_fwd(x2d, weight.contiguous(), contiguous_or_none(bias),
+                                       lora_a.contiguous(), lora_b.contiguous(),
+                                       contiguous_or_none(delta_bias), contiguous_or_none(noise2d),
                                        rows_per_noise)
 
 

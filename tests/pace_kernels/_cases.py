@@ -134,6 +134,21 @@ def assert_matches_reference(op: str, inputs: Inputs, label: str = "") -> None:
             f"(reference error {err_ref:.3g}, scale {scale:.3g})")
 
 
+def with_strided_biases(inputs: Inputs) -> Inputs:
+    """``inputs`` with ``bias`` and ``delta_bias`` replaced by the same values as every other element
+    of a twice-as-long tensor (stride 2), ``delta_bias`` still a leaf that requires grad."""
+    out = dict(inputs)
+    for name in ("bias", "delta_bias"):
+        t = inputs[name]
+        assert t is not None, f"{name} needed"
+        wide = torch.zeros(2 * t.numel(), device=t.device, dtype=t.dtype)
+        wide[::2] = t.detach()
+        strided = wide[::2]
+        assert strided.stride() == (2,) and torch.equal(strided, t.detach())
+        out[name] = strided.requires_grad_(t.requires_grad)
+    return out
+
+
 def assert_pairwise_coverage(cases: Iterable[Case], axes: Mapping[str, set]) -> None:
     """Every pair of values of any two axes (``Case`` field -> values) occurs in some case."""
     cases = list(cases)

@@ -76,6 +76,14 @@ def test_per_sample_noise_paths(rank: int, delta_bias: bool, mode: int, device: 
     assert_matches_reference(make_inputs(case, device), f"mode {mode}")
 
 
+def test_strided_bias_and_delta_bias(device: str) -> None:
+    """1-D ``bias`` and ``delta_bias`` with stride 2 (views such as ``t[::2]``) give the right output
+    and ``delta_bias`` gradient: the kernels read them with unit stride, so the launcher must make
+    them contiguous."""
+    case = Case("fp32", 197, 80, 48, 10, "sample", True, True, 3, True)
+    assert_matches_reference(_cases.with_strided_biases(make_inputs(case, device)), "strided biases")
+
+
 def test_frozen_input_skips_dx(device: str) -> None:
     """x without requires_grad (the first adapted layer): the adapter gradients stay right."""
     case = Case("fp32", 197, 80, 48, 10, "sample", True, True, 3, True)

@@ -80,6 +80,14 @@ def test_row_plans(tokens: int, device: str) -> None:
     assert_matches_reference(make_inputs(case, device, seed=tokens), str(case))
 
 
+def test_strided_bias_and_delta_bias(device: str) -> None:
+    """1-D ``bias`` and ``delta_bias`` with stride 2 (views such as ``t[::2]``) give the right output
+    and ``delta_bias`` gradient: the kernels read them with unit stride, so the launcher must make
+    them contiguous."""
+    case = Case("fp32", 50, 80, 48, 10, "sample", True, True, 3, True)
+    assert_matches_reference(_cases.with_strided_biases(make_inputs(case, device)), "strided biases")
+
+
 def test_partial_gradients(device: str) -> None:
     """x without requires_grad (the first adapted layer), and an adapter whose factors are frozen
     (only d db wanted): each asked-for gradient is right."""
