@@ -443,9 +443,13 @@ def _run_data(args, env, device, base) -> int:
     import timm
 
     from .data import IMAGENET_MEAN, IMAGENET_STD, build_transforms, load_folder_data
-    from .loop import run_training
+    from .loop import run_training, seed_everything
     from .model import add_adapters, count_parameters, create_timm_model, load_checkpoint, log
 
+    # Before anything draws a random number: the head, the adapters and a backbone that no
+    # --checkpoint / --pretrained overwrites must come out the same on every rank (only trainable
+    # tensors are broadcast), in every run with this --seed, and again when --resume rebuilds them.
+    seed_everything(args.seed)
     main = env.is_main
     mode = args.pace or "none"
     sigma_d, lam_d = DATA_MODE_DEFAULTS[mode]
