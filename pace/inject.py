@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from pace_kernels._checks import check_backend
 
-from .dropout import SharedDropout, SharedDropPath
+from .dropout import SharedDropout, SharedDropPath, reused_masks
 from .layers import ADAPTER_KINDS, PaceLinear, SSFNorm, check_sigma
 from .noise import check_noise_kind
 
@@ -244,8 +244,9 @@ def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
 
 def fp_distance(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The FP-distance of the PACE paper (Eq. 5): ``mean_b sum_c (f(x) - f_pretrained(x))^2``,
-    without gradient, in the model's current mode (call it in eval mode for a noise-free value)."""
-    with torch.no_grad():
+    without gradient, in the model's current mode (call it in eval mode for a noise-free value; in
+    train mode both passes see the same DropPath masks)."""
+    with torch.no_grad(), reused_masks(model):
         f = model(x)
         with adapters_disabled(model):
             f0 = model(x)

@@ -79,10 +79,16 @@ def load_adapter(model: nn.Module, path: PathLike) -> nn.Module:
         inject(model, head=head if head is not None else None, **config)
     tensors = load_file(str(st_path))
     params = dict(model.named_parameters())
-    missing = sorted(set(tensors) - set(params))
-    if missing:
+    unknown = sorted(set(tensors) - set(params))
+    if unknown:
         raise ValueError(
-            f"load_adapter: the model has no parameters named {missing[:5]} (different model or config?)"
+            f"load_adapter: the model has no parameters named {unknown[:5]} (different model or config?)"
+        )
+    untouched = sorted({n for n, p in params.items() if p.requires_grad} - set(tensors))
+    if untouched:
+        raise ValueError(
+            f"load_adapter: {st_path} holds no tensors for the model's trainable {untouched[:5]} "
+            "(saved from a different model or config?)"
         )
     with torch.no_grad():
         for name, t in tensors.items():

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .dropout import set_copies
+from .dropout import reused_masks, set_copies
 from .inject import adapters_disabled
 
 __all__ = ["MODES", "PaceCriterion", "PaceOutput", "consistency"]
@@ -124,15 +124,19 @@ class PaceCriterion(nn.Module):
             return PaceOutput(cls + self.lam * cons, cls, cons, f1, y)
 
         set_copies(model, 1)
+        if mode == "fpa":
+            # The pre-trained pass reuses this pass's DropPath masks: only the adapters differ.
+            with reused_masks(model):
+                logits = model(x)
+                with torch.no_grad(), adapters_disabled(model):
+                    ref = model(x)
+            cls = self.cls_loss(logits, y)
+            cons = consistency(logits, ref.detach())
+            return PaceOutput(cls + self.lam * cons, cls, cons, logits, y)
         logits = model(x)
         cls = self.cls_loss(logits, y)
         if mode in ("none", "lazy"):
             return PaceOutput(cls, cls, logits.new_zeros(()).float(), logits, y)
-        if mode == "fpa":
-            with torch.no_grad(), adapters_disabled(model):
-                ref = model(x)
-            cons = consistency(logits, ref.detach())
-            return PaceOutput(cls + self.lam * cons, cls, cons, logits, y)
 
         # fast: read the bank's rows before writing this step's logits into them
         if index is None:

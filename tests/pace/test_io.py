@@ -5,6 +5,7 @@ import json
 import pytest
 import timm
 import torch
+from safetensors.torch import load_file, save_file
 
 import pace
 
@@ -48,4 +49,15 @@ def test_load_errors(tmp_path):
         pace.load_adapter(other, tmp_path / "a")
     (tmp_path / "a.json").write_text("{not json")
     with pytest.raises(ValueError, match="is not a PACE adapter config"):
+        pace.load_adapter(_model(), tmp_path / "a")
+
+
+def test_load_refuses_a_file_that_misses_trainable_tensors(tmp_path):
+    model = pace.inject(_model(), adapter="lora_add", rank=2)
+    pace.save_adapter(model, tmp_path / "a")
+    tensors = load_file(str(tmp_path / "a.safetensors"))
+    del tensors["blocks.1.mlp.fc2.lora_b"]
+    save_file(tensors, str(tmp_path / "a.safetensors"))
+    msg = r"holds no tensors for the model's trainable \['blocks.1.mlp.fc2.lora_b'\]"
+    with pytest.raises(ValueError, match=msg):
         pace.load_adapter(_model(), tmp_path / "a")

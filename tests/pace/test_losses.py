@@ -141,3 +141,28 @@ def test_bad_criterion_arguments():
         crit(_CopyOffsetModel([0.0] * 3), X, Y)
     with pytest.raises(ValueError, match=r"index must have shape \[2\]"):
         crit(_CopyOffsetModel([0.0] * 3), X, Y, index=torch.tensor([0, 1, 2]))
+
+
+def test_fpa_pretrained_pass_reuses_the_drop_path_masks():
+    """At initialisation the adapters add nothing, so with the masks shared FPA's distance is 0;
+    a fresh mask for the pre-trained pass would make it positive."""
+    x = torch.randn(4, 3, 32, 32)
+    y = torch.tensor([0, 1, 2, 3])
+    model = pace.inject(_small_vit(0.5), adapter="lora_mul_vpt_add", rank=4, sigma=0.0).train()
+    out = pace.PaceCriterion("fpa", lam=1.0)(model, x, y)
+    assert out.consistency.item() == 0.0
+    assert pace.fp_distance(model, x).item() == 0.0
+    with torch.no_grad():
+        assert not torch.allclose(model(x), model(x))  # the masks are live
+
+
+def test_drop_path_mask_is_mean_normalised_and_tiled_over_copies():
+    layer = pace.SharedDropPath(0.5).train()
+    pace.set_copies(layer, 2)
+    x = torch.ones(2 * 64, 3)
+    out = layer(x)[:, 0]
+    assert torch.equal(out[:64], out[64:])  # copy c of sample b at row c*B + b shares its mask
+    torch.testing.assert_close(out.mean(), torch.tensor(1.0))  # public PACE code: mask / mask.mean()
+    assert set(out.unique().tolist()) <= {0.0, out.max().item()}
+    timm_style = pace.SharedDropPath(0.5, mean_normalize=False).train()
+    assert set(timm_style(torch.ones(64, 3)).unique().tolist()) <= {0.0, 2.0}
