@@ -20,7 +20,8 @@ Backward, three launches, no ``N x D`` temporary besides ``G`` and no atomics:
   ``dX`` and loops over D; ``P = Gz B`` (``[BLOCK_M, R]``) is accumulated beside ``G W0`` from the
   same ``G`` tile, ``Gz = Zr * G`` formed on the fly: in registers from a gathered noise tile, or,
   with long samples, as ``G (B * z_s)`` per sample (one small accumulator each). The epilogue adds
-  ``P A``; the first column tile stores ``P`` (``N x r``, small) for ``dA``.
+  ``P A``; the first column tile stores ``P`` (``N x r``, small) for ``dA``. When ``dX`` is not
+  needed (a frozen input) the grid is one program per row tile, which computes and stores ``P``.
 - ``_rank_grad_kernel`` twice: ``dB = Gz^T U`` with ``d db = colsum(Gz)``, and ``dA^T = X^T P``.
   Rows are split into a fixed number of chunks (chosen from the shapes only); every program sums
   its chunk into its own slot of an fp32 ``[splits, F, r]`` buffer, and the slots are summed by
@@ -187,7 +188,13 @@ def _bwd_dx_kernel(
     R: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid_m, pid_k = _tile_ids(tl.program_id(0), N, K, BLOCK_M, BLOCK_K, GROUP_M)
+    if COMPUTE_DX:
+        pid_m, pid_k = _tile_ids(tl.program_id(0), N, K, BLOCK_M, BLOCK_K, GROUP_M)
+    else:
+        # Only P is wanted: one program per row tile (the grid has no column tiles), so G is read
+        # once, not once per column tile of dX.
+        pid_m = tl.program_id(0)
+        pid_k = 0
     dtype = dx_ptr.dtype.element_ty
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -485,7 +492,9 @@ def _backward_impl(grad_y: torch.Tensor, x: torch.Tensor, u: torch.Tensor, weigh
     dx_arg = dx if need_dx else p  # never written when COMPUTE_DX is off
 
     def grid(meta):
-        return (triton.cdiv(n_rows, meta["BLOCK_M"]) * triton.cdiv(k_in, meta["BLOCK_K"]),)
+        # Without dX only P = Gz B is computed: one program per row tile.
+        col_tiles = triton.cdiv(k_in, meta["BLOCK_K"]) if need_dx else 1
+        return (triton.cdiv(n_rows, meta["BLOCK_M"]) * col_tiles,)
 
     wrap_triton(kernel)[grid](
         g, weight, lora_a, lora_b, z, dx_arg, p,
