@@ -564,4 +564,10 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())
+    text = str(exc)
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        # Raised in a DataLoader worker: torch re-raises the same type with the worker's whole
+        # traceback as its message; its last line is "module.Type: the original message".
+        last = text.rstrip().splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return " ".join(text.split())

@@ -13,6 +13,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from .checkpoint import _short
 from .errors import UsageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -51,11 +52,18 @@ class ImageList(Dataset):
         return len(self.samples)
 
     def __getitem__(self, i: int):
-        from PIL import Image
+        from PIL import Image, UnidentifiedImageError
 
         path, label = self.samples[i]
-        with Image.open(path) as img:
-            img = img.convert("RGB")
+        try:
+            with Image.open(path) as img:
+                img = img.convert("RGB")  # decodes: a truncated file fails here, not in open()
+        except Exception as exc:  # noqa: BLE001 - PIL raises OSError, ValueError, SyntaxError, ...
+            # Malformed data is bad input (exit 2, one line). UsageError takes one string, so a
+            # DataLoader worker's re-raise rebuilds it as a UsageError too (main unwraps the text).
+            unknown = isinstance(exc, UnidentifiedImageError)  # its text repeats the path
+            why = "not an image format PIL recognises" if unknown else _short(exc)
+            raise UsageError(f"--data: cannot read image {path} ({why})") from None
         return self.transform(img), label, i
 
     @property

@@ -163,6 +163,37 @@ def test_checkpoint_for_another_model(run_main, noah_dir, tmp_path):
     _assert_usage_error(res, "no tensor that fits")
 
 
+@pytest.mark.parametrize("workers, damage", [(0, "garbage"), (1, "truncated")])
+def test_corrupt_image(run_main, noah_dir, tmp_path, workers, damage):
+    # PIL fails while the DataLoader reads the batch; with --workers > 0 in a worker process, whose
+    # exception torch re-raises in the trainer with the worker's traceback as its text.
+    bad = noah_dir / "images" / "train800" / "000003.png"
+    data = bad.read_bytes()
+    bad.write_bytes(b"not an image at all" if damage == "garbage" else data[: len(data) // 2])
+    res = run_main(
+        "--data",
+        noah_dir,
+        *TINY_VIT,
+        "--epochs",
+        "1",
+        "--batch-size",
+        "64",
+        "--workers",
+        workers,
+        "--threads",
+        "1",
+        "--no-progress",
+        "--out",
+        tmp_path / "o",
+    )
+    # The run had logged what it loaded before the bad file came up; the error is its last line.
+    assert res.code == 2 and "Traceback" not in res.err, res.err
+    errors = [line for line in res.err.splitlines() if line.startswith("pace-train:")]
+    assert errors == [res.err.rstrip().splitlines()[-1]], res.err
+    why = "not an image format PIL recognises" if damage == "garbage" else "OSError: image file is truncated"
+    assert errors[0] == f"pace-train: error: --data: cannot read image {bad} ({why})"
+
+
 def test_unreadable_resume_checkpoint(run_main, tmp_path):
     out = tmp_path / "o" / "baseline" / "seed0"
     out.mkdir(parents=True)
