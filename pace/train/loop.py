@@ -124,7 +124,16 @@ def evaluate(
     """Top-1 accuracy over the whole set; each rank scores its share and the counts are summed."""
     model.eval()
     part = Subset(ds, shard_indices(len(ds), env.rank, env.world_size))
-    loader = DataLoader(part, batch_size=cfg.eval_batch_size, num_workers=cfg.workers, shuffle=False)
+    # A loader without a generator draws its workers' base seed from the global torch stream, which
+    # the PACE noise uses: evaluating would shift the noise of every later step, so the result
+    # would depend on --eval-every (and a --resume with another --eval-every would drift silently).
+    loader = DataLoader(
+        part,
+        batch_size=cfg.eval_batch_size,
+        num_workers=cfg.workers,
+        shuffle=False,
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )
     correct = total = 0
     for x, y, _ in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from pace.train.data import ShardedBatchSampler, load_folder_data, read_list
 from pace.train.errors import UsageError
@@ -132,8 +133,6 @@ def test_sampler_order_follows_its_generator():
 
 
 def _same_files(a, b):
-    from safetensors.torch import load_file
-
     ta, tb = load_file(a / "adapter.safetensors"), load_file(b / "adapter.safetensors")
     assert ta.keys() == tb.keys() and len(ta) > 0
     for k in ta:
@@ -155,3 +154,18 @@ def test_data_run_without_checkpoint_is_reproducible_and_resumes_exactly(run_mai
     res = run_main(*args, "--out", split, "--resume")
     assert res.code == 0 and "resumed from" in res.err, res.err
     _same_files(straight, split)
+
+
+def test_evaluation_does_not_shift_the_noise(run_main, noah_dir, tmp_path):
+    # Evaluating must not draw from the global torch stream the PACE noise comes from: training
+    # with --eval-every 1 or 2 (and so a --resume that changes it) gives the same adapter.
+    args = ["--data", noah_dir, *TWO_EPOCHS, "--pace", "pace"]
+    every1, every2 = tmp_path / "every1", tmp_path / "every2"
+    assert run_main(*args, "--out", every1).code == 0
+    assert run_main(*args, "--eval-every", "2", "--out", every2).code == 0
+    a, b = (load_file(d / "adapter.safetensors") for d in (every1, every2))
+    assert a.keys() == b.keys() and len(a) > 0
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    steps = [[r for r in read_metrics(d / "metrics.jsonl") if r["type"] == "step"] for d in (every1, every2)]
+    assert without_timing(steps[0]) == without_timing(steps[1])
