@@ -14,10 +14,15 @@ map, ``Y_b = X_b W_b^T + b0 + z_b db`` with ``W_b = W0 * (1 + z_b[:, None] * M)`
   memory). Bias, ``b0`` and ``z_b db`` are added in the epilogue; no ``N x D`` intermediate.
 - ``dX_b = G_b W_b`` (``_lora_mul_dx_kernel``): the same tiles, transposed.
 - ``dM = (Gz^T X) * W0`` (``_lora_mul_dm_kernel``): ``Gz = Zr * G`` is formed per step from the
-  gathered noise rows; ``d db = colsum(Gz)`` comes from the same loads. ``dB = dM A^T`` and
-  ``dA = B^T dM`` are small cuBLAS products on this one fp32 ``D x K`` transient, freed before
-  anything else of size ``D x K`` is made. Every output element has one owner: no atomics, the
-  same bits every run.
+  gathered noise rows; ``d db = colsum(Gz)`` comes from the same loads (the first column tile's
+  programs only, so each row is summed once). The rows are split into ``S`` chunks
+  (:func:`dm_splits`, from the shapes only) when the ``[D, K]`` tiles alone would leave the GPU
+  idle; each program writes an fp32 partial into its own slot of an ``[S, D, K]`` buffer (and of
+  ``[S, D]`` for ``d db``), summed by ``torch.sum`` in a fixed order and then multiplied by ``W0``
+  (with ``S = 1`` the kernel multiplies and writes ``dM`` itself). ``dB = dM A^T`` and
+  ``dA = B^T dM`` are small cuBLAS products on that fp32 ``D x K``; the partials and ``dM`` are
+  transients of the backward call, freed before anything else of size ``D x K`` is made. Every
+  output element has one owner: no atomics, the same bits every run.
 - noise-free (``noise=None``: sigma 0, eval, ViT's first block): one GEMM against the merged
   ``W0 * (1 + M)``, built once per call (a transient ``D x K``, O(D K r) work).
 - per-token noise, and the rows the per-sample tiles leave over (below): the two-GEMM form
@@ -32,6 +37,14 @@ Cost model
 GEMM-equivalents (MMA work, one ``N x K x D`` product = 1; fwd + dX + dM):
 
 - noise-free: 1 + 1 + 1 = 3.  Two-GEMM form: 2 + 2 + 1 = 5.
+- the dM pass is one GEMM-equivalent whatever its split. Without a split it runs one program per
+  ``[D, K]`` tile, each looping over all N rows: ViT-B proj (768 x 768) at 128 x 128 tiles is 36
+  programs on 132 SMs. :func:`dm_splits` picks ``S`` so that tiles x ``S`` reaches about 264
+  (two per SM of an H100) with >= 1024 rows per split: proj ``S = 8`` (288 programs), qkv 3
+  (324), fc1/fc2 2 (288), ``S = 1`` from 264 tiles up (LLM 4096 x 4096: 1024 tiles). A split costs
+  ``S`` fp32 ``D x K`` partials written and read once more (proj, S = 8: 18 MiB each way, against
+  at least the 74 MiB of ``G`` and ``X`` in bf16 that the pass reads at N = 2 x 64 x 197), and
+  ``4 (S + 1) D K`` bytes (fp32) of transient memory at the peak.
 - per-sample tiles: c + c + 1, where ``c`` is the MMA rows run per sample over ``T``
   (:func:`sample_plan`), plus the r-wide product that builds ``M``: ``R / BLOCK_M`` of the tile's
   main MMA, ``R`` the rank padded to a power of two >= 16 (RLRR and r <= 16: 1/4 at 64-row tiles,
@@ -446,16 +459,21 @@ def _lora_mul_dx_two_gemm_kernel(
 @triton.jit
 def _lora_mul_dm_kernel(
     g_ptr, x_ptr, z_ptr, w_ptr, dm_ptr, ddb_ptr,
-    N, D, K, rows_per_z,
-    stride_gm, stride_xm, stride_zr, stride_wd, stride_dmd,
-    HAS_Z: tl.constexpr, HAS_DB: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    N, D, K, rows_per_z, rows_per_split,
+    stride_gm, stride_xm, stride_zr, stride_wd, stride_dms, stride_dmd, stride_ddbs,
+    HAS_Z: tl.constexpr, HAS_DB: tl.constexpr, SCALE_W: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """``dM = (Gz^T X) * W0`` (fp32), tile [out features, in features], loop over the N rows;
-    ``Gz = z G`` is formed per step from the gathered noise rows (``row // rows_per_z``).
-    The programs of the first column tile also sum ``Gz`` over rows: ``d db = colsum(Gz)``. Each
-    output element has exactly one owner, so no atomics and a fixed summation order."""
+    """``Gz^T X`` over the rows of split ``program_id(1)`` (``rows_per_split`` of them), tile
+    [out features, in features], fp32, into slot ``s`` of ``dm`` (``[S, D, K]``); ``Gz = z G`` is
+    formed per step from the gathered noise rows (``row // rows_per_z``). The programs of the first
+    column tile also sum the split's ``Gz`` over rows into slot ``s`` of ``ddb`` (``[S, D]``): the
+    partial ``d db = colsum(Gz)``. SCALE_W (one split): the tile is the whole sum and is multiplied
+    by ``W0`` here, ``dM = (Gz^T X) * W0``; otherwise the launcher sums the slots in a fixed order
+    and multiplies after. Each slot element has exactly one owner: no atomics."""
     pid = tl.program_id(0)
+    pid_s = tl.program_id(1)
     num_pid_m = _cdiv(D, BLOCK_M)
     num_pid_n = _cdiv(K, BLOCK_N)
     pid_m, pid_n = _grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M)
@@ -463,15 +481,17 @@ def _lora_mul_dm_kernel(
     d_ok = offs_d < D
     offs_k = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     k_ok = offs_k < K
-    rows = tl.arange(0, BLOCK_K).to(tl.int64)
+    row_start = pid_s.to(tl.int64) * rows_per_split
+    row_end = tl.minimum(row_start + rows_per_split, N)
+    rows = row_start + tl.arange(0, BLOCK_K).to(tl.int64)
 
     g_ptrs = g_ptr + rows[:, None] * stride_gm + offs_d[None, :]
     x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     db_acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for n0 in range(0, N, BLOCK_K):
+    for n0 in range(0, rows_per_split, BLOCK_K):
         r = rows + n0
-        r_ok = r < N
+        r_ok = r < row_end
         g = tl.load(g_ptrs, mask=r_ok[:, None] & d_ok[None, :], other=0.0)
         if HAS_Z:
             z_ptrs = z_ptr + (r // rows_per_z)[:, None] * stride_zr + offs_d[None, :]
@@ -485,13 +505,15 @@ def _lora_mul_dm_kernel(
         g_ptrs += BLOCK_K * stride_gm
         x_ptrs += BLOCK_K * stride_xm
 
-    w = tl.load(w_ptr + offs_d[:, None].to(tl.int64) * stride_wd + offs_k[None, :],
-                mask=d_ok[:, None] & k_ok[None, :], other=0.0)
-    acc = acc * w.to(tl.float32)
-    dm_ptrs = dm_ptr + offs_d[:, None].to(tl.int64) * stride_dmd + offs_k[None, :]
+    if SCALE_W:
+        w = tl.load(w_ptr + offs_d[:, None].to(tl.int64) * stride_wd + offs_k[None, :],
+                    mask=d_ok[:, None] & k_ok[None, :], other=0.0)
+        acc = acc * w.to(tl.float32)
+    dm_ptrs = (dm_ptr + pid_s.to(tl.int64) * stride_dms + offs_d[:, None].to(tl.int64) * stride_dmd
+               + offs_k[None, :])
     tl.store(dm_ptrs, acc, mask=d_ok[:, None] & k_ok[None, :])
     if HAS_DB:
-        tl.store(ddb_ptr + offs_d, db_acc, mask=d_ok & (pid_n == 0))
+        tl.store(ddb_ptr + pid_s * stride_ddbs + offs_d, db_acc, mask=d_ok & (pid_n == 0))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -576,6 +598,30 @@ def _adapter_weight(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Te
     if merged:
         w.add_(weight)
     return w
+
+
+DM_SPLIT_TARGET_PROGRAMS = 2 * 132
+"""Programs the dM pass aims for: two per SM of an H100 (132 SMs)."""
+DM_SPLIT_MIN_ROWS = 1024
+"""Fewest rows a split of the dM reduction takes: below that the [S, D, K] partial traffic and the
+final sum outweigh the extra parallelism."""
+DM_SPLIT_TILE = 128
+"""Tile edge the split count assumes for the [D, K] tiles (the largest dM config's)."""
+
+
+def dm_splits(n_rows: int, d_out: int, k_in: int) -> tuple[int, int]:
+    """``(S, rows_per_split)`` for the dM reduction over ``n_rows`` rows, from the shapes only (so
+    the summation order never changes between runs): enough splits that the ``[D, K]`` tiles (at
+    :data:`DM_SPLIT_TILE`) times ``S`` reach :data:`DM_SPLIT_TARGET_PROGRAMS`, each split at least
+    :data:`DM_SPLIT_MIN_ROWS` rows; ``S = 1`` when the tiles alone fill the GPU. Splits are whole
+    multiples of 128 rows (every dM ``BLOCK_K`` divides it), the last one shorter."""
+    tiles = triton.cdiv(d_out, DM_SPLIT_TILE) * triton.cdiv(max(k_in, 1), DM_SPLIT_TILE)
+    want = triton.cdiv(DM_SPLIT_TARGET_PROGRAMS, tiles)
+    splits = max(1, min(want, n_rows // DM_SPLIT_MIN_ROWS))
+    if splits == 1:
+        return 1, max(n_rows, 1)
+    rows_per_split = triton.cdiv(triton.cdiv(n_rows, splits), 128) * 128
+    return triton.cdiv(n_rows, rows_per_split), rows_per_split
 
 
 def _launch_rows_kernels(kind: str, bits: int, plan: SamplePlan, n_seg: int, seg_len: int, per_sample_args,
@@ -663,22 +709,35 @@ def _backward_impl(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
     if n_rows == 0 or d_out == 0:
         return dx.zero_(), d_lora_a, d_lora_b, d_db
 
-    # dM (and d db) first: its fp32 D x K transient is freed before dX makes its own.
+    # dM (and d db) first: its fp32 D x K transients are freed before dX makes its own.
     if need_factors or need_db:
-        dm = torch.empty((d_out, k_in), device=x.device, dtype=torch.float32)
-        db32 = torch.empty((d_out,), device=x.device, dtype=torch.float32)
+        splits, rows_per_split = dm_splits(n_rows, d_out, k_in)
+        # One split: the kernel writes dM itself. Several: fp32 partials [S, D, K], summed below.
+        dm = torch.empty((splits, d_out, k_in), device=x.device, dtype=torch.float32)
+        db32 = torch.empty((splits, d_out), device=x.device, dtype=torch.float32)
         z = noise if noise is not None else g
 
         def grid_dm(meta):
             # at least one column tile, so d db is summed even when K == 0
-            return (triton.cdiv(d_out, meta["BLOCK_M"]) * triton.cdiv(max(k_in, 1), meta["BLOCK_N"]),)
+            return (triton.cdiv(d_out, meta["BLOCK_M"]) * triton.cdiv(max(k_in, 1), meta["BLOCK_N"]), splits)
 
         wrap_triton(_dm[bits])[grid_dm](
             g, x, z, weight, dm, db32,
-            n_rows, d_out, k_in, max(rows_per_noise, 1),
-            g.stride(0), x.stride(0), z.stride(0), weight.stride(0), dm.stride(0),
-            HAS_Z=noise is not None, HAS_DB=need_db, UPCAST=upcast, PRECISION=precision,
+            n_rows, d_out, k_in, max(rows_per_noise, 1), rows_per_split,
+            g.stride(0), x.stride(0), z.stride(0), weight.stride(0), dm.stride(0), dm.stride(1),
+            db32.stride(0),
+            HAS_Z=noise is not None, HAS_DB=need_db, SCALE_W=splits == 1, UPCAST=upcast,
+            PRECISION=precision,
         )
+        if splits == 1:
+            dm, db32 = dm[0], db32[0]
+        else:
+            # torch.sum over the slots in a fixed order (no atomics): the same bits every run.
+            partial = dm
+            dm = partial.sum(0)
+            del partial
+            dm.mul_(weight)
+            db32 = db32.sum(0)
         if need_factors:
             d_lora_a = torch.mm(lora_b.float().t(), dm).to(lora_a.dtype)
             d_lora_b = torch.mm(dm, lora_a.float().t()).to(lora_b.dtype)
@@ -882,9 +941,14 @@ def compile_specs() -> list[CompileSpec]:
                                ("D", "K", "stride_gm", "stride_wd", "stride_zr", "stride_dxm")))
         for cfg in DM_CONFIGS_32 if wide else DM_CONFIGS_16:
             sig = dict(g_ptr=f"*{t}", x_ptr=f"*{t}", z_ptr="*fp32", w_ptr=f"*{t}", dm_ptr="*fp32",
-                       ddb_ptr="*fp32", N="i32", D="i32", K="i32", rows_per_z="i32", stride_gm="i32",
-                       stride_xm="i32", stride_zr="i32", stride_wd="i32", stride_dmd="i32")
-            consts = dict(HAS_Z=True, HAS_DB=True, **common)
-            specs.append(_spec("lora_mul_dm", _lora_mul_dm_kernel, sig, consts, cfg, dtype,
-                               ("D", "K", "stride_gm", "stride_xm", "stride_zr", "stride_wd", "stride_dmd")))
+                       ddb_ptr="*fp32", N="i32", D="i32", K="i32", rows_per_z="i32", rows_per_split="i32",
+                       stride_gm="i32", stride_xm="i32", stride_zr="i32", stride_wd="i32",
+                       stride_dms="i32", stride_dmd="i32", stride_ddbs="i32")
+            for scale_w in (True, False):
+                consts = dict(HAS_Z=True, HAS_DB=True, SCALE_W=scale_w, **common)
+                # one split: rows_per_split = N, any value; several: multiples of 128 rows
+                divisible = ("D", "K", "stride_gm", "stride_xm", "stride_zr", "stride_wd", "stride_dms",
+                             "stride_dmd", "stride_ddbs") + (() if scale_w else ("rows_per_split",))
+                specs.append(_spec("lora_mul_dm" + ("" if scale_w else " split"), _lora_mul_dm_kernel, sig,
+                                   consts, cfg, dtype, divisible))
     return specs

@@ -130,6 +130,45 @@ def test_gradients_bitwise_deterministic(device: str) -> None:
             assert torch.equal(first[name], second[name]), (noise, name)
 
 
+@pytest.mark.parametrize("shape,want", [
+    ((2 * 64 * 197, 768, 768), 8),     # ViT-B proj: 36 tiles of 128 x 128
+    ((2 * 64 * 197, 2304, 768), 3),    # qkv: 108 tiles
+    ((2 * 64 * 197, 3072, 768), 2),    # fc1: 144 tiles
+    ((2 * 8 * 197, 768, 768), 3),      # few rows: >= 1024 rows per split caps S
+    ((1000, 768, 768), 1),
+    ((8 * 2048, 4096, 4096), 1),       # 1024 tiles fill the GPU alone
+])
+def test_dm_splits(shape: tuple[int, int, int], want: int) -> None:
+    """S from the shapes: tiles x S near 2 x 132 programs, >= 1024 rows per split, whole 128-row
+    multiples; the splits cover the rows exactly once."""
+    n_rows, d_out, k_in = shape
+    splits, rows = lora_mul.dm_splits(n_rows, d_out, k_in)
+    assert splits == want
+    if splits > 1:
+        assert rows % 128 == 0 and rows >= lora_mul.DM_SPLIT_MIN_ROWS
+        assert (splits - 1) * rows < n_rows <= splits * rows
+    else:
+        assert rows == n_rows
+
+
+@pytest.mark.parametrize("noise", ["sample", "token"])
+def test_split_dm_matches_reference_and_is_deterministic(noise: str, device: str, monkeypatch) -> None:
+    """The dM reduction split over rows (forced here with 128-row splits: 591 rows -> 3 splits,
+    the last one short) matches the reference, gives the same bits twice, and agrees with the
+    unsplit pass to rounding."""
+    case = Case("fp32", 197, 80, 70, 10, noise, True, True, 3, True)
+    inputs = make_inputs(case, device)
+    _, unsplit = forward_backward(inputs, "triton")
+    monkeypatch.setattr(lora_mul, "DM_SPLIT_MIN_ROWS", 128)
+    assert lora_mul.dm_splits(591, 80, 70) == (3, 256)
+    assert_matches_reference(inputs, f"split dM, {noise} noise")
+    _, first = forward_backward(inputs, "triton")
+    _, second = forward_backward(inputs, "triton")
+    for name in GRAD_NAMES:
+        assert torch.equal(first[name], second[name]), name
+        torch.testing.assert_close(first[name], unsplit[name], rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("noise", ["sample", "token", None])
 def test_memory_contract(noise: str | None, device: str) -> None:
     """Saved for backward: only the op's inputs (x, W0 itself, the factors, the noise), never a
