@@ -11,7 +11,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Union
+from typing import Callable, Union
 
 import torch
 import torch.nn as nn
@@ -33,19 +33,23 @@ def _paths(path: PathLike) -> tuple:
     return p.with_name(p.name + ".safetensors"), p.with_name(p.name + ".json")
 
 
-def atomic_write(path: PathLike, write) -> None:
-    """Call ``write(tmp_path)`` then rename over ``path``: a killed process never leaves half a file."""
+def atomic_write(path: PathLike, write: Callable[[str], None]) -> Path:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, flush it to disk, rename it over
+    ``path``: a killed process never leaves half a file, and on failure ``path`` is untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        with open(tmp, "rb") as f:  # the rename must not become visible before the data
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    return path
 
 
 def save_adapter(model: nn.Module, path: PathLike) -> Path:

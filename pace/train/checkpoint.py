@@ -11,38 +11,19 @@ from __future__ import annotations
 import os
 import pickle
 import random
-import tempfile
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Union
+from typing import Any, Dict, Optional, Union
 
 import numpy as np
 import torch
 
+from ..io import atomic_write
 from .errors import UsageError
 
 PathLike = Union[str, os.PathLike]
 
 CHECKPOINT_FORMAT = "pace-train-checkpoint"
 CHECKPOINT_VERSION = 1
-
-
-def atomic_write(path: PathLike, write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp)`` on a temporary file beside ``path``, flush it to disk, rename it over
-    ``path``. On any failure the temporary file is removed and ``path`` is untouched."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:  # the rename must not become visible before the data
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 def atomic_save(obj: Any, path: PathLike) -> Path:
