@@ -38,9 +38,12 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from .inject import inject
+from pace_kernels._checks import check_backend
+
+from .inject import SCHEDULES, inject
 from .io import atomic_write
-from .layers import PaceLinear, SSFNorm
+from .layers import PaceLinear, SSFNorm, check_sigma
+from .noise import check_noise_kind
 
 __all__ = ["save_peft", "load_peft", "from_peft"]
 
@@ -279,6 +282,22 @@ def _check_config(peft, config) -> Tuple[str, Optional[Tuple[str, str, str]]]:
     return peft_type, None
 
 
+def _check_pace_args(pace_kw: dict) -> None:
+    """pace.inject's arguments, checked before the PeftModel is consumed."""
+    check_sigma(pace_kw["sigma"])
+    check_noise_kind(pace_kw["noise"])
+    check_backend(pace_kw["backend"])
+    if pace_kw["schedule"] not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {pace_kw['schedule']!r}")
+    if pace_kw["noise_on"] not in ("delta", "output"):
+        raise ValueError(f"noise_on must be 'delta' or 'output', got {pace_kw['noise_on']!r}")
+    if pace_kw["noise_shape"] not in ("sample", "token"):
+        raise ValueError(f"noise_shape must be 'sample' or 'token', got {pace_kw['noise_shape']!r}")
+    blocks = pace_kw["noise_free_blocks"]
+    if blocks is not None and (isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 0):
+        raise ValueError(f"noise_free_blocks must be None or an int >= 0, got {blocks!r}")
+
+
 def _glora_kind(modes: Tuple[str, str, str], has_bias: Sequence[bool]) -> str:
     a_b, c, _ = modes
     if a_b == "none":
@@ -295,7 +314,7 @@ def _glora_kind(modes: Tuple[str, str, str], has_bias: Sequence[bool]) -> str:
     return "lora_mul_vpt_add"
 
 
-def _tuner_layer_classes(peft) -> tuple:
+def _tuner_layer_classes() -> tuple:
     from peft.tuners.glora.layer import GloraLinear
     from peft.tuners.hira.layer import Linear as HiraLinear
     from peft.tuners.lora.layer import Linear as LoraLinear
@@ -358,6 +377,16 @@ def from_peft(
 
     if not isinstance(peft_model, peft.PeftModel):
         raise TypeError(f"from_peft: peft_model must be a peft.PeftModel, got {type(peft_model).__name__}")
+    pace_kw = dict(
+        sigma=sigma,
+        schedule=schedule,
+        noise_free_blocks=noise_free_blocks,
+        noise=noise,
+        noise_on=noise_on,
+        noise_shape=noise_shape,
+        backend=backend,
+    )
+    _check_pace_args(pace_kw)
     names = list(peft_model.peft_config)
     if len(names) != 1:
         raise ValueError(f"from_peft: the PeftModel holds several adapters {names}; pace takes one")
@@ -366,7 +395,7 @@ def from_peft(
     peft_type, modes = _check_config(peft, config)
 
     base = peft_model.get_base_model()
-    allowed = _tuner_layer_classes(peft)
+    allowed = _tuner_layer_classes()
     layers: Dict[str, nn.Module] = {}
     for name, m in base.named_modules():
         if not isinstance(m, BaseTunerLayer):
@@ -431,22 +460,7 @@ def from_peft(
         raise ValueError(f"from_peft: the PEFT adapter has tensors pace has no form for: {unknown[:5]}")
 
     model = peft_model.unload()
-    return _put_pace_layers(
-        model,
-        kind,
-        rank,
-        values,
-        heads[0] if heads else None,
-        dict(
-            sigma=sigma,
-            schedule=schedule,
-            noise_free_blocks=noise_free_blocks,
-            noise=noise,
-            noise_on=noise_on,
-            noise_shape=noise_shape,
-            backend=backend,
-        ),
-    )
+    return _put_pace_layers(model, kind, rank, values, heads[0] if heads else None, pace_kw)
 
 
 def _put_pace_layers(

@@ -361,6 +361,25 @@ def test_from_peft_refuses_other_states(tmp_path):
         glora.base_model.model.bert.encoder.layer[0].attention.self.query.glora_B["default"].Xd.fill_(0.1)
     with pytest.raises(ValueError, match=r"glora_B is nonzero"):
         pace.from_peft(copy.deepcopy(glora))
+    glora = _peft_model(spec, lambda **kw: _glora("lora", "none", "vector", **kw))
+    with torch.no_grad():
+        glora.base_model.model.bert.encoder.layer[1].attention.self.value.glora_E["default"].X.fill_(0.1)
+    with pytest.raises(ValueError, match=r"glora_E is nonzero"):
+        pace.from_peft(glora)
+
+
+def test_bad_pace_arguments_leave_the_peft_model_and_the_model_untouched(tmp_path):
+    spec = SPECS["vit"]
+    peft_model = _peft_model(spec, lambda **kw: peft.HiraConfig(**kw))
+    peft_model.save_pretrained(tmp_path)
+    for bad in (dict(sigma=-1.0), dict(noise="uniform"), dict(schedule="linear"), dict(noise_shape="batch")):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            pace.from_peft(peft_model, **bad)
+        assert any(hasattr(m, "base_layer") for m in peft_model.modules())
+        plain = _vit()
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            pace.load_peft(plain, tmp_path, **bad)
+        assert not any(hasattr(m, "base_layer") or isinstance(m, pace.PaceLinear) for m in plain.modules())
 
 
 def test_from_peft_refuses_fan_in_fan_out():
