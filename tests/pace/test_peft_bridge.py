@@ -104,7 +104,7 @@ def _train_grads(model: nn.Module, x: torch.Tensor) -> dict:
     model.train()
     model.zero_grad(set_to_none=True)
     out = _logits(model, x)
-    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.device)
     (out * weights).sum().backward()
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
 
@@ -413,3 +413,22 @@ def test_import_pace_works_without_peft():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "save_peft"
+
+
+def test_a_peft_model_runs_on_the_fused_kernels(device):
+    """from_peft's layers take the Triton path (the interpreter without a GPU) with the reference's
+    outputs and gradients."""
+    spec = SPECS["vit"]
+    model = pace.from_peft(
+        _peft_model(spec, lambda **kw: _glora("lora", "lora", "vector", **kw)), backend="torch"
+    )
+    model.to(device)
+    x = spec.inputs().to(device)
+    want = _train_grads(model, x)
+    want_out = _eval_out(model, x)
+    pace.set_backend(model, "triton")
+    got = _train_grads(model, x)
+    _assert_close(_eval_out(model, x), want_out, "fused eval output")
+    assert set(got) == set(want)
+    for name, g in want.items():
+        torch.testing.assert_close(got[name], g, rtol=1e-4, atol=1e-6)
