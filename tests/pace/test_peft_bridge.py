@@ -432,3 +432,57 @@ def test_a_peft_model_runs_on_the_fused_kernels(device):
     assert set(got) == set(want)
     for name, g in want.items():
         torch.testing.assert_close(got[name], g, rtol=1e-4, atol=1e-6)
+
+
+class _Toy(nn.Module):
+    """One linear layer with a bias, one without, and a head called ``fc`` (a suffix of ``mlp.fc``)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.mlp = nn.Module()
+        self.mlp.fc = nn.Linear(6, 6)
+        self.proj = nn.Linear(6, 6, bias=False)
+        self.fc = nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.fc(self.proj(self.mlp.fc(x)))
+
+
+def test_more_refusals(tmp_path):
+    toy = pace.inject(_Toy(), adapter="lora_add", rank=2, targets=["mlp.fc", "proj"], head="fc")
+    with pytest.raises(ValueError, match="suffix"):  # PEFT's modules_to_save would wrap mlp.fc too
+        pace.save_peft(toy, tmp_path)
+    with pytest.raises(TypeError, match="model"):
+        pace.load_peft("model", tmp_path)
+
+    mixed = peft.get_peft_model(
+        _Toy(), _glora("lora", "lora", "vector", r=2, target_modules=["mlp.fc", "proj"])
+    )
+    with pytest.raises(ValueError, match="mix of layers with and without bias"):
+        pace.from_peft(mixed)
+    bias_free = peft.get_peft_model(_Toy(), _glora("none", "lora", "none", r=2, target_modules=["proj"]))
+    with pytest.raises(ValueError, match="without bias"):
+        pace.from_peft(bias_free)
+
+    llama = _peft_model(
+        SPECS["llama"], lambda **kw: peft.LoraConfig(lora_bias=True, **kw)
+    )  # biases randomised
+    with pytest.raises(ValueError, match="lora_B is nonzero"):
+        pace.from_peft(llama)
+    tokens = peft.get_peft_model(
+        _bert(), peft.LoraConfig(r=2, target_modules=["query"], trainable_token_indices=[1])
+    )
+    with pytest.raises(ValueError, match="trainable_token_indices"):
+        pace.from_peft(tokens)
+
+
+def test_glora_on_bias_free_layers_is_lora_mul():
+    """GLoRA has no C, D, E where a layer has no bias, so on a bias-free model it is exactly lora_mul."""
+    spec = SPECS["llama"]
+    peft_model = _peft_model(spec, lambda **kw: _glora("lora", "lora", "vector", **kw))
+    x = spec.inputs()
+    want = _eval_out(peft_model, x)
+    model = pace.from_peft(peft_model)
+    assert model.pace_config["adapter"] == "lora_mul"
+    _assert_close(_eval_out(model, x), want, "pace output")
