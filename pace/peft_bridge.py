@@ -18,6 +18,10 @@ pace kind              PEFT form (keys after ``base_model.model.<layer path>.``)
 classifier head        ``modules_to_save``: ``<head>.weight``, ``<head>.bias``
 =====================  =====================================================================
 
+Targets are written as a regex that matches the adapted layers only. PEFT's ``lora_bias`` puts a
+bias on every targeted layer: bias-free layers of a model that also has layers with a bias get a
+zero one (PEFT may then train it; pace has none there).
+
 PEFT adapters come back the other way; a LoRA ``lora_alpha / r`` (or rsLoRA ``lora_alpha /
 sqrt(r)``) scale is folded into ``lora_b`` and ``delta_bias``, which gives the same outputs (the
 optimiser then sees B at that scale, as after a change of ``lora_alpha``). Tensors a pace kind has and
