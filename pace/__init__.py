@@ -4,7 +4,8 @@ PACE (NeurIPS 2024) multiplies each adapter's output by per-sample noise ``N(1, 
 adds a consistency loss between noisy copies of the network. This package provides the drop-in
 layers (:class:`PaceLinear`), their injection into timm models (:func:`inject`), the noise schedule,
 the PACE / PACE_fast / PACE_lazy_half / FPA objectives (:class:`PaceCriterion`), merge for
-inference (:func:`merge`) and adapter I/O; the fused kernels live in :mod:`pace_kernels`.
+inference (:func:`merge`), adapter I/O and the bridge to Hugging Face PEFT (:func:`save_peft`,
+:func:`load_peft`, :func:`from_peft`); the fused kernels live in :mod:`pace_kernels`.
 """
 
 from .dropout import SharedDropout, SharedDropPath, set_copies
@@ -24,6 +25,7 @@ from .io import load_adapter, save_adapter
 from .layers import ADAPTER_KINDS, PaceLinear, SSFNorm
 from .losses import MODES, PaceCriterion, PaceOutput, consistency
 from .noise import NOISE_KINDS, draw_noise
+from .peft_bridge import from_peft, load_peft, save_peft
 
 __version__ = "0.1.0"
 
@@ -52,4 +54,7 @@ __all__ = [
     "save_adapter",
     "load_adapter",
     "draw_noise",
+    "save_peft",
+    "load_peft",
+    "from_peft",
 ]
