@@ -35,8 +35,6 @@ def _cases() -> list:
             for dtype in specs.dtypes():
                 for pass_ in specs.PASSES:
                     for contender in specs.CONTENDERS:
-                        if contender == "peft" and op.kind != "lora_add":
-                            continue  # PEFT has no multiplicative LoRA: not a contender there
                         ident = f"{shape.name}-{op.name}-{specs.DTYPE_NAMES[dtype]}-{pass_}-{contender}"
                         params.append(pytest.param(shape, op, dtype, pass_, contender, id=ident))
     return params
