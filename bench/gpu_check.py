@@ -97,11 +97,22 @@ class TensorResult:
         return self.fused <= self.limit
 
 
-def compare(name: str, fused: torch.Tensor, reference: torch.Tensor, oracle: torch.Tensor,
-            dtype: torch.dtype, factor: float = 1.0) -> TensorResult:
+def compare(
+    name: str,
+    fused: torch.Tensor,
+    reference: torch.Tensor,
+    oracle: torch.Tensor,
+    dtype: torch.dtype,
+    factor: float = 1.0,
+) -> TensorResult:
     ref_err = max_rel_error(reference, oracle)
-    return TensorResult(name, max_rel_error(fused, oracle), ref_err,
-                        allowed_error(ref_err, dtype, factor), rel_l2_error(fused, oracle))
+    return TensorResult(
+        name,
+        max_rel_error(fused, oracle),
+        ref_err,
+        allowed_error(ref_err, dtype, factor),
+        rel_l2_error(fused, oracle),
+    )
 
 
 @dataclass
@@ -129,8 +140,10 @@ class CaseResult:
         if self.error:
             return f"{status}  {self.name}: {self.error}"
         worst = max(self.tensors, key=lambda t: t.fused / t.limit if t.limit > 0 else math.inf)
-        return (f"{status}  {self.name}: worst {worst.name} {worst.fused:.2e} (limit {worst.limit:.2e}, "
-                f"reference {worst.reference:.2e}) [{self.seconds:.1f}s]")
+        return (
+            f"{status}  {self.name}: worst {worst.name} {worst.fused:.2e} (limit {worst.limit:.2e}, "
+            f"reference {worst.reference:.2e}) [{self.seconds:.1f}s]"
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -154,8 +167,10 @@ class OpCase:
     @property
     def name(self) -> str:
         rows = self.samples * self.tokens
-        return (f"{self.op} r{self.rank} {self.noise} {self.shape} "
-                f"{rows}x{self.in_features}->{self.out_features} {self.dtype}")
+        return (
+            f"{self.op} r{self.rank} {self.noise} {self.shape} "
+            f"{rows}x{self.in_features}->{self.out_features} {self.dtype}"
+        )
 
 
 _VIT_ROWS = (2 * 64, 197)  # PACE's two copies of a batch of 64 ViT-B/16 images
@@ -236,8 +251,16 @@ def run_functional_case(case: OpCase, device: str) -> CaseResult:
     def run(backend: str, run_dtype: torch.dtype) -> list[torch.Tensor]:
         args = {n: v.to(run_dtype).requires_grad_(n in trainable) for n, v in master.items()}
         z = None if noise is None else (noise.double() if run_dtype == torch.float64 else noise)
-        y = fn(args["x"], args["weight"], args["bias"], args["lora_a"], args["lora_b"], args["delta_bias"], z,
-               backend=backend)
+        y = fn(
+            args["x"],
+            args["weight"],
+            args["bias"],
+            args["lora_a"],
+            args["lora_b"],
+            args["delta_bias"],
+            z,
+            backend=backend,
+        )
         return [y.detach(), *_grads(y, [args[n] for n in trainable], grad_out)]
 
     oracle = run("torch", torch.float64)
@@ -252,7 +275,7 @@ def run_functional_case(case: OpCase, device: str) -> CaseResult:
 def _randomise_adapter(layer: torch.nn.Module, gen: torch.Generator) -> None:
     """Nonzero adapter tensors (PACE's init has B = 0 and P_d = 0, which would hide their paths)."""
     with torch.no_grad():
-        for name, p in layer.named_parameters():
+        for p in layer.parameters():
             if not p.requires_grad:
                 continue
             scale = 0.5 if p.ndim < 2 else 0.5 / math.sqrt(min(p.shape))
@@ -267,8 +290,9 @@ def run_pacelinear_case(case: OpCase, device: str) -> CaseResult:
     dtype = DTYPES[case.dtype]
     gen = torch.Generator().manual_seed(zlib.crc32(case.name.encode()))
     s, t, k, d = case.samples, case.tokens, case.in_features, case.out_features
-    base = pace.PaceLinear(k, d, adapter=case.op, rank=case.rank, sigma=0.5, backend="torch",
-                           device=device, dtype=torch.float64)
+    base = pace.PaceLinear(
+        k, d, adapter=case.op, rank=case.rank, sigma=0.5, backend="torch", device=device, dtype=torch.float64
+    )
     _randomise_adapter(base, gen)
     base.train()
     x64 = _randn(gen, s, t, k, device=device)
@@ -313,12 +337,20 @@ def model_check_config(size: str) -> ModelCheckConfig:
 
 
 def _vit(cfg: ModelCheckConfig, device: str) -> torch.nn.Module:
-    import pace
     from timm.models.vision_transformer import VisionTransformer
 
+    import pace
+
     torch.manual_seed(0)
-    model = VisionTransformer(img_size=cfg.img_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim,
-                              depth=cfg.depth, num_heads=cfg.num_heads, num_classes=10, drop_path_rate=0.3)
+    model = VisionTransformer(
+        img_size=cfg.img_size,
+        patch_size=cfg.patch_size,
+        embed_dim=cfg.embed_dim,
+        depth=cfg.depth,
+        num_heads=cfg.num_heads,
+        num_classes=10,
+        drop_path_rate=0.3,
+    )
     pace.inject(model, adapter="lora_mul_vpt_add", rank=10, sigma=0.8, backend="torch")
     gen = torch.Generator().manual_seed(1)
     for layer in model.modules():
@@ -327,8 +359,15 @@ def _vit(cfg: ModelCheckConfig, device: str) -> torch.nn.Module:
     return model.to(device).train()
 
 
-def _pace_step_grads(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, backend: str,
-                     checkpointing: bool, autocast: bool) -> list[torch.Tensor]:
+def _pace_step_grads(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    backend: str,
+    checkpointing: bool,
+    autocast: bool,
+) -> list[torch.Tensor]:
     import pace
 
     pace.set_backend(model, backend)
@@ -347,8 +386,14 @@ def _flat(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
     return torch.cat([t.reshape(-1).double() for t in tensors])
 
 
-def _step_result(name: str, got: list[torch.Tensor], oracle: list[torch.Tensor], dtype: torch.dtype,
-                 reference: list[torch.Tensor] | None = None, limit: float | None = None) -> CaseResult:
+def _step_result(
+    name: str,
+    got: list[torch.Tensor],
+    oracle: list[torch.Tensor],
+    dtype: torch.dtype,
+    reference: list[torch.Tensor] | None = None,
+    limit: float | None = None,
+) -> CaseResult:
     """Loss (max-relative) and all gradients (one flattened vector, rel. L2) of a step against
     ``oracle``: within ``limit``, or within the op criterion against ``reference``'s own error."""
     res = CaseResult("model", name)
@@ -386,19 +431,46 @@ def run_model_checks(size: str, device: str) -> list[CaseResult]:
     f32 = torch.float32
     ref = grads("torch", False)
     ref_ckpt = grads("torch", True)
-    timed(lambda: _step_result(f"{label} fp32: reference, checkpointing changes nothing (issue 10 item 1)",
-                               ref_ckpt, ref, f32, limit=CHECKPOINT_TOL))
+    timed(
+        lambda: _step_result(
+            f"{label} fp32: reference, checkpointing changes nothing (issue 10 item 1)",
+            ref_ckpt,
+            ref,
+            f32,
+            limit=CHECKPOINT_TOL,
+        )
+    )
     fused = grads("triton", False)
     timed(lambda: _step_result(f"{label} fp32: fused = reference", fused, ref, f32))
     fused_ckpt = grads("triton", True)
-    timed(lambda: _step_result(f"{label} fp32: fused, checkpointing changes nothing (issue 10 item 1)",
-                               fused_ckpt, fused, f32, limit=CHECKPOINT_TOL))
-    timed(lambda: _step_result(f"{label} fp32: fused with checkpointing = reference with checkpointing",
-                               fused_ckpt, ref_ckpt, f32))
+    timed(
+        lambda: _step_result(
+            f"{label} fp32: fused, checkpointing changes nothing (issue 10 item 1)",
+            fused_ckpt,
+            fused,
+            f32,
+            limit=CHECKPOINT_TOL,
+        )
+    )
+    timed(
+        lambda: _step_result(
+            f"{label} fp32: fused with checkpointing = reference with checkpointing",
+            fused_ckpt,
+            ref_ckpt,
+            f32,
+        )
+    )
     ref_amp = grads("torch", True, amp=True)
     fused_amp = grads("triton", True, amp=True)
-    timed(lambda: _step_result(f"{label} bf16 autocast, checkpointing: fused vs fp32 reference",
-                               fused_amp, ref_ckpt, torch.bfloat16, reference=ref_amp))
+    timed(
+        lambda: _step_result(
+            f"{label} bf16 autocast, checkpointing: fused vs fp32 reference",
+            fused_amp,
+            ref_ckpt,
+            torch.bfloat16,
+            reference=ref_amp,
+        )
+    )
     return results
 
 
@@ -436,12 +508,19 @@ def run_group(group: str, size: str, device: str, json_path: str | None) -> list
             for res in run_model_checks(size, device):
                 record(res)
         except Exception as exc:  # recorded as a failed case; the other groups go on
-            record(CaseResult("model", "ViT PACE step with checkpointing", time.perf_counter() - t0,
-                              error=f"{type(exc).__name__}: {exc}"))
+            record(
+                CaseResult(
+                    "model",
+                    "ViT PACE step with checkpointing",
+                    time.perf_counter() - t0,
+                    error=f"{type(exc).__name__}: {exc}",
+                )
+            )
         return results
     op, dtype = group.rsplit("-", 1)
     runner: Callable[[OpCase, str], CaseResult] = (
-        run_pacelinear_case if op == "pacelinear" else run_functional_case)
+        run_pacelinear_case if op == "pacelinear" else run_functional_case
+    )
     for case in op_cases(op, dtype, size):
         t0 = time.perf_counter()
         try:
@@ -455,8 +534,9 @@ def run_group(group: str, size: str, device: str, json_path: str | None) -> list
     return results
 
 
-def summarise(results: Sequence[dict[str, Any]], expected_groups: Sequence[str],
-              finished_groups: Iterable[str]) -> dict[str, Any]:
+def summarise(
+    results: Sequence[dict[str, Any]], expected_groups: Sequence[str], finished_groups: Iterable[str]
+) -> dict[str, Any]:
     """Counts and the verdict line from the JSON of every case (pure: tested on CPU)."""
     passed = sum(1 for r in results if r.get("ok"))
     errors = sum(1 for r in results if r.get("error"))
@@ -470,16 +550,28 @@ def summarise(results: Sequence[dict[str, Any]], expected_groups: Sequence[str],
         verdict += f", {errors} raised"
     if unfinished:
         verdict += f"; groups not finished: {', '.join(unfinished)}"
-    return {"ok": ok, "passed": passed, "failed": failed, "errors": errors, "cases": len(results),
-            "unfinished_groups": unfinished, "verdict": verdict}
+    return {
+        "ok": ok,
+        "passed": passed,
+        "failed": failed,
+        "errors": errors,
+        "cases": len(results),
+        "unfinished_groups": unfinished,
+        "verdict": verdict,
+    }
 
 
 def _environment(device: str) -> dict[str, Any]:
     import triton
 
-    env = {"device": device, "torch": torch.__version__, "cuda": torch.version.cuda,
-           "triton": triton.__version__, "autotune": os.environ.get("PACE_KERNELS_AUTOTUNE", "1"),
-           "interpreter": os.environ.get("TRITON_INTERPRET", "0")}
+    env = {
+        "device": device,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": triton.__version__,
+        "autotune": os.environ.get("PACE_KERNELS_AUTOTUNE", "1"),
+        "interpreter": os.environ.get("TRITON_INTERPRET", "0"),
+    }
     if device == "cuda":
         env["device_name"] = torch.cuda.get_device_name(0)
     return env
@@ -508,15 +600,28 @@ def check_main(args: argparse.Namespace) -> int:
                 group = pending.pop(0)
                 part = os.path.join(work, f"check-{group}.json")
                 logs[group] = open(os.path.join(work, f"check-{group}.log"), "w")
-                cmd = [sys.executable, "-m", "bench.gpu_check", "check", "--group", group, "--size", size,
-                       "--json", part]
+                cmd = [
+                    sys.executable,
+                    "-m",
+                    "bench.gpu_check",
+                    "check",
+                    "--group",
+                    group,
+                    "--size",
+                    size,
+                    "--json",
+                    part,
+                ]
                 running[group] = subprocess.Popen(cmd, stdout=logs[group], stderr=subprocess.STDOUT)
             for group, proc in list(running.items()):
                 if proc.poll() is not None:
                     del running[group]
                     logs[group].close()
-                    print(f"gpu_check: group {group} done (exit {proc.returncode}, "
-                          f"{time.perf_counter() - t0:.0f}s)", flush=True)
+                    print(
+                        f"gpu_check: group {group} done (exit {proc.returncode}, "
+                        f"{time.perf_counter() - t0:.0f}s)",
+                        flush=True,
+                    )
             time.sleep(0.2)
     except KeyboardInterrupt:  # timeout -s INT: keep what the groups wrote
         print("gpu_check: interrupted; collecting the finished cases", flush=True)
@@ -535,8 +640,13 @@ def check_main(args: argparse.Namespace) -> int:
             with open(part) as fh:
                 results.extend(json.load(fh)["results"])
     summary = summarise(results, groups, finished)
-    payload = {"environment": _environment(device), "size": size, "seconds": time.perf_counter() - t0,
-               "summary": summary, "results": results}
+    payload = {
+        "environment": _environment(device),
+        "size": size,
+        "seconds": time.perf_counter() - t0,
+        "summary": summary,
+        "results": results,
+    }
     _write_json(args.json, payload)
     print(render_table(results), flush=True)
     print(f"gpu_check: {summary['verdict']} ({time.perf_counter() - t0:.0f}s)", flush=True)
@@ -556,8 +666,9 @@ def render_table(results: Sequence[dict[str, Any]]) -> str:
             lines.append(f"{status:5} {r['name']}: nothing compared")
             continue
         worst = max(tensors, key=lambda t: t["fused"] / t["limit"] if t["limit"] > 0 else math.inf)
-        lines.append(f"{status:5} {r['name']}: worst {worst['name']} {worst['fused']:.2e} "
-                     f"(limit {worst['limit']:.2e})")
+        lines.append(
+            f"{status:5} {r['name']}: worst {worst['name']} {worst['fused']:.2e} (limit {worst['limit']:.2e})"
+        )
     return "\n".join(lines)
 
 
@@ -608,8 +719,11 @@ def launch_once(case: LaunchCase, dtype: torch.dtype, device: str) -> None:
 
     x = rand(s, t, k, grad=case.input_grad)
     weight, bias = rand(d, k, scale=k**-0.5), rand(d, scale=0.1)
-    lora_a, lora_b, db = rand(r, k, scale=k**-0.5, grad=True), rand(d, r, scale=0.1, grad=True), rand(
-        d, scale=0.1, grad=True)
+    lora_a, lora_b, db = (
+        rand(r, k, scale=k**-0.5, grad=True),
+        rand(d, r, scale=0.1, grad=True),
+        rand(d, scale=0.1, grad=True),
+    )
     noise = None
     if case.noise == "sample":
         noise = (1.0 + 0.5 * torch.randn(s, d, generator=gen)).to(device)
@@ -684,9 +798,18 @@ def launch_main(args: argparse.Namespace) -> int:
     print(f"kernels compiled for the device: {json.dumps(kernels, sort_keys=True)}", flush=True)
     if never:
         print(f"kernels never launched by this driver: {', '.join(never)}", flush=True)
-    _write_json(args.json, {"device": device, "subset": args.subset, "dtypes": args.dtypes,
-                            "failures": failures, "kernels": kernels, "never_launched": never,
-                            "seconds": time.perf_counter() - t0})
+    _write_json(
+        args.json,
+        {
+            "device": device,
+            "subset": args.subset,
+            "dtypes": args.dtypes,
+            "failures": failures,
+            "kernels": kernels,
+            "never_launched": never,
+            "seconds": time.perf_counter() - t0,
+        },
+    )
     return 1 if failures else 0
 
 
@@ -695,16 +818,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     check = sub.add_parser("check", help="fused ops and a checkpointed model step against the reference")
     check.add_argument("--json", help="write the results here")
-    check.add_argument("--jobs", type=int, default=0, help="groups run in parallel (default 8 on CUDA, 1 on CPU)")
-    check.add_argument("--size", default="auto", choices=("auto", "full", "small"),
-                       help="full: ViT-B and LLM shapes (default on CUDA); small: tiny shapes (CPU)")
+    check.add_argument("--jobs", type=int, default=0, help="groups in parallel (default 8 on CUDA, 1 on CPU)")
+    check.add_argument(
+        "--size",
+        default="auto",
+        choices=("auto", "full", "small"),
+        help="full: ViT-B and LLM shapes (default on CUDA); small: tiny shapes (CPU)",
+    )
     check.add_argument("--group", help=argparse.SUPPRESS)  # one group, in a worker process
     check.add_argument("--work", help="folder for the per-group files (default: beside --json)")
     launch = sub.add_parser("launch", help="launch every kernel once (run it under compute-sanitizer)")
     launch.add_argument("--json", help="write what was launched here")
     launch.add_argument("--dtypes", default="bf16,fp32", help="comma-separated: bf16, fp16, fp32")
-    launch.add_argument("--subset", default="all", choices=("all", "race"),
-                        help="race: the two main paths of each op only (racecheck is slow)")
+    launch.add_argument(
+        "--subset",
+        default="all",
+        choices=("all", "race"),
+        help="race: the two main paths of each op only (racecheck is slow)",
+    )
     args = parser.parse_args(argv)
     return check_main(args) if args.command == "check" else launch_main(args)
 
