@@ -217,8 +217,14 @@ def op_cases(group_op: str, dtype: str, size: str) -> list[OpCase]:
     return cases
 
 
+def _generator(name: str, device: str) -> torch.Generator:
+    """A generator on ``device`` (drawing ViT-sized inputs on the CPU would take seconds per case),
+    seeded from the case's name."""
+    return torch.Generator(device=device).manual_seed(zlib.crc32(name.encode()))
+
+
 def _randn(gen: torch.Generator, *size: int, scale: float = 1.0, device: str) -> torch.Tensor:
-    return (torch.randn(*size, generator=gen, dtype=torch.float64) * scale).to(device)
+    return torch.randn(*size, generator=gen, dtype=torch.float64, device=device) * scale
 
 
 def _grads(y: torch.Tensor, leaves: Sequence[torch.Tensor], grad_out: torch.Tensor) -> list[torch.Tensor]:
@@ -230,7 +236,7 @@ def run_functional_case(case: OpCase, device: str) -> CaseResult:
     import pace_kernels
 
     dtype = DTYPES[case.dtype]
-    gen = torch.Generator().manual_seed(zlib.crc32(case.name.encode()))
+    gen = _generator(case.name, device)
     s, t, k, d, r = case.samples, case.tokens, case.in_features, case.out_features, case.rank
     # Factor scales that make the adapter term as large as the frozen one (lora_mul: M ~ 0.5).
     master = {
@@ -243,7 +249,7 @@ def run_functional_case(case: OpCase, device: str) -> CaseResult:
     }
     noise = None
     if case.noise == "sample":  # drawn in fp32 as PaceLinear draws it
-        noise = (1.0 + 0.5 * torch.randn(s, d, generator=gen)).to(device)
+        noise = 1.0 + 0.5 * torch.randn(s, d, generator=gen, device=device)
     grad_out = _randn(gen, s, t, d, device=device)
     fn = pace_kernels.lora_add_linear if case.op == "lora_add" else pace_kernels.lora_mul_linear
     trainable = ("x", "lora_a", "lora_b", "delta_bias")
@@ -279,7 +285,7 @@ def _randomise_adapter(layer: torch.nn.Module, gen: torch.Generator) -> None:
             if not p.requires_grad:
                 continue
             scale = 0.5 if p.ndim < 2 else 0.5 / math.sqrt(min(p.shape))
-            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p) * scale)
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64, device=gen.device).to(p) * scale)
 
 
 def run_pacelinear_case(case: OpCase, device: str) -> CaseResult:
@@ -288,7 +294,7 @@ def run_pacelinear_case(case: OpCase, device: str) -> CaseResult:
     import pace
 
     dtype = DTYPES[case.dtype]
-    gen = torch.Generator().manual_seed(zlib.crc32(case.name.encode()))
+    gen = _generator(case.name, device)
     s, t, k, d = case.samples, case.tokens, case.in_features, case.out_features
     base = pace.PaceLinear(
         k, d, adapter=case.op, rank=case.rank, sigma=0.5, backend="torch", device=device, dtype=torch.float64
