@@ -13,7 +13,10 @@ float64 result, may be at most twice the error of the reference run in the same 
 Then one PACE training step of a timm ViT with gradient checkpointing, fused against the reference.
 The groups run in parallel processes (Triton compiles on the CPU, one kernel at a time per process);
 each writes its results after every case, so a run stopped by a timeout keeps what it finished.
-Exit code 0 when every case passed, 1 otherwise.
+Exit code 0 when every case passed, 1 otherwise. ``bench/run_gpu.sh`` runs it with
+``PACE_KERNELS_AUTOTUNE=0`` (the first config of each list, no autotuning), so the phase costs
+compile time only; the benchmarks then exercise the autotuned configs, each contender's forward
+checked against the reference before it is timed.
 
 ``launch``: every kernel launched once or a few times at ragged shapes (T = 197 and T = 1; D and K
 not multiples of any tile), forward and backward, with and without noise, input gradient or not,
