@@ -552,7 +552,8 @@ def summarise(
     failed = len(results) - passed - errors
     unfinished = [g for g in expected_groups if g not in set(finished_groups)]
     ok = bool(results) and passed == len(results) and not unfinished
-    verdict = f"{'PASS' if ok else 'FAIL'}: {passed}/{len(results)} cases passed"
+    status = "PASS" if ok else ("INCOMPLETE" if passed == len(results) else "FAIL")
+    verdict = f"{status}: {passed}/{len(results)} cases passed"
     if failed:
         verdict += f", {failed} failed"
     if errors:
@@ -597,7 +598,7 @@ def check_main(args: argparse.Namespace) -> int:
     groups = group_names(size)
     work = args.work or os.path.dirname(os.path.abspath(args.json or "gpu_check.json"))
     os.makedirs(work, exist_ok=True)
-    jobs = max(1, args.jobs or (8 if device == "cuda" else 1))
+    jobs = max(1, args.jobs or (10 if device == "cuda" else 1))
     pending = list(groups)
     running: dict[str, subprocess.Popen] = {}
     logs: dict[str, Any] = {}
@@ -827,7 +828,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     check = sub.add_parser("check", help="fused ops and a checkpointed model step against the reference")
     check.add_argument("--json", help="write the results here")
-    check.add_argument("--jobs", type=int, default=0, help="groups in parallel (default 8 on CUDA, 1 on CPU)")
+    check.add_argument("--jobs", type=int, default=0, help="parallel groups (10 on CUDA, 1 on CPU)")
     check.add_argument(
         "--size",
         default="auto",
