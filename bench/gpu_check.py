@@ -39,7 +39,7 @@ import subprocess
 import sys
 import time
 import zlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -415,33 +415,33 @@ def _step_result(
     return res
 
 
-def run_model_checks(size: str, device: str) -> list[CaseResult]:
+def run_model_checks(size: str, device: str) -> Iterator[CaseResult]:
     """One PACE step of a timm ViT (``lora_mul_vpt_add``, sigma 0.8, DropPath 0.3) with and without
     ``set_grad_checkpointing``, reference and fused: the loss and the gradients of every trainable
     tensor. Checkpointing must not change the gradients (issue 10 item 1, reference and fused);
-    the fused step must match the reference step (fp32, and bf16 autocast against fp32)."""
+    the fused step must match the reference (fp32, and bf16 autocast against fp32). Each result is
+    yielded as soon as its steps have run, so a run stopped by its budget keeps the earlier ones."""
     cfg = model_check_config(size)
     model = _vit(cfg, device)
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(cfg.batch, 3, cfg.img_size, cfg.img_size, generator=gen).to(device)
     y = torch.randint(0, 10, (cfg.batch,), generator=gen).to(device)
     label = f"ViT d{cfg.embed_dim} depth {cfg.depth} b{cfg.batch} {cfg.img_size}px lora_mul_vpt_add pace"
-    results: list[CaseResult] = []
-
-    def timed(make: Callable[[], CaseResult]) -> None:
-        t0 = time.perf_counter()
-        res = make()
-        res.seconds = time.perf_counter() - t0
-        results.append(res)
+    f32 = torch.float32
+    clock = [time.perf_counter()]
 
     def grads(backend: str, ckpt: bool, amp: bool = False) -> list[torch.Tensor]:
         return _pace_step_grads(model, x, y, backend=backend, checkpointing=ckpt, autocast=amp)
 
-    f32 = torch.float32
+    def timed(res: CaseResult) -> CaseResult:
+        now = time.perf_counter()
+        res.seconds, clock[0] = now - clock[0], now
+        return res
+
     ref = grads("torch", False)
     ref_ckpt = grads("torch", True)
-    timed(
-        lambda: _step_result(
+    yield timed(
+        _step_result(
             f"{label} fp32: reference, checkpointing changes nothing (issue 10 item 1)",
             ref_ckpt,
             ref,
@@ -450,10 +450,10 @@ def run_model_checks(size: str, device: str) -> list[CaseResult]:
         )
     )
     fused = grads("triton", False)
-    timed(lambda: _step_result(f"{label} fp32: fused = reference", fused, ref, f32))
+    yield timed(_step_result(f"{label} fp32: fused = reference", fused, ref, f32))
     fused_ckpt = grads("triton", True)
-    timed(
-        lambda: _step_result(
+    yield timed(
+        _step_result(
             f"{label} fp32: fused, checkpointing changes nothing (issue 10 item 1)",
             fused_ckpt,
             fused,
@@ -461,8 +461,8 @@ def run_model_checks(size: str, device: str) -> list[CaseResult]:
             limit=CHECKPOINT_TOL,
         )
     )
-    timed(
-        lambda: _step_result(
+    yield timed(
+        _step_result(
             f"{label} fp32: fused with checkpointing = reference with checkpointing",
             fused_ckpt,
             ref_ckpt,
@@ -471,8 +471,8 @@ def run_model_checks(size: str, device: str) -> list[CaseResult]:
     )
     ref_amp = grads("torch", True, amp=True)
     fused_amp = grads("triton", True, amp=True)
-    timed(
-        lambda: _step_result(
+    yield timed(
+        _step_result(
             f"{label} bf16 autocast, checkpointing: fused vs fp32 reference",
             fused_amp,
             ref_ckpt,
@@ -480,7 +480,6 @@ def run_model_checks(size: str, device: str) -> list[CaseResult]:
             reference=ref_amp,
         )
     )
-    return results
 
 
 # --------------------------------------------------------------------------------------------------
