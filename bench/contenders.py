@@ -7,8 +7,10 @@
   materialised every call, the noise applied by an elementwise multiply, and the noise-free
   ``lora_mul`` run as one linear with the merged weight ``W0 * (1 + B A)``.
 * ``compiled``: ``torch.compile`` of ``reference`` (default mode, static shapes).
-* ``peft``: PEFT's LoRA ``Linear`` (with ``lora_bias`` for ``delta b``) and the noise multiplied
-  onto its ``lora_B`` output by a forward hook; ``lora_add`` only.
+* ``peft``: PEFT's own layers: LoRA's ``Linear`` (with ``lora_bias`` for ``delta b``) for
+  ``lora_add``, the noise multiplied onto its ``lora_B`` output by a forward hook; HiRA's ``Linear``
+  (``W0 + W0 * (B A)``) for ``lora_mul``, with ``delta b`` and the noise applied to
+  its adapter term by hooks, as the reference applies them.
 * ``fused``: ``pace_kernels.lora_*_linear(..., backend="triton")``; CUDA only.
 
 Every contender returns a zero-argument ``forward()`` and the tensors its gradients are taken for
@@ -140,25 +142,37 @@ def build_compiled(case: Case) -> tuple[Forward, list[torch.Tensor]]:
     return (lambda: fn(*args)), case.trainable()
 
 
-def build_peft(case: Case) -> tuple[Forward, list[torch.Tensor]]:
-    if case.op.kind != "lora_add":
-        raise ContenderUnavailable("peft has no multiplicative (lora_mul) LoRA layer")
+def _import_peft():
     try:
         import peft
     except ImportError as exc:
         raise ContenderUnavailable(f"peft is not installed ({exc}); pip install 'pace[bench]'") from exc
+    return peft
 
-    k, d, r = case.shape.in_features, case.shape.out_features, case.op.rank
+
+def _peft_layer(case: Case, config) -> nn.Module:
+    """PEFT's layer around a frozen ``nn.Linear`` holding the case's ``W0``, ``b0``."""
+    import peft
+
+    k, d = case.shape.in_features, case.shape.out_features
     holder = nn.Module()
     holder.lin = nn.Linear(k, d, device=case.x.device, dtype=case.x.dtype)
-    try:
-        config = peft.LoraConfig(r=r, lora_alpha=r, lora_dropout=0.0, target_modules=["lin"], lora_bias=True)
-    except TypeError as exc:  # lora_bias (delta b) arrived in peft 0.14
-        raise ContenderUnavailable(f"peft {peft.__version__} lacks lora_bias (needs >= 0.14): {exc}") from exc
     layer = peft.get_peft_model(holder, config).base_model.model.lin
     with torch.no_grad():
         layer.base_layer.weight.copy_(case.weight)
         layer.base_layer.bias.copy_(case.bias)
+    return layer
+
+
+def _build_peft_lora(case: Case) -> tuple[Forward, list[torch.Tensor]]:
+    peft = _import_peft()
+    r = case.op.rank
+    try:
+        config = peft.LoraConfig(r=r, lora_alpha=r, lora_dropout=0.0, target_modules=["lin"], lora_bias=True)
+    except TypeError as exc:  # lora_bias (delta b) arrived in peft 0.14
+        raise ContenderUnavailable(f"peft {peft.__version__} lacks lora_bias (needs >= 0.14): {exc}") from exc
+    layer = _peft_layer(case, config)
+    with torch.no_grad():
         layer.lora_A["default"].weight.copy_(case.lora_a)
         layer.lora_B["default"].weight.copy_(case.lora_b)
         layer.lora_B["default"].bias.copy_(case.delta_bias)
@@ -170,6 +184,46 @@ def build_peft(case: Case) -> tuple[Forward, list[torch.Tensor]]:
     params = [p for p in layer.parameters() if p.requires_grad]
     x = case.x
     return (lambda: layer(x)), [x, *params]
+
+
+def _build_peft_hira(case: Case) -> tuple[Forward, list[torch.Tensor]]:
+    """PEFT's HiRA layer: ``x W0^T + b0 + x (W0 * (B A))^T``, the ``lora_mul`` weight path. HiRA has no
+    bias term, so ``db`` is added, and the noise applied, as the reference applies them: hooks keep
+    the frozen layer's output ``h`` and turn HiRA's ``h + dh`` into ``h + z * (dh + db)``."""
+    peft = _import_peft()
+    if not hasattr(peft, "HiraConfig"):
+        raise ContenderUnavailable(f"peft {peft.__version__} has no HiRA (no peft.HiraConfig; 0.21.2 has it)")
+    layer = _peft_layer(case, peft.HiraConfig(r=case.op.rank, target_modules=["lin"], hira_dropout=0.0))
+    with torch.no_grad():
+        layer.hira_A["default"].copy_(case.lora_a)
+        layer.hira_B["default"].copy_(case.lora_b)
+    layer.to(device=case.x.device, dtype=case.x.dtype)
+    delta_bias, z = case.delta_bias, case.noise_bcast
+    frozen: dict[str, torch.Tensor] = {}
+
+    def keep_frozen_output(_mod, _inp, out):
+        frozen["h"] = out
+
+    def adapter_with_bias_and_noise(_mod, _inp, out):
+        h = frozen.pop("h")
+        if z is None:
+            return out + delta_bias
+        return h + (out - h + delta_bias) * z
+
+    layer.base_layer.register_forward_hook(keep_frozen_output)
+    layer.register_forward_hook(adapter_with_bias_and_noise)
+    x = case.x
+    params = [layer.hira_A["default"], layer.hira_B["default"]]
+    return (lambda: layer(x)), [x, *params, delta_bias]
+
+
+def build_peft(case: Case) -> tuple[Forward, list[torch.Tensor]]:
+    """PEFT's own layer for the op: LoRA (``lora_bias``) for ``lora_add``, HiRA for ``lora_mul``."""
+    if case.op.kind == "lora_add":
+        return _build_peft_lora(case)
+    if case.op.kind == "lora_mul":
+        return _build_peft_hira(case)
+    raise ContenderUnavailable(f"no PEFT layer computes {case.op.kind}")
 
 
 def build_floor(case: Case) -> tuple[Forward, list[torch.Tensor]]:
@@ -243,7 +297,9 @@ def oracle_output(case: Case) -> torch.Tensor:
     from pace_kernels import reference
 
     fn = reference.lora_add_linear if case.op.kind == "lora_add" else reference.lora_mul_linear
-    f32 = [None if t is None else t.detach().float() for t in (case.x, case.weight, case.bias, case.lora_a,
-                                                                case.lora_b, case.delta_bias, case.noise)]
+    f32 = [
+        None if t is None else t.detach().float()
+        for t in (case.x, case.weight, case.bias, case.lora_a, case.lora_b, case.delta_bias, case.noise)
+    ]
     with torch.no_grad():
         return fn(*f32)
