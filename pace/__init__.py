@@ -7,7 +7,7 @@ the PACE / PACE_fast / PACE_lazy_half / FPA objectives (:class:`PaceCriterion`),
 inference (:func:`merge`) and adapter I/O; the fused kernels live in :mod:`pace_kernels`.
 """
 
-from .dropout import SharedDropout, SharedDropPath, set_copies
+from .dropout import MultiCopyPass, SharedDropout, SharedDropPath, set_copies
 from .inject import (
     SCHEDULES,
     adapters_disabled,
@@ -36,6 +36,7 @@ __all__ = [
     "SSFNorm",
     "SharedDropPath",
     "SharedDropout",
+    "MultiCopyPass",
     "PaceCriterion",
     "PaceOutput",
     "consistency",
