@@ -4,9 +4,14 @@ PACE's consistency loss compares copies of the same sample that differ only by t
 (SPEC section 4): DropPath and dropout must draw one mask per sample and reuse it for every copy.
 In a batch of ``M*B`` rows, copy ``c`` of sample ``b`` sits at row ``c*B + b``.
 
-Not covered: attention dropout that timm's fused attention passes to
-``scaled_dot_product_attention`` as ``dropout_p`` (0 by default) never calls its ``nn.Dropout``
-module, so it cannot be shared; inject leaves it as it is.
+Attention dropout is shared too: :func:`pace.inject` switches timm attention modules whose
+``attn_drop`` is active to their non-fused path, which calls the (shared) ``attn_drop`` module
+instead of passing its probability to ``scaled_dot_product_attention``. Dropout that no module
+applies (inside Hugging Face attention functions, functional dropout) cannot be shared: inject
+refuses it and names the setting to turn off.
+
+The copy count is a module attribute (``pace_copies``) that :class:`MultiCopyPass` sets for one
+pass and binds to the pass's output, so forwards replayed by gradient checkpointing see it too.
 """
 
 from __future__ import annotations
