@@ -65,6 +65,7 @@ def _tiny_vit() -> nn.Module:
         depth=3,
         drop_path_rate=0.3,
         proj_drop_rate=0.2,
+        attn_drop_rate=0.2,
         drop_rate=0.2,
     )
 
