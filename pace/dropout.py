@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from typing import Any, Iterator, List, Optional, Tuple
+from typing import Any, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -36,6 +36,8 @@ class _SharedMaskLayer(nn.Module):
         self._mask_memo: Optional[dict] = None
 
     def _mask(self, x: torch.Tensor, tail_shape, keep: float) -> torch.Tensor:
+        if not torch.compiler.is_compiling() and self in _BACKWARD_LAYOUTS and _current_graph_task() == -1:
+            _forget_backward_layout(self)  # left by a backward that raised: no backward runs now
         memo = self._mask_memo
         if memo is not None and "mask" in memo and memo["mask"].shape[0] == x.shape[0]:
             return memo["mask"]
@@ -144,22 +146,6 @@ def _forget_backward_layout(module: nn.Module, keep_task: Optional[int] = None) 
     del _BACKWARD_LAYOUTS[module]
 
 
-class _HoldCopiesInBackward(torch.autograd.Function):
-    """Identity on a pass's output whose backward runs before any node of the pass (every path
-    from the loss into the model goes through it): the moment to put the pass's copy count back
-    for the forwards that gradient checkpointing replays."""
-
-    @staticmethod
-    def forward(ctx: Any, output: torch.Tensor, layout: MultiCopyPass) -> torch.Tensor:
-        ctx.layout = layout
-        return output.view_as(output)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> Tuple[torch.Tensor, None]:
-        ctx.layout._begin_backward()
-        return grad, None
-
-
 class MultiCopyPass:
     """One forward of a batch that holds ``copies`` copies of each sample (copy ``c`` of sample
     ``b`` at row ``c*B + b``), replay-safe under gradient checkpointing::
@@ -199,22 +185,22 @@ class MultiCopyPass:
 
     @torch.compiler.disable
     def bind(self, output: Any) -> Any:
-        """``output`` (a tensor, or a tuple, list or mapping of them) with every tensor that
-        requires grad routed through an identity whose backward restores this pass's copy count."""
+        """Return ``output`` (a tensor, or a tuple, list or mapping holding tensors) after hooking
+        each of its tensors that requires grad: the hook runs when the backward through it starts,
+        before any node of this pass (every path from the loss into the model passes that tensor),
+        which is the moment to put this pass's copy count back for the replays."""
         if isinstance(output, torch.Tensor):
-            return _HoldCopiesInBackward.apply(output, self) if output.requires_grad else output
-        if isinstance(output, (tuple, list)):
-            bound = [self.bind(o) for o in output]
-            return type(output)(bound) if not hasattr(output, "_fields") else type(output)(*bound)
-        if isinstance(output, dict):
-            bound = {k: self.bind(v) for k, v in output.items()}
-            try:
-                return type(output)(**bound)
-            except TypeError:
-                return bound
+            if output.requires_grad:
+                output.register_hook(self._begin_backward)
+        elif isinstance(output, (tuple, list)):
+            for item in output:
+                self.bind(item)
+        elif isinstance(output, Mapping):
+            for item in output.values():
+                self.bind(item)
         return output
 
-    def _begin_backward(self) -> None:
+    def _begin_backward(self, grad: torch.Tensor) -> None:
         task = _current_graph_task()
         for m in self.modules:
             _forget_backward_layout(m, keep_task=task)

@@ -162,13 +162,23 @@ def test_a_failed_backward_leaves_no_copy_count_behind() -> None:
     model = _build("user", "torch")
     model.use_reentrant = False
     x, y = _inputs("user")
+
+    def fail(grad: torch.Tensor) -> None:
+        raise RuntimeError("boom")
+
+    # The stem's gradient comes last, after the backward has put the pass's count in force.
+    def on_stem(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        out.register_hook(fail)
+
+    hook = model.stem.register_forward_hook(on_stem)
     out = pace.PaceCriterion("pace")(model, x, y)
-    out.logits.register_hook(lambda g: (_ for _ in ()).throw(RuntimeError("boom")))
+    hook.remove()
     with pytest.raises(RuntimeError, match="boom"):
         out.loss.backward()
     # A plain forward of an odd batch afterwards draws one mask per sample again.
     with torch.no_grad():
         model(torch.randn(3, 6, 5))
+    assert model.blocks[0].drop.pace_copies == 1
     pace.PaceCriterion("pace")(model, x, y).loss.backward()
 
 
