@@ -108,9 +108,9 @@ def _inputs(flavour: str):
     return x, torch.tensor([0, 1, 2, 0])
 
 
-def _check(flavour: str, mode: str, backend: str, step: int = 0) -> None:
-    model = _build("timm" if flavour == "timm" else "user", backend)
-    x, y = _inputs(flavour)
+def _check(flavour: str, mode: str, backend: str, step: int = 0, device: str = "cpu") -> None:
+    model = _build("timm" if flavour == "timm" else "user", backend).to(device)
+    x, y = (t.to(device) for t in _inputs(flavour))
     _set_checkpointing(model, flavour, False)
     want = _step(model, mode, x, y, step)
     _set_checkpointing(model, flavour, True)
@@ -126,15 +126,17 @@ def _check(flavour: str, mode: str, backend: str, step: int = 0) -> None:
 @pytest.mark.filterwarnings("ignore:None of the inputs have requires_grad")
 @pytest.mark.parametrize("flavour", ["timm", "reentrant", "non_reentrant"])
 @pytest.mark.parametrize("mode", MODES)
-def test_checkpointing_keeps_gradients_exact(flavour: str, mode: str) -> None:
-    _check(flavour, mode, "torch")
+def test_checkpointing_keeps_gradients_exact(flavour: str, mode: str, device: str) -> None:
+    _check(flavour, mode, "torch", device=device)
 
 
 @pytest.mark.parametrize(
     "flavour, mode", [("non_reentrant", mode) for mode in MODES] + [("reentrant", "pace")]
 )
-def test_checkpointing_keeps_gradients_exact_with_the_fused_kernels(flavour: str, mode: str) -> None:
-    _check(flavour, mode, "triton")
+def test_checkpointing_keeps_gradients_exact_with_the_fused_kernels(
+    flavour: str, mode: str, device: str
+) -> None:
+    _check(flavour, mode, "triton", device=device)
 
 
 def test_lazy_full_batch_step_after_a_two_copy_step_under_checkpointing() -> None:
@@ -205,3 +207,40 @@ def test_multi_copy_pass_by_hand_restores_the_count() -> None:
     assert model.blocks[0].drop.pace_copies == 1
     with pytest.raises(ValueError, match="copies must be an int >= 1"):
         pace.MultiCopyPass(model, 0)
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_hugging_face_gradient_checkpointing_keeps_gradients_exact(use_reentrant: bool) -> None:
+    transformers = pytest.importorskip("transformers")
+
+    def grads(checkpointing: bool) -> List[torch.Tensor]:
+        torch.manual_seed(0)
+        config = transformers.Phi3Config(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            intermediate_size=64,
+            vocab_size=100,
+            pad_token_id=0,
+            eos_token_id=1,
+            bos_token_id=2,
+            resid_pdrop=0.2,
+        )
+        model = transformers.Phi3ForCausalLM(config)
+        pace.inject(model, adapter="lora_mul_vpt_add", rank=3, sigma=0.8, head=None).train()
+        with torch.no_grad():
+            for p in pace.trainable_parameters(model):
+                p.add_(0.05 * torch.randn_like(p))
+        if checkpointing:
+            model.gradient_checkpointing_enable({"use_reentrant": use_reentrant})
+        ids = torch.randint(3, 100, (2, 7), generator=torch.Generator().manual_seed(3))
+        torch.manual_seed(9)
+        with pace.MultiCopyPass(model, 2) as layout:
+            logits = layout.bind(model(torch.cat([ids, ids]), use_cache=False).logits)
+        first, second = logits.chunk(2)
+        loss = torch.nn.functional.cross_entropy(first.flatten(0, 1), ids.flatten())
+        (loss + pace.consistency(first, second)).backward()
+        return [p.grad.clone() for p in pace.trainable_parameters(model)]
+
+    assert _rel_err(grads(True), grads(False)) < REL_TOL
