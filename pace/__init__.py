@@ -8,7 +8,7 @@ inference (:func:`merge`), adapter I/O and the bridge to Hugging Face PEFT (:fun
 :func:`load_peft`, :func:`from_peft`); the fused kernels live in :mod:`pace_kernels`.
 """
 
-from .dropout import SharedDropout, SharedDropPath, set_copies
+from .dropout import MultiCopyPass, SharedDropout, SharedDropPath, set_copies
 from .inject import (
     SCHEDULES,
     adapters_disabled,
@@ -38,6 +38,7 @@ __all__ = [
     "SSFNorm",
     "SharedDropPath",
     "SharedDropout",
+    "MultiCopyPass",
     "PaceCriterion",
     "PaceOutput",
     "consistency",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import re
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -104,12 +105,127 @@ def schedule_factors(n: int, noise_free: int, schedule: str = "pace") -> List[fl
     return out
 
 
-def _share_stochastic_layers(model: nn.Module) -> None:
+def _is_replaced(m: nn.Module) -> bool:
+    """The stochastic layers inject swaps for mask-sharing versions."""
+    return (type(m).__name__ == "DropPath" and hasattr(m, "drop_prob")) or type(m) is nn.Dropout
+
+
+def _share_stochastic_layers(model: nn.Module, non_fused: List[nn.Module]) -> None:
+    """Swap DropPath and dropout for versions that share their masks across the PACE copies; the
+    attention modules of ``non_fused`` take their non-fused path, which calls the shared dropout."""
     for name, m in list(model.named_modules()):
         if type(m).__name__ == "DropPath" and hasattr(m, "drop_prob"):
             _set_submodule(model, name, SharedDropPath(m.drop_prob, getattr(m, "scale_by_keep", True)))
         elif type(m) is nn.Dropout and m.p > 0:
             _set_submodule(model, name, SharedDropout(m.p))
+    for m in non_fused:
+        m.fused_attn = False
+
+
+_SOURCE_CACHE: Dict[type, Optional[str]] = {}
+
+
+def _class_source(cls: type) -> Optional[str]:
+    """The source of ``cls`` and its bases below nn.Module (None where Python has none)."""
+    if cls not in _SOURCE_CACHE:
+        parts: Optional[List[str]] = []
+        for klass in cls.__mro__:
+            if klass is object or klass.__module__.startswith("torch.nn"):
+                continue
+            try:
+                parts.append(inspect.getsource(klass))
+            except (OSError, TypeError):
+                parts = None
+                break
+        _SOURCE_CACHE[cls] = None if parts is None else "\n".join(parts)
+    return _SOURCE_CACHE[cls]
+
+
+def _reads(source: Optional[str], expr: str) -> bool:
+    """Whether ``source`` reads ``expr`` (an assignment to it does not count); unknown source: yes."""
+    return source is None or re.search(re.escape(expr) + r"\b(?!\s*=[^=])", source) is not None
+
+
+def _config_keys(module: nn.Module, p: float) -> List[str]:
+    """Keys of a Hugging Face style ``module.config`` that hold this dropout probability."""
+    config = getattr(module, "config", None)
+    to_dict = getattr(config, "to_dict", None)
+    if not callable(to_dict):
+        return []
+    keys = [k for k, v in to_dict().items() if "drop" in k and isinstance(v, float) and abs(v - p) < 1e-9]
+    if "attention" in type(module).__name__.lower():  # several keys can hold the same value
+        keys.sort(key=lambda k: "att" not in k)
+    return keys
+
+
+def _fix(module: nn.Module, p: float, setting: str) -> str:
+    keys = _config_keys(module, p)
+    return f"build the model with config.{keys[0]}=0" if keys else f"set {setting} = 0"
+
+
+def _refusal(name: str, what: str, fix: str) -> ValueError:
+    return ValueError(
+        f"pace.inject: module {name!r} {what}; its mask cannot be shared across the PACE copies, so "
+        f"they would differ even at sigma 0. Fix: {fix}."
+    )
+
+
+def _plan_dropout_sharing(model: nn.Module) -> List[nn.Module]:
+    """Check, before anything changes, that every dropout of ``model`` can be shared across the
+    copies; return the timm attention modules to switch to their non-fused path. Refused with a
+    ValueError naming the module and the fix: Hugging Face attention functions (``dropout=
+    self.dropout.p`` or ``self.attention_dropout``), functional dropout from a float attribute,
+    and dropout layers of other kinds (Dropout2d, PatchDropout, DropBlock)."""
+    non_fused = []
+    for name, m in model.named_modules():
+        name = name or type(model).__name__
+        if _is_replaced(m) or isinstance(m, (SharedDropout, SharedDropPath)) or hasattr(m, "pace_copies"):
+            continue
+        if "drop" in type(m).__name__.lower():
+            for attr, v in vars(m).items():
+                if isinstance(v, float) and 0 < v <= 1 and not attr.startswith("_"):
+                    raise _refusal(
+                        name,
+                        f"is a {type(m).__name__} with {attr}={v:g} (of dropout layers only "
+                        "nn.Dropout and DropPath are shared)",
+                        f"set {name}.{attr} = 0",
+                    )
+            continue
+        source = _class_source(type(m))
+        switch = False
+        for child_name, child in m.named_children():
+            p = getattr(child, "p", 0.0)
+            if not (type(child) in (nn.Dropout, SharedDropout) and p > 0):
+                continue
+            if not _reads(source, f"self.{child_name}.p"):
+                continue
+            if isinstance(getattr(m, "fused_attn", None), bool) and _reads(source, f"self.{child_name}("):
+                switch = True  # timm attention: the non-fused path calls the dropout module
+                continue
+            raise _refusal(
+                name,
+                f"passes {child_name}.p={p:g} to an attention function instead of calling {child_name} "
+                "(attention dropout inside fused or Hugging Face attention functions)",
+                _fix(m, p, f"{name}.{child_name}.p"),
+            )
+        if switch:
+            non_fused.append(m)
+            continue  # timm keeps float copies of the probability for the fused path only
+        for attr, v in vars(m).items():
+            if (
+                "drop" in attr.lower()
+                and isinstance(v, float)
+                and 0 < v <= 1
+                and not attr.startswith("_")
+                and _reads(source, f"self.{attr}")
+            ):
+                raise _refusal(
+                    name,
+                    f"applies dropout itself with its attribute {attr}={v:g} (functional dropout or an "
+                    "attention function's dropout argument, not an nn.Dropout module)",
+                    _fix(m, v, f"{name}.{attr}"),
+                )
+    return non_fused
 
 
 def inject(
@@ -134,7 +250,11 @@ def inject(
     head) becomes a trainable ``"head"`` layer; every other parameter is frozen. Each layer's sigma
     follows the depth schedule of SPEC section 4 with the first ``noise_free_blocks`` indices
     noise-free (default: 1 when the model has ViT-style ``blocks``, else 0, as for Swin). DropPath
-    and dropout layers are replaced by versions that share masks across PACE copies. For
+    and dropout layers are replaced by versions that share masks across PACE copies, and timm
+    attention with attention dropout takes its non-fused path so that its dropout is shared too;
+    dropout that cannot be shared (inside Hugging Face attention functions, functional dropout,
+    Dropout2d, PatchDropout, DropBlock) is refused with a ValueError naming the module and the fix,
+    before the model is changed. For
     ``adapter="rlrr"`` every LayerNorm gets SSF's scale and shift.
     """
     if not isinstance(model, nn.Module):
@@ -157,6 +277,7 @@ def inject(
             re.compile(targets)
         except re.error as exc:
             raise ValueError(f"targets={targets!r} is not a valid regular expression ({exc})") from None
+    non_fused = _plan_dropout_sharing(model)
     if targets is not None and not isinstance(targets, str):
         targets = list(targets)
 
@@ -188,7 +309,7 @@ def inject(
         for name, m in list(model.named_modules()):
             if isinstance(m, nn.LayerNorm) and m.elementwise_affine:
                 _set_submodule(model, name, SSFNorm(m, m.normalized_shape[-1]))
-    _share_stochastic_layers(model)
+    _share_stochastic_layers(model, non_fused)
     model.pace_config = {
         "adapter": adapter,
         "rank": rank,

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .dropout import reused_masks, set_copies
+from .dropout import MultiCopyPass, reused_masks
 from .inject import adapters_disabled
 
 __all__ = ["MODES", "PaceCriterion", "PaceOutput", "consistency"]
@@ -111,11 +111,12 @@ class PaceCriterion(nn.Module):
         return f"mode={self.mode}, lam={self.lam}, copies={self.copies}, lazy_interval={self.lazy_interval}"
 
     def _copies_forward(self, model: nn.Module, x: torch.Tensor, copies: int) -> torch.Tensor:
-        set_copies(model, copies)
-        try:
-            return model(torch.cat([x] * copies))
-        finally:
-            set_copies(model, 1)
+        """``model`` on ``copies`` copies of ``x`` stacked along the batch; the copy count is bound
+        to the output, so forwards that gradient checkpointing replays in its backward share masks
+        (and draw the same masks and noise) as this one did."""
+        batch = torch.cat([x] * copies) if copies > 1 else x
+        with MultiCopyPass(model, copies) as layout:
+            return layout.bind(model(batch))
 
     def forward(
         self,
@@ -137,17 +138,16 @@ class PaceCriterion(nn.Module):
             cons = _multi_copy_consistency(logits, copies)
             return PaceOutput(cls + self.lam * cons, cls, cons, f1, y)
 
-        set_copies(model, 1)
         if mode == "fpa":
             # The pre-trained pass reuses this pass's DropPath masks: only the adapters differ.
             with reused_masks(model):
-                logits = model(x)
+                logits = self._copies_forward(model, x, 1)
                 with torch.no_grad(), adapters_disabled(model):
                     ref = model(x)
             cls = self.cls_loss(logits, y)
             cons = consistency(logits, ref.detach())
             return PaceOutput(cls + self.lam * cons, cls, cons, logits, y)
-        logits = model(x)
+        logits = self._copies_forward(model, x, 1)
         cls = self.cls_loss(logits, y)
         if mode in ("none", "lazy"):
             return PaceOutput(cls, cls, logits.new_zeros(()).float(), logits, y)
