@@ -207,8 +207,10 @@ def _bwd_dx_kernel(
     cols = offs_k % K
     r_ok = offs_r < RANK
     g_ptrs = g_ptr + rows[:, None] * stride_gm + offs_d[None, :] * stride_gd
-    # int64: the weight's offsets reach D*K, which may pass 2^31 (stride_wk is 1 in every launch).
-    w_ptrs = w_ptr + offs_d[:, None].to(tl.int64) * stride_wd + cols[None, :].to(tl.int64) * stride_wk
+    # int32 offsets suffice here, unlike the forward's cols * stride_wd: the op passes a row-major
+    # weight, so a tile's offsets stay below BLOCK_D * K, and the loop advances the (64-bit)
+    # pointers. An int64 tile costs registers: 16 bytes of spill at BM128 r64 tf32x3 on sm_90.
+    w_ptrs = w_ptr + offs_d[:, None] * stride_wd + cols[None, :] * stride_wk
     b_ptrs = b_ptr + offs_d[:, None] * stride_bd + offs_r[None, :] * stride_br
     if NOISE == 1:
         z_rows = (rows // rows_per_noise).to(tl.int64)
