@@ -1,5 +1,6 @@
 """The memory contract under autocast (issue 10, item 5): the fused path saves no ``D x K`` tensor
-for backward, with fp32 master weights and bf16 autocast as with plain fp32.
+for backward, with fp32 master weights and bf16 autocast as with plain fp32. Without a GPU the
+kernels run in Triton's interpreter under CPU autocast; on a CUDA machine, on the GPU.
 
 Counted with saved-tensor hooks, de-duplicated by storage, as SPEC section 8 counts. A storage of
 the model's own parameters costs nothing new (the parameter is alive anyway); every other saved
@@ -34,7 +35,7 @@ def _saved_storages(module: nn.Module, x: torch.Tensor, autocast: bool) -> dict[
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        with torch.autocast("cpu", dtype=AMP, enabled=autocast):
+        with torch.autocast(x.device.type, dtype=AMP, enabled=autocast):
             y = module(x)
     y.float().square().sum().backward()
     return saved
@@ -55,9 +56,9 @@ def _assert_no_weight_sized(saved: dict[int, tuple], module: nn.Module, label: s
     assert not offending, f"{label}: saved D x K tensors {offending} ({total} bytes saved in all)"
 
 
-def _layer(adapter: str) -> PaceLinear:
+def _layer(adapter: str, device: str) -> PaceLinear:
     torch.manual_seed(0)
-    layer = PaceLinear(96, 80, adapter=adapter, rank=4, sigma=0.5, backend="triton").train()
+    layer = PaceLinear(96, 80, adapter=adapter, rank=4, sigma=0.5, backend="triton", device=device).train()
     with torch.no_grad():  # B != 0, so every adapter gradient is non-trivial
         for p in layer.adapter_parameters().values():
             p.add_(0.1 * torch.randn_like(p))
@@ -65,23 +66,23 @@ def _layer(adapter: str) -> PaceLinear:
 
 
 @pytest.mark.parametrize("adapter", ["lora_mul_vpt_add", "lora_add"])
-def test_pace_linear_saves_no_weight_sized_tensor_under_autocast(adapter: str) -> None:
-    x = torch.randn(2, 5, 96, requires_grad=True)  # 10 rows: activations are smaller than 80 x 96
-    layer = _layer(adapter)
+def test_pace_linear_saves_no_weight_sized_tensor_under_autocast(adapter: str, device: str) -> None:
+    x = torch.randn(2, 5, 96, device=device, requires_grad=True)  # 10 rows: smaller than 80 x 96
+    layer = _layer(adapter, device)
     _assert_no_weight_sized(_saved_storages(layer, x, autocast=False), layer, f"{adapter} fp32")
     _assert_no_weight_sized(_saved_storages(layer, x, autocast=True), layer, f"{adapter} bf16 autocast")
 
 
 @pytest.mark.parametrize("adapter", ["lora_mul_vpt_add", "lora_add"])
-def test_autocast_keeps_the_layer_exact(adapter: str) -> None:
+def test_autocast_keeps_the_layer_exact(adapter: str, device: str) -> None:
     """The fused path under autocast still gives the reference's output and gradients."""
-    x = torch.randn(2, 5, 96)
-    layer = _layer(adapter)
+    x = torch.randn(2, 5, 96, device=device)
+    layer = _layer(adapter, device)
     results = {}
     for backend in ("triton", "torch"):
         layer.backend = backend
         torch.manual_seed(3)  # the same noise draws
-        with torch.autocast("cpu", dtype=AMP):
+        with torch.autocast(device, dtype=AMP):
             y = layer(x)
         params = list(layer.adapter_parameters().values())
         results[backend] = (y.float(), torch.autograd.grad(y.float().square().sum(), params))
@@ -93,7 +94,7 @@ def test_autocast_keeps_the_layer_exact(adapter: str) -> None:
         torch.testing.assert_close(a, b, rtol=5e-2, atol=5e-2 * b.abs().max().item())
 
 
-def test_injected_vit_block_saves_no_weight_sized_tensor_under_autocast() -> None:
+def test_injected_vit_block_saves_no_weight_sized_tensor_under_autocast(device: str) -> None:
     model = timm.create_model(
         "vit_tiny_patch16_224",
         pretrained=False,
@@ -104,7 +105,9 @@ def test_injected_vit_block_saves_no_weight_sized_tensor_under_autocast() -> Non
         num_heads=2,
     )
     pace.inject(model, adapter="lora_mul_vpt_add", rank=4, sigma=0.5, backend="triton")
-    block = model.blocks[1].train()  # block 1: noisy under the PACE schedule
-    x = torch.randn(2, 5, 32, requires_grad=True)  # 10 rows x 128 hidden < the 32 x 128 weights
+    block = model.blocks[1].to(device).train()  # block 1: noisy under the PACE schedule
+    x = torch.randn(
+        2, 5, 32, device=device, requires_grad=True
+    )  # 10 rows x 128 hidden < the 32 x 128 weights
     _assert_no_weight_sized(_saved_storages(block, x, autocast=False), block, "ViT block fp32")
     _assert_no_weight_sized(_saved_storages(block, x, autocast=True), block, "ViT block bf16 autocast")
