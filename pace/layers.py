@@ -205,7 +205,7 @@ class PaceLinear(nn.Module):
         kind = self.adapter
         db = None
         if kind in ("vpt_add", "lora_mul_vpt_add"):
-            db = self.weight.detach() @ (self.prompt_down @ self.prompt_up).squeeze(-1)
+            db = self._prompt_bias()
         if kind in ("lora_mul", "lora_mul_vpt_add") and self.bias is not None:
             scaled = self.bias.detach() * self.bias_scale
             db = scaled if db is None else db + scaled
@@ -214,6 +214,18 @@ class PaceLinear(nn.Module):
         if kind == "rlrr":
             db = self.shift
         return db
+
+    def _prompt_bias(self) -> torch.Tensor:
+        """VPT's ``W0 p`` with ``p = P_d P_u``. Its backward needs ``W0`` (``d p = W0^T d db``):
+        autocast would cast ``W0`` and save that ``D x K`` copy for backward, so under autocast
+        the matrix-vector product runs in the weight's own dtype and saves the parameter itself."""
+        w0 = self.weight.detach()
+        p = (self.prompt_down @ self.prompt_up).squeeze(-1)
+        device_type = w0.device.type
+        if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
+            with torch.autocast(device_type, enabled=False):
+                return w0 @ p.to(w0.dtype)
+        return w0 @ p
 
     def _forward_adapted(self, x: torch.Tensor, z: Optional[torch.Tensor]) -> torch.Tensor:
         """``x W0^T + b0 + z * dh(x)`` (z may be None)."""

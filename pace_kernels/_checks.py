@@ -6,6 +6,7 @@ argument raises the same ``ValueError``/``TypeError`` whichever backend runs.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -55,12 +56,16 @@ def check_linear_inputs(
     lora_b: torch.Tensor,
     delta_bias: Optional[torch.Tensor] = None,
     noise: Optional[torch.Tensor] = None,
+    *,
+    weight_any_dtype: bool = False,
 ) -> LinearShapes:
     """Validate the arguments of ``lora_add_linear`` / ``lora_mul_linear`` (SPEC section 3).
 
     ``x [..., K]``, ``weight [D, K]``, ``bias [D] | None``, ``lora_a [r, K]``, ``lora_b [D, r]``,
     ``delta_bias [D] | None``, ``noise [x.shape[0], D]`` (per sample) or ``[*x.shape[:-1], D]`` (per
-    token) or ``None``. All but ``noise`` share one dtype and every tensor one device.
+    token) or ``None``. All but ``noise`` share one dtype and every tensor one device;
+    ``weight_any_dtype`` exempts the frozen weight from the dtype rule (under autocast the kernels
+    take the fp32 master weight and read it cast to ``x``'s dtype).
     """
     for name, t, optional in (
         ("x", x, False),
@@ -93,7 +98,7 @@ def check_linear_inputs(
         raise ValueError(f"{op}: delta_bias must have shape [{d_out}], got {_shape(delta_bias)}")
 
     for name, t in (
-        ("weight", weight),
+        ("weight", None if weight_any_dtype else weight),
         ("bias", bias),
         ("lora_a", lora_a),
         ("lora_b", lora_b),
@@ -114,7 +119,7 @@ def check_linear_inputs(
                 f"{op}: {name} is on {t.device} but x is on {x.device}; they must be on one device"
             )
 
-    n_rows = x.numel() // k_in if k_in > 0 else 0
+    n_rows = math.prod(x.shape[:-1])  # not x.numel() // K: K may be 0
     rows_per_noise = 0
     if noise is not None:
         if x.ndim < 2:

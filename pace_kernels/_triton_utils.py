@@ -11,6 +11,7 @@ Everything here is public to the kernel modules and stays backward compatible: a
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import subprocess
@@ -193,10 +194,23 @@ def contiguous_or_none(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.contiguous()
 
 
+def frozen_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The frozen ``W0`` as the kernels read it: in the operand ``dtype``, row-major.
+
+    Under autocast the ops get the fp32 master weight, and their autograd saves that (the
+    parameter itself, no new memory); the low-precision copy made here lives only for one
+    forward or backward call. Casting once per call costs ``6 D K`` bytes of traffic (read fp32,
+    write bf16) against a kernel that reads ``W0`` once per row tile: cheaper than loading fp32
+    tiles in the kernel, which would double the weight bytes of every tile read. A weight already
+    in ``dtype`` and contiguous is returned as is."""
+    # .to(memory_format=contiguous_format) would keep a transposed view as it is.
+    return weight.to(dtype).contiguous()
+
+
 def run_fused_linear(op: str, launch: Callable[..., torch.Tensor], max_rank: int, x: torch.Tensor,
                      weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
                      lora_b: torch.Tensor, delta_bias: torch.Tensor | None,
-                     noise: torch.Tensor | None) -> torch.Tensor:
+                     noise: torch.Tensor | None, *, weight_any_dtype: bool = False) -> torch.Tensor:
     """The reference's ``op`` (``"lora_add_linear"``, ...) with its checks and errors, run by
     ``launch`` where the kernels take the inputs and by the reference otherwise (float64, ranks
     above ``max_rank``).
@@ -205,14 +219,17 @@ def run_fused_linear(op: str, launch: Callable[..., torch.Tensor], max_rank: int
     ``x`` flattened to ``[N, K]`` (contiguous), the noise to ``[N / rows_per_noise, D]``, and the
     frozen ``weight``/``bias`` and the noise detached (they never get gradients); its ``[N, D]``
     output is viewed back to ``[..., D]``. Anything further a kernel needs of its operands (unit
-    strides, say) is ``launch``'s to arrange.
+    strides, say) is ``launch``'s to arrange. ``weight_any_dtype``: ``weight`` may have another float
+    dtype than ``x`` (autocast's fp32 master weight), which the ops cast per call (:func:`frozen_weight`).
     """
-    shapes = check_linear_inputs(op, x, weight, bias, lora_a, lora_b, delta_bias, noise)
+    shapes = check_linear_inputs(op, x, weight, bias, lora_a, lora_b, delta_bias, noise,
+                                 weight_any_dtype=weight_any_dtype)
     if x.dtype not in KERNEL_DTYPES or shapes.rank > max_rank:
-        return getattr(reference, op)(x, weight, bias, lora_a, lora_b, delta_bias, noise)
+        return getattr(reference, op)(x, weight.to(x.dtype), bias, lora_a, lora_b, delta_bias, noise)
     d_out, k_in = shapes.out_features, shapes.in_features
-    x2d = x.reshape(-1, k_in).contiguous()
-    noise2d = None if noise is None else noise.detach().reshape(-1, d_out)
+    # Explicit row counts, not -1: a reshape cannot infer them when K or D is 0.
+    x2d = x.reshape(shapes.n_rows, k_in).contiguous()
+    noise2d = None if noise is None else noise.detach().reshape(math.prod(noise.shape[:-1]), d_out)
     y = launch(x2d, weight.detach(), None if bias is None else bias.detach(), lora_a, lora_b, delta_bias,
                noise2d, shapes.rows_per_noise)
     return y.view(*x.shape[:-1], d_out)

@@ -38,25 +38,32 @@ def _autocast_dtype(device_type: str) -> torch.dtype | None:
     return torch.get_autocast_dtype(device_type)
 
 
-def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    return None if t is None else t.to(dtype)
+def _cast(t: object, dtype: torch.dtype) -> object:
+    # Anything but a float tensor is left for check_linear_inputs to name in its error.
+    return t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
 
 
 def _dispatch(op: str, backend: str, x, weight, bias, lora_a, lora_b, delta_bias, noise) -> torch.Tensor:
     check_backend(backend)
+    use_triton = backend == "triton" or (backend == "auto" and isinstance(x, torch.Tensor) and x.is_cuda)
+    autocast = False
     if isinstance(x, torch.Tensor):
         amp_dtype = _autocast_dtype(x.device.type)
-        if amp_dtype is not None and x.is_floating_point():
+        autocast = amp_dtype is not None and x.is_floating_point()
+        if autocast:
             # Under autocast a linear layer computes in the autocast dtype; cast every operand (the
-            # noise stays as given) so both backends see one dtype, as F.linear would.
-            x, weight, bias, lora_a, lora_b, delta_bias = (
-                _cast(t, amp_dtype) for t in (x, weight, bias, lora_a, lora_b, delta_bias)
+            # noise stays as given) so both backends see one dtype, as F.linear would. The kernels
+            # take the frozen weight as it is and cast it per call: a cast here would be a D x K
+            # copy that their autograd saves for backward (issue 10, the memory contract).
+            x, bias, lora_a, lora_b, delta_bias = (
+                _cast(t, amp_dtype) for t in (x, bias, lora_a, lora_b, delta_bias)
             )
-    use_triton = backend == "triton" or (backend == "auto" and isinstance(x, torch.Tensor) and x.is_cuda)
+            if not use_triton:
+                weight = _cast(weight, amp_dtype)
     if not use_triton:
         return getattr(reference, op)(x, weight, bias, lora_a, lora_b, delta_bias, noise)
-    check_linear_inputs(op, x, weight, bias, lora_a, lora_b, delta_bias, noise)
-    return _triton_impl(op)(x, weight, bias, lora_a, lora_b, delta_bias, noise)
+    check_linear_inputs(op, x, weight, bias, lora_a, lora_b, delta_bias, noise, weight_any_dtype=autocast)
+    return _triton_impl(op)(x, weight, bias, lora_a, lora_b, delta_bias, noise, weight_any_dtype=autocast)
 
 
 def lora_add_linear(

@@ -47,6 +47,7 @@ from ._triton_utils import (
     contiguous_or_none,
     dot_acc,
     dot_flags,
+    frozen_weight,
     jit_helper,
     padded_rank,
     pick_configs,
@@ -103,11 +104,12 @@ def _fwd_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     offs_r = tl.arange(0, R)
     # Rows and columns past the edge wrap onto valid ones, so the K loop needs masks along K only;
-    # their results are dropped by the store masks. Row offsets are int64: N*K may pass 2^31.
+    # their results are dropped by the store masks. Row offsets are int64: N*K may pass 2^31, and
+    # so may D*K, the weight's column offsets (cols * stride_wd).
     rows = (offs_m % N).to(tl.int64)
     cols = offs_n % D
     x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
-    w_ptrs = w_ptr + offs_k[:, None] * stride_wk + cols[None, :] * stride_wd
+    w_ptrs = w_ptr + offs_k[:, None] * stride_wk + cols[None, :].to(tl.int64) * stride_wd
     a_ptrs = a_ptr + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar
     r_ok = offs_r < RANK
 
@@ -205,6 +207,9 @@ def _bwd_dx_kernel(
     cols = offs_k % K
     r_ok = offs_r < RANK
     g_ptrs = g_ptr + rows[:, None] * stride_gm + offs_d[None, :] * stride_gd
+    # int32 offsets suffice here, unlike the forward's cols * stride_wd: the op passes a row-major
+    # weight, so a tile's offsets stay below BLOCK_D * K, and the loop advances the (64-bit)
+    # pointers. An int64 tile costs registers: 16 bytes of spill at BM128 r64 tf32x3 on sm_90.
     w_ptrs = w_ptr + offs_d[:, None] * stride_wd + cols[None, :] * stride_wk
     b_ptrs = b_ptr + offs_d[:, None] * stride_bd + offs_r[None, :] * stride_br
     if NOISE == 1:
@@ -388,6 +393,24 @@ SEGMENT_MIN_ROWS = 128
 the two-segment path: a row tile then never holds rows of more than two samples."""
 
 
+def check_segment_tile(block_m: int, rows_per_noise: int) -> None:
+    """The two-segment path (``NOISE == 2``) is right only while a row tile holds rows of at most two
+    samples, i.e. ``BLOCK_M <= T + 1``: refuse a config that breaks it (a future 256-row tile, say)
+    rather than mix three samples' noise in one tile."""
+    if block_m > rows_per_noise + 1:
+        raise RuntimeError(
+            f"lora_add: a row tile of BLOCK_M={block_m} rows can span three samples of {rows_per_noise} "
+            f"rows, which the two-segment noise path cannot handle; every config's BLOCK_M must be at "
+            f"most SEGMENT_MIN_ROWS + 1 = {SEGMENT_MIN_ROWS + 1}")
+
+
+def _unit_stride(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+    # The kernels take the strides of their 2-D operands but read b0 and db with unit stride, and
+    # compute some offsets (K-strided ones) in int32: the ops make every operand row-major, which
+    # costs nothing for the contiguous tensors the public entry point passes.
+    return [contiguous_or_none(t) for t in tensors]
+
+
 def _noise_mode(noise: torch.Tensor | None, rows_per_noise: int, folds_db: bool, has_db: bool) -> int:
     """0: no noise; 1: gather a noise row per output row; 2: per-sample segments (see _fwd_kernel)."""
     if noise is None:
@@ -437,6 +460,8 @@ def _rank_grads(lhs: torch.Tensor, rhs: torch.Tensor, noise: torch.Tensor | None
 def _forward_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
                   lora_b: torch.Tensor, delta_bias: torch.Tensor | None, noise: torch.Tensor | None,
                   rows_per_noise: int) -> tuple[torch.Tensor, torch.Tensor]:
+    x, lora_a, lora_b, bias, delta_bias, noise = _unit_stride(x, lora_a, lora_b, bias, delta_bias, noise)
+    weight = frozen_weight(weight, x.dtype)
     n_rows, k_in = x.shape
     d_out, rank = lora_b.shape
     y = torch.empty((n_rows, d_out), device=x.device, dtype=x.dtype)
@@ -448,8 +473,11 @@ def _forward_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     z = noise if noise is not None else x
     r_pad = padded_rank(rank)
     fold_db = delta_bias is not None and rank < r_pad
+    noise_mode = _noise_mode(noise, rows_per_noise, fold_db, delta_bias is not None)
 
     def grid(meta):
+        if noise_mode == 2:
+            check_segment_tile(meta["BLOCK_M"], rows_per_noise)
         return (triton.cdiv(n_rows, meta["BLOCK_M"]) * triton.cdiv(d_out, meta["BLOCK_N"]),)
 
     wrap_triton(kernel)[grid](
@@ -464,8 +492,7 @@ def _forward_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         y.stride(0), y.stride(1),
         u.stride(0), u.stride(1),
         HAS_BIAS=bias is not None, HAS_DB=delta_bias is not None, FOLD_DB=fold_db,
-        NOISE=_noise_mode(noise, rows_per_noise, fold_db, delta_bias is not None),
-        R=r_pad, UPCAST=upcast, PRECISION=precision,
+        NOISE=noise_mode, R=r_pad, UPCAST=upcast, PRECISION=precision,
     )
     return y, u
 
@@ -478,20 +505,28 @@ def _backward_impl(grad_y: torch.Tensor, x: torch.Tensor, u: torch.Tensor, weigh
                    lora_a: torch.Tensor, lora_b: torch.Tensor, noise: torch.Tensor | None,
                    rows_per_noise: int,
                    need_dx: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    g, x, u, lora_a, lora_b, noise = _unit_stride(grad_y, x, u, lora_a, lora_b, noise)
+    weight = frozen_weight(weight, x.dtype)
     n_rows, k_in = x.shape
     d_out, rank = lora_b.shape
-    g = grad_y.contiguous()
     dx = torch.empty((n_rows, k_in) if need_dx else (0, k_in), device=x.device, dtype=x.dtype)
     if n_rows == 0 or d_out == 0:
         return (dx.zero_(), lora_a.new_zeros(lora_a.shape), lora_b.new_zeros(lora_b.shape),
                 x.new_zeros((d_out,)))
+    if k_in == 0:
+        # Y = b0 + Zr * db (U = X A^T is 0): dX and dA are empty, dB = Gz^T U = 0, d db = colsum(Gz).
+        d_lora_b, d_delta_bias = _rank_grads(g, u, noise, rows_per_noise, with_colsum=True)
+        return dx, lora_a.new_zeros(lora_a.shape), d_lora_b.to(x.dtype), d_delta_bias.to(x.dtype)
     p = torch.empty((n_rows, rank), device=x.device, dtype=x.dtype)
     upcast, precision = dot_flags(x.dtype)
     kernel = _dx_32 if x.dtype == torch.float32 else _dx_16
     z = noise if noise is not None else g
     dx_arg = dx if need_dx else p  # never written when COMPUTE_DX is off
+    noise_mode = _noise_mode(noise, rows_per_noise, True, False)
 
     def grid(meta):
+        if noise_mode == 2:
+            check_segment_tile(meta["BLOCK_M"], rows_per_noise)
         # Without dX only P = Gz B is computed: one program per row tile.
         col_tiles = triton.cdiv(k_in, meta["BLOCK_K"]) if need_dx else 1
         return (triton.cdiv(n_rows, meta["BLOCK_M"]) * col_tiles,)
@@ -506,7 +541,7 @@ def _backward_impl(grad_y: torch.Tensor, x: torch.Tensor, u: torch.Tensor, weigh
         z.stride(0), z.stride(1),
         dx_arg.stride(0), dx_arg.stride(1),
         p.stride(0), p.stride(1),
-        NOISE=_noise_mode(noise, rows_per_noise, True, False), COMPUTE_DX=need_dx,
+        NOISE=noise_mode, COMPUTE_DX=need_dx,
         R=padded_rank(rank), UPCAST=upcast, PRECISION=precision,
     )
     d_lora_b, d_delta_bias = _rank_grads(g, u, noise, rows_per_noise, with_colsum=True)
@@ -585,10 +620,9 @@ lora_add_fwd.register_autograd(LoraAddFunction.backward, setup_context=LoraAddFu
 
 
 def _launch_2d(x2d, weight, bias, lora_a, lora_b, delta_bias, noise2d, rows_per_noise):
-    # The kernels take any strides of the 2-D operands, but read the 1-D b0 and db with unit
-    # stride (``bias_ptr + cols``): those must be contiguous. U is for backward only.
-    y, _ = torch.ops.pace.lora_add_fwd(x2d, weight, contiguous_or_none(bias), lora_a, lora_b,
-                                       contiguous_or_none(delta_bias), noise2d, rows_per_noise)
+    # The op makes its operands row-major and casts the frozen weight itself (_forward_impl).
+    # U is for backward only.
+    y, _ = torch.ops.pace.lora_add_fwd(x2d, weight, bias, lora_a, lora_b, delta_bias, noise2d, rows_per_noise)
     return y
 
 
@@ -600,11 +634,15 @@ def lora_add_linear_triton(
     lora_b: torch.Tensor,
     delta_bias: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
+    *,
+    weight_any_dtype: bool = False,
 ) -> torch.Tensor:
     """``Y = x W0^T + b0 + Z * ((x A^T) B^T + db)`` with the fused kernels; the reference's signature
-    and errors. float64 inputs and ranks above :data:`MAX_RANK` run the reference instead."""
+    and errors. float64 inputs and ranks above :data:`MAX_RANK` run the reference instead.
+    ``weight_any_dtype``: the frozen ``weight`` may be of another float dtype than ``x`` (autocast's
+    fp32 master weight); it is read cast to ``x``'s dtype, and the op saves it as given."""
     return run_fused_linear("lora_add_linear", _launch_2d, MAX_RANK, x, weight, bias, lora_a, lora_b,
-                            delta_bias, noise)
+                            delta_bias, noise, weight_any_dtype=weight_any_dtype)
 
 
 # --------------------------------------------------------------------------------------------

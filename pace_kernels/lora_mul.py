@@ -30,7 +30,8 @@ map, ``Y_b = X_b W_b^T + b0 + z_b db`` with ``W_b = W0 * (1 + z_b[:, None] * M)`
   ``_lora_mul_dx_two_gemm_kernel``: one accumulator over the reduction ``[G, Gz] x [W0; W0*M]``).
 
 Saved for backward: ``X``, the noise, ``W0`` (the frozen parameter itself, not a copy) and the
-factors; never a ``D x K`` tensor of the op's own and never an ``N x D`` one.
+factors; never a ``D x K`` tensor of the op's own and never an ``N x D`` one. Under autocast too:
+the op takes the fp32 master ``W0`` and casts it per call (``frozen_weight``), a transient.
 
 Cost model
 ==========
@@ -117,6 +118,7 @@ from ._triton_utils import (
     contiguous_or_none,
     dot_acc,
     dot_flags,
+    frozen_weight,
     is_interpreting,
     jit_helper,
     padded_rank,
@@ -180,7 +182,7 @@ def sample_plan(rows_per_sample: int, block_ms: Sequence[int]) -> SamplePlan:
 
 
 # ------------------------------------------------------------------------------------------------
-# Kernels. Every kernel assumes unit stride along its tensors' last dimension (the launchers make
+# Kernels. Every kernel assumes unit stride along its tensors' last dimension (the ops make
 # them contiguous) and computes row offsets in int64: N*K and N*D may pass 2^31.
 
 
@@ -475,7 +477,7 @@ def _lora_mul_dm_kernel(
     pid = tl.program_id(0)
     pid_s = tl.program_id(1)
     num_pid_m = _cdiv(D, BLOCK_M)
-    num_pid_n = _cdiv(K, BLOCK_N)
+    num_pid_n = tl.maximum(_cdiv(K, BLOCK_N), 1)  # as the grid: one column tile sums d db when K == 0
     pid_m, pid_n = _grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M)
     offs_d = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     d_ok = offs_d < D
@@ -649,6 +651,8 @@ def _launch_rows_kernels(kind: str, bits: int, plan: SamplePlan, n_seg: int, seg
 def _forward_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
                   lora_b: torch.Tensor, delta_bias: torch.Tensor | None, noise: torch.Tensor | None,
                   rows_per_noise: int) -> torch.Tensor:
+    x, lora_a, lora_b, bias, delta_bias, noise = _unit_stride(x, lora_a, lora_b, bias, delta_bias, noise)
+    weight = frozen_weight(weight, x.dtype)
     n_rows, k_in = x.shape
     d_out, rank = lora_b.shape
     y = torch.empty((n_rows, d_out), device=x.device, dtype=x.dtype)
@@ -691,6 +695,12 @@ def _forward_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return y
 
 
+def _unit_stride(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+    # The kernels read every operand row-major (module note "Kernels"): the ops make their inputs
+    # so, which costs nothing for the contiguous tensors the public entry point passes.
+    return [contiguous_or_none(t) for t in tensors]
+
+
 def _forward_fake(x, weight, bias, lora_a, lora_b, delta_bias, noise, rows_per_noise):
     return x.new_empty((x.shape[0], weight.shape[0]))
 
@@ -698,9 +708,10 @@ def _forward_fake(x, weight, bias, lora_a, lora_b, delta_bias, noise, rows_per_n
 def _backward_impl(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor,
                    lora_b: torch.Tensor, noise: torch.Tensor | None, rows_per_noise: int, need_dx: bool,
                    need_factors: bool, need_db: bool) -> tuple[torch.Tensor, ...]:
+    g, x, lora_a, lora_b, noise = _unit_stride(grad_y, x, lora_a, lora_b, noise)
+    weight = frozen_weight(weight, x.dtype)
     n_rows, k_in = x.shape
     d_out, rank = lora_b.shape
-    g = grad_y.contiguous()
     bits, upcast, precision = _kernel_flags(x.dtype)
     dx = torch.empty((n_rows, k_in) if need_dx else (0, k_in), device=x.device, dtype=x.dtype)
     d_lora_a = torch.zeros_like(lora_a)
@@ -780,8 +791,9 @@ def _backward_impl(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
 
 
 def _backward_fake(grad_y, x, weight, lora_a, lora_b, noise, rows_per_noise, need_dx, need_factors, need_db):
-    return (x.new_empty(x.shape if need_dx else (0, x.shape[1])), torch.empty_like(lora_a),
-            torch.empty_like(lora_b), x.new_empty((weight.shape[0],)))
+    # Fresh row-major tensors, as the real kernel returns whatever the inputs' strides.
+    return (x.new_empty(x.shape if need_dx else (0, x.shape[1])), lora_a.new_empty(lora_a.shape),
+            lora_b.new_empty(lora_b.shape), x.new_empty((weight.shape[0],)))
 
 
 def _op_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
@@ -854,11 +866,8 @@ lora_mul_fwd.register_autograd(LoraMulFunction.backward, setup_context=LoraMulFu
 
 
 def _launch_2d(x2d, weight, bias, lora_a, lora_b, delta_bias, noise2d, rows_per_noise):
-    # The kernels assume unit stride along every operand's last dimension (see "Kernels" above).
-    return torch.ops.pace.lora_mul_fwd(x2d, weight.contiguous(), contiguous_or_none(bias),
-                                       lora_a.contiguous(), lora_b.contiguous(),
-                                       contiguous_or_none(delta_bias), contiguous_or_none(noise2d),
-                                       rows_per_noise)
+    # The op makes its operands row-major and casts the frozen weight itself (_forward_impl).
+    return torch.ops.pace.lora_mul_fwd(x2d, weight, bias, lora_a, lora_b, delta_bias, noise2d, rows_per_noise)
 
 
 def lora_mul_linear_triton(
@@ -869,13 +878,17 @@ def lora_mul_linear_triton(
     lora_b: torch.Tensor,
     delta_bias: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
+    *,
+    weight_any_dtype: bool = False,
 ) -> torch.Tensor:
     """``Y = x W0^T + b0 + Z * (x (W0 * (B A))^T + db)`` with the fused kernels; the reference's
     signature and errors. RLRR is the rank-1 case (``lora_b = s_left [D, 1]``, ``lora_a =
     s_right^T [1, K]``, ``delta_bias = shift``). float64 inputs and ranks above :data:`MAX_RANK`
-    run the reference instead."""
+    run the reference instead. ``weight_any_dtype``: the frozen ``weight`` may be of another float
+    dtype than ``x`` (autocast's fp32 master weight); it is read cast to ``x``'s dtype, and the op
+    saves the weight as given, no cast copy."""
     return run_fused_linear("lora_mul_linear", _launch_2d, MAX_RANK, x, weight, bias, lora_a, lora_b,
-                            delta_bias, noise)
+                            delta_bias, noise, weight_any_dtype=weight_any_dtype)
 
 
 # ------------------------------------------------------------------------------------------------
