@@ -118,7 +118,8 @@ def _masked_consistency(f1: torch.Tensor, f2: torch.Tensor, keep: Optional[torch
     per_position = (f1 - f2).square().sum(dim=-1)
     if keep is None:
         return per_position.mean()
-    return per_position[keep].sum() / keep.sum().clamp_min(1)
+    # weights, not boolean indexing: no host sync, and an empty mask gives 0 rather than NaN
+    return (per_position * keep).sum() / keep.sum().clamp_min(1)
 
 
 def _multi_copy_consistency(
@@ -189,6 +190,7 @@ class PaceCriterion(nn.Module):
         self.lazy_interval = lazy_interval
         self.shift_labels = shift_labels
         self.ignore_index = ignore_index
+        self._default_cls_loss = cls_loss is None
         self.cls_loss = (
             cls_loss if cls_loss is not None else partial(F.cross_entropy, ignore_index=ignore_index)
         )
@@ -234,8 +236,6 @@ class PaceCriterion(nn.Module):
             return logits, y, y != self.ignore_index
         if logits.ndim == 2 and y.shape[:1] == logits.shape[:1] and (y.ndim == 1 or y.shape == logits.shape):
             keep = (y != self.ignore_index) if y.ndim == 1 and not y.is_floating_point() else None
-            if keep is not None and bool(keep.all()):
-                keep = None
             return logits, y, keep
         raise ValueError(
             f"labels of shape {list(y.shape)} do not fit logits of shape {list(logits.shape)}: expected "
@@ -250,9 +250,17 @@ class PaceCriterion(nn.Module):
         logits, y, keep = self._scored(logits, y)
         if logits.ndim == 2:
             return self.cls_loss(logits, y), logits, keep
-        if not bool(keep.any()):  # no labelled token: nothing to learn from, and no NaN
-            return logits.sum() * 0.0, logits, keep
+        if self._default_cls_loss:  # the mean over labelled tokens without a host sync; 0 if none
+            total = F.cross_entropy(
+                logits.flatten(0, 1), y.flatten(), ignore_index=self.ignore_index, reduction="sum"
+            )
+            return total / keep.sum().clamp_min(1), logits, keep
         return self.cls_loss(logits[keep], y[keep]), logits, keep
+
+    def task_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The classification loss alone (no copies, no consistency), with this criterion's label
+        handling (per-token labels, ``shift_labels``, ``ignore_index``): for evaluation."""
+        return self._task_loss(logits, labels)[0]
 
     def _check_batch(self, x: Inputs, y: torch.Tensor) -> None:
         _check_inputs(x)
