@@ -43,7 +43,9 @@ class PaceTrainer(Trainer):
         self.pace_criterion = pace_criterion
         self.index_column = index_column
         super().__init__(*args, **kwargs)
-        # the criterion returns a per-batch mean: the Trainer divides it by the accumulation steps
+        # The criterion returns a per-batch mean and takes no num_items_in_batch: the Trainer must
+        # divide it by the gradient accumulation steps (transformers 4.46+ and 5.x read these two).
+        self.model_accepts_loss_kwargs = False
         self.loss_is_scaled_for_ga = False
 
     def _set_signature_columns_if_needed(self) -> None:

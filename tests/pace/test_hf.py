@@ -328,3 +328,31 @@ def test_trainer_runs_pace(tmp_path, mode):
     assert math.isfinite(metrics["eval_loss"])
     if mode == "fast":  # the dataset indices reached the criterion: 12 samples seen, 8 rows written
         assert (crit.history_bank.abs().sum(-1) > 0).all()
+
+
+def test_trainer_gradient_accumulation_averages_micro_batches(tmp_path):
+    """One SGD step over 4 examples equals one over 2 micro-batches of 2 accumulated (no noise)."""
+    from pace.hf import PaceTrainer
+
+    data = _Examples(4, per_token=True)
+    weights = []
+    for batch, accumulate in ((4, 1), (2, 2)):
+        torch.manual_seed(0)
+        model = pace.inject(_llama_lm(), adapter="lora_add", rank=2, targets=["q_proj", "v_proj"])
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path),
+            max_steps=1,
+            per_device_train_batch_size=batch,
+            gradient_accumulation_steps=accumulate,
+            learning_rate=0.5,
+            optim="sgd",
+            lr_scheduler_type="constant",
+            report_to=[],
+            save_strategy="no",
+            use_cpu=True,
+        )
+        crit = pace.PaceCriterion("pace", lam=1.0, shift_labels=True)
+        PaceTrainer(model=model, args=args, train_dataset=data, pace_criterion=crit).train()
+        weights.append(model.model.layers[0].self_attn.q_proj.lora_b.detach().clone())
+    assert weights[0].abs().sum() > 0
+    torch.testing.assert_close(weights[0], weights[1])
