@@ -2,6 +2,7 @@
 
 import importlib.util
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "lm_docstrings.py"
 def _load_example():
     spec = importlib.util.spec_from_file_location("lm_docstrings", EXAMPLE)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
