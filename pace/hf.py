@@ -21,7 +21,12 @@ from typing import Any, List
 
 import torch.nn as nn
 
-__all__ = ["HEAD_NAMES", "is_hf_model", "find_hf_head"]  # and PaceTrainer, imported on first use
+__all__ = [
+    "HEAD_NAMES",
+    "is_hf_model",
+    "find_hf_head",
+    "hf_output_layers",
+]  # and PaceTrainer, imported on first use
 
 # Task heads of transformers' *For{SequenceClassification,TokenClassification,QuestionAnswering,
 # ImageClassification} models, as their attribute names on the model.
@@ -61,11 +66,17 @@ def find_hf_head(model: nn.Module) -> List[str]:
 
 
 def _has_output_embeddings(model: nn.Module) -> bool:
+    return bool(hf_output_layers(model))
+
+
+def hf_output_layers(model: nn.Module) -> List[str]:
+    """The name of a language model's output layer (``lm_head``: ``get_output_embeddings()``), or ``[]``."""
     get_output = getattr(model, "get_output_embeddings", None)
     try:
-        return callable(get_output) and get_output() is not None
+        output = get_output() if callable(get_output) else None
     except NotImplementedError:
-        return False
+        output = None
+    return [name for name, m in model.named_modules() if output is not None and m is output][:1]
 
 
 def __getattr__(name: str) -> Any:

@@ -12,7 +12,7 @@ import torch.nn as nn
 from pace_kernels._checks import check_backend
 
 from .dropout import SharedDropout, SharedDropPath, reused_masks
-from .hf import find_hf_head, is_hf_model
+from .hf import find_hf_head, hf_output_layers, is_hf_model
 from .layers import ADAPTER_KINDS, PaceLinear, SSFNorm, check_sigma
 from .noise import check_noise_kind
 
@@ -170,7 +170,8 @@ def inject(
 ) -> nn.Module:
     """Replace the linear layers of ``model`` in place with :class:`PaceLinear` layers.
 
-    Every ``nn.Linear`` (or those matching ``targets``, PEFT-style) gets ``adapter``; the classifier
+    Every ``nn.Linear`` (or those matching ``targets``, PEFT-style; a Hugging Face language model's
+    output layer ``lm_head`` only when named) gets ``adapter``; the classifier
     becomes trainable ``"head"`` layers; every other parameter is frozen. ``head="auto"``: timm's
     ``get_classifier()``; on a Hugging Face model its ``classifier`` / ``score`` / ``qa_outputs``
     (every linear inside, e.g. RoBERTa's ``classifier.dense`` and ``classifier.out_proj``; a causal
@@ -204,10 +205,12 @@ def inject(
         targets = list(targets)
 
     head_names = _find_head(model, head)
+    # "every linear layer" leaves a language model's output layer alone, as PEFT's "all-linear" does
+    skipped = set(hf_output_layers(model)) if targets is None and is_hf_model(model) else set()
     names = [
         n
         for n, m in model.named_modules()
-        if isinstance(m, nn.Linear) and (n in head_names or _matches(n, targets))
+        if isinstance(m, nn.Linear) and (n in head_names or (n not in skipped and _matches(n, targets)))
     ]
     if not names:
         raise ValueError(f"no nn.Linear layer of the model matches targets={targets!r}")

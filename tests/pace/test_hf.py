@@ -194,6 +194,8 @@ def test_head_auto_on_hugging_face_models():
 
     lm = pace.inject(_llama_lm(), adapter="lora_add", rank=2, targets=["q_proj"])
     assert type(lm.lm_head) is nn.Linear and not lm.lm_head.weight.requires_grad
+    every = pace.inject(_llama_lm(), adapter="lora_add", rank=2)  # every linear layer but the output one
+    assert type(every.lm_head) is nn.Linear and every.model.layers[1].mlp.down_proj.adapter == "lora_add"
     asked = pace.inject(_llama_lm(), adapter="lora_add", rank=2, targets=["q_proj"], head="lm_head")
     assert asked.lm_head.adapter == "head" and asked.lm_head.weight.requires_grad
 
