@@ -232,6 +232,19 @@ def test_rlrr_puts_ssf_after_rmsnorm_and_merges_exactly():
     pace.merge(model)
     torch.testing.assert_close(model(ids).logits, before, rtol=1e-4, atol=1e-5)
     assert not any(isinstance(m, pace.PaceLinear) for m in model.modules())
+    # LlamaRMSNorm has no bias to hold SSF's shift: the SSF stays, frozen
+    assert all(not p.requires_grad for p in model.parameters())
+    assert len([m for m in model.modules() if isinstance(m, pace.SSFNorm)]) == 5
+
+    roberta = _roberta_classifier().eval()
+    pace.inject(roberta, adapter="rlrr", targets=["query"])
+    with torch.no_grad():
+        for p in pace.trainable_parameters(roberta):
+            p.add_(0.05 * torch.randn_like(p))
+    before = roberta(ids).logits
+    pace.merge(roberta)  # LayerNorm's affine holds the SSF
+    torch.testing.assert_close(roberta(ids).logits, before, rtol=1e-4, atol=1e-5)
+    assert not any(isinstance(m, pace.SSFNorm) for m in roberta.modules())
 
 
 @pytest.mark.parametrize(
