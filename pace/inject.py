@@ -13,6 +13,7 @@ import torch.nn as nn
 from pace_kernels._checks import check_backend
 
 from .dropout import SharedDropout, SharedDropPath, reused_masks
+from .hf import find_hf_head, hf_output_layers, is_hf_model
 from .layers import ADAPTER_KINDS, PaceLinear, SSFNorm, check_sigma
 from .noise import check_noise_kind
 
@@ -51,38 +52,78 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def _find_head(model: nn.Module, head: Optional[str]) -> Optional[str]:
+Heads = Union[None, str, Sequence[str]]
+
+
+def _head_linears(model: nn.Module, name: str, modules: Dict[str, nn.Module]) -> List[str]:
+    """``name`` itself when it is a linear layer, else every linear layer inside the module ``name``."""
+    module = modules.get(name)
+    if isinstance(module, nn.Linear):
+        return [name]
+    linears = (
+        []
+        if module is None
+        else [f"{name}.{n}" for n, m in module.named_modules() if isinstance(m, nn.Linear)]
+    )
+    if not linears:
+        raise ValueError(
+            f"head={name!r} does not name an nn.Linear of the model, nor a module holding nn.Linear layers"
+        )
+    return linears
+
+
+def _find_head(model: nn.Module, head: Heads) -> List[str]:
+    """The names of the linear layers that become trainable ``"head"`` layers."""
     if head is None:
-        return None
+        return []
     modules = dict(model.named_modules())
     if head != "auto":
-        if not isinstance(modules.get(head), nn.Linear):
-            raise ValueError(f"head={head!r} does not name an nn.Linear of the model")
-        return head
+        names = [head] if isinstance(head, str) else list(head)
+        if not all(isinstance(n, str) for n in names):
+            raise TypeError(f"head must be 'auto', None, a module name or a list of names, got {head!r}")
+        return list(dict.fromkeys(lin for n in names for lin in _head_linears(model, n, modules)))
     get_classifier = getattr(model, "get_classifier", None)
     if callable(get_classifier):  # timm models know their classifier
         clf = get_classifier()
-        for name, m in modules.items():
-            if m is clf and isinstance(m, nn.Linear):
-                return name
-        return None
+        return [name for name, m in modules.items() if m is clf and isinstance(m, nn.Linear)][:1]
+    if is_hf_model(model):
+        return find_hf_head(model)
     heads = [n for n, m in modules.items() if isinstance(m, nn.Linear) and "head" in n.split(".")]
-    return heads[-1] if heads else None
+    return heads[-1:]
 
 
-def block_indices(names: Sequence[str], head: Optional[str]) -> Dict[str, int]:
+def block_indices(names: Sequence[str], head: Heads) -> Dict[str, int]:
     """SPEC section 4: a layer's key is the tuple of the numeric parts of its path, zero-padded to
     the longest key (so a layer between blocks shares the index of the block that follows it); the
-    head's key is +inf; indices are the ranks of the distinct sorted keys."""
+    head's key is +inf (``head``: one name or several, all sharing the last index); indices are the
+    ranks of the distinct sorted keys."""
+    heads = {head} if isinstance(head, str) else set(head or ())
     keys: Dict[str, Tuple[float, ...]] = {}
     for name in names:
         keys[name] = (
-            (float("inf"),) if name == head else tuple(int(t) for t in name.split(".") if t.isdigit())
+            (float("inf"),) if name in heads else tuple(int(t) for t in name.split(".") if t.isdigit())
         )
     width = max((len(k) for k in keys.values()), default=0)
     padded = {n: k + (0,) * (width - len(k)) for n, k in keys.items()}
     rank = {k: i for i, k in enumerate(sorted(set(padded.values())))}
     return {n: rank[k] for n, k in padded.items()}
+
+
+_NORM_CLASS_NAME = re.compile(r"(layer|rms)_?norm", re.IGNORECASE)
+
+
+def _affine_norm_width(m: nn.Module) -> Optional[int]:
+    """The channel count of a norm layer with a per-channel weight that SSF can follow: LayerNorm,
+    RMSNorm (torch's, or a model's own such as ``LlamaRMSNorm``: recognised by a class name with
+    ``LayerNorm``/``RMSNorm`` and a 1-d ``weight``); ``None`` for anything else."""
+    if isinstance(m, SSFNorm):
+        return None
+    weight = getattr(m, "weight", None)
+    if not isinstance(weight, nn.Parameter) or weight.ndim != 1:
+        return None  # no affine weight (elementwise_affine=False) or not a per-channel norm
+    if isinstance(m, (nn.LayerNorm, getattr(nn, "RMSNorm", nn.LayerNorm))):
+        return weight.shape[0]
+    return weight.shape[0] if _NORM_CLASS_NAME.search(type(m).__name__) else None
 
 
 def schedule_factors(n: int, noise_free: int, schedule: str = "pace") -> List[float]:
@@ -237,7 +278,7 @@ def inject(
     *,
     schedule: str = "pace",
     noise_free_blocks: Optional[int] = None,
-    head: Optional[str] = "auto",
+    head: Heads = "auto",
     noise: str = "gaussian",
     noise_on: str = "delta",
     noise_shape: str = "sample",
@@ -245,17 +286,24 @@ def inject(
 ) -> nn.Module:
     """Replace the linear layers of ``model`` in place with :class:`PaceLinear` layers.
 
-    Every ``nn.Linear`` (or those matching ``targets``, PEFT-style) gets ``adapter``; the classifier
-    (``head="auto"``: timm's ``get_classifier()``, else the last linear named ``head``; ``None``: no
-    head) becomes a trainable ``"head"`` layer; every other parameter is frozen. Each layer's sigma
-    follows the depth schedule of SPEC section 4 with the first ``noise_free_blocks`` indices
-    noise-free (default: 1 when the model has ViT-style ``blocks``, else 0, as for Swin). DropPath
-    and dropout layers are replaced by versions that share masks across PACE copies, and timm
-    attention with attention dropout takes its non-fused path so that its dropout is shared too;
-    dropout that cannot be shared (inside Hugging Face attention functions, functional dropout,
-    Dropout2d, PatchDropout, DropBlock) is refused with a ValueError naming the module and the fix,
-    before the model is changed. For
-    ``adapter="rlrr"`` every LayerNorm gets SSF's scale and shift.
+    Every ``nn.Linear`` (or those matching ``targets``, PEFT-style; a Hugging Face language model's
+    output layer ``lm_head`` only when named) gets ``adapter``; the classifier
+    becomes trainable ``"head"`` layers; every other parameter is frozen. ``head="auto"``: timm's
+    ``get_classifier()``; on a Hugging Face model its ``classifier`` / ``score`` / ``qa_outputs``
+    (every linear inside, e.g. RoBERTa's ``classifier.dense`` and ``classifier.out_proj``; a causal
+    LM's ``lm_head`` stays frozen; an error if a task model has none of these, see
+    :func:`pace.hf.find_hf_head`); else the last linear named ``head``. ``head`` may also name a
+    layer, a module (all linears inside) or a list of them; ``None``: no head.
+
+    Each layer's sigma follows the depth schedule of SPEC section 4 with the first
+    ``noise_free_blocks`` indices noise-free (default: 1 when the model has ViT-style ``blocks``,
+    else 0, as for Swin and for Hugging Face stacks ``model.layers.N`` / ``encoder.layer.N``, whose
+    index is ``N``). DropPath and dropout layers are replaced by versions that share masks across
+    PACE copies, and timm attention with attention dropout takes its non-fused path so that its
+    dropout is shared too; dropout that cannot be shared (inside Hugging Face attention functions,
+    functional dropout, Dropout2d, PatchDropout, DropBlock) is refused with a ValueError naming the
+    module and the fix, before the model is changed. For ``adapter="rlrr"`` every LayerNorm or
+    RMSNorm-style norm (``LlamaRMSNorm``...) with a per-channel weight gets SSF's scale and shift.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -281,17 +329,19 @@ def inject(
     if targets is not None and not isinstance(targets, str):
         targets = list(targets)
 
-    head_name = _find_head(model, head)
+    head_names = _find_head(model, head)
+    # "every linear layer" leaves a language model's output layer alone, as PEFT's "all-linear" does
+    skipped = set(hf_output_layers(model)) if targets is None and is_hf_model(model) else set()
     names = [
         n
         for n, m in model.named_modules()
-        if isinstance(m, nn.Linear) and (n == head_name or _matches(n, targets))
+        if isinstance(m, nn.Linear) and (n in head_names or (n not in skipped and _matches(n, targets)))
     ]
     if not names:
         raise ValueError(f"no nn.Linear layer of the model matches targets={targets!r}")
     if noise_free_blocks is None:
         noise_free_blocks = 1 if hasattr(model, "blocks") and not hasattr(model, "layers") else 0
-    index = block_indices(names, head_name)
+    index = block_indices(names, head_names)
     n_idx = len(set(index.values()))
     factors = schedule_factors(n_idx, noise_free_blocks, schedule)
 
@@ -299,7 +349,7 @@ def inject(
     layer_kw = dict(rank=rank, noise=noise, noise_on=noise_on, noise_shape=noise_shape, backend=backend)
     for name in names:
         linear = model.get_submodule(name)
-        kind = "head" if name == head_name else adapter
+        kind = "head" if name in head_names else adapter
         layer = PaceLinear.from_linear(linear, adapter=kind, **layer_kw)
         layer.block_index = index[name]
         layer.noise_scale = factors[index[name]]
@@ -307,8 +357,9 @@ def inject(
         _set_submodule(model, name, layer)
     if adapter == "rlrr":
         for name, m in list(model.named_modules()):
-            if isinstance(m, nn.LayerNorm) and m.elementwise_affine:
-                _set_submodule(model, name, SSFNorm(m, m.normalized_shape[-1]))
+            width = _affine_norm_width(m)
+            if width is not None:
+                _set_submodule(model, name, SSFNorm(m, width))
     _share_stochastic_layers(model, non_fused)
     model.pace_config = {
         "adapter": adapter,
@@ -317,7 +368,7 @@ def inject(
         "targets": targets,
         "schedule": schedule,
         "noise_free_blocks": noise_free_blocks,
-        "head": head_name,
+        "head": head_names[0] if len(head_names) == 1 else (head_names or None),
         "noise": noise,
         "noise_on": noise_on,
         "noise_shape": noise_shape,

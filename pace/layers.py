@@ -343,13 +343,33 @@ class SSFNorm(nn.Module):
 
     @torch.no_grad()
     def merged(self) -> nn.Module:
-        """Fold scale/shift into the norm's affine: ``(n(x) g + b) s + t = n(x) (g s) + (b s + t)``."""
+        """Fold scale/shift into the norm's affine: ``(n(x) g + b) s + t = n(x) (g s) + (b s + t)``.
+
+        Checked on a probe input: a norm whose output is not ``n(x) * weight + bias`` (an RMSNorm
+        without a bias, such as ``LlamaRMSNorm``, or one scaling by ``1 + weight``) cannot hold the
+        shift; it stays wrapped, frozen, so the merged model's output is still exact."""
         norm = self.norm
         if getattr(norm, "weight", None) is None:
             raise ValueError("SSFNorm.merged needs a norm layer with an affine weight")
+        probe = torch.randn(4, self.scale.shape[0], device=self.scale.device, dtype=self.scale.dtype)
+        expected = self(probe)
+        had_bias = hasattr(norm, "bias")
+        old_bias = getattr(norm, "bias", None)
+        weight = norm.weight.detach().clone()
+        bias = old_bias.detach().clone() if isinstance(old_bias, torch.Tensor) else None
         norm.weight.mul_(self.scale)
-        if norm.bias is None:
+        if bias is None:
             norm.bias = nn.Parameter(self.shift.detach().clone(), requires_grad=False)
         else:
             norm.bias.mul_(self.scale).add_(self.shift)
-        return norm
+        if torch.allclose(norm(probe), expected, rtol=1e-4, atol=1e-5):
+            return norm
+        norm.weight.copy_(weight)
+        if bias is not None:
+            norm.bias.copy_(bias)
+        elif had_bias:
+            norm.bias = old_bias
+        else:
+            del norm.bias
+        self.requires_grad_(False)
+        return self
