@@ -1,7 +1,7 @@
-"""Checkpoints: atomic writes, RNG state capture, and reading weight files.
+"""Checkpoints: atomic writes, random-state capture, and reading weight files.
 
 A training checkpoint is one ``torch.save`` file written to a temporary name in the same directory
-and renamed over the old one (``os.replace`` is atomic on POSIX), so a run killed mid-write keeps the
+and renamed over the old one (:func:`pace.io.atomic_write`), so a run killed mid-write keeps the
 previous checkpoint. Everything in it is plain tensors, numbers, strings, lists and dicts, so it
 loads with ``torch.load(weights_only=True)``: no pickled code runs when a checkpoint is read.
 """
@@ -18,25 +18,47 @@ import numpy as np
 import torch
 
 from ..io import atomic_write
-from .errors import UsageError
 
 PathLike = Union[str, os.PathLike]
 
 CHECKPOINT_FORMAT = "pace-train-checkpoint"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: the data order is a function of (seed, epoch); metrics_bytes
+
+
+class ResumeError(ValueError):
+    """A checkpoint that cannot be continued: unreadable, or written by a different run."""
+
+
+def with_run_file_mode(path: PathLike) -> Path:
+    """Give a file the mode an ordinary ``open()`` would (``mkstemp``, which atomic writes use,
+    makes 0600), so all of a run's files share one mode."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+    return Path(path)
 
 
 def atomic_save(obj: Any, path: PathLike) -> Path:
-    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    def save(tmp: str) -> None:
+        try:
+            torch.save(obj, tmp)
+        except RuntimeError as exc:  # torch reports a failed write (e.g. a full disk) this way
+            raise OSError(f"cannot write {path} ({short_reason(exc)})") from None
+
+    return with_run_file_mode(atomic_write(path, save))
 
 
 def atomic_write_text(path: PathLike, text: str) -> Path:
-    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    return with_run_file_mode(atomic_write(path, lambda tmp: Path(tmp).write_text(text)))
 
 
-# --------------------------------------------------------------------------------------------- RNG
-def capture_rng(data_generator: Optional[torch.Generator] = None) -> Dict[str, Any]:
-    """The state of every random stream a training step reads, in weights_only-loadable form."""
+def atomic_write_file(path: PathLike, write) -> Path:
+    return with_run_file_mode(atomic_write(path, write))
+
+
+def capture_rng(generator: Optional[torch.Generator] = None) -> Dict[str, Any]:
+    """The state of every global random stream a training step reads (and of ``generator``),
+    weights_only-loadable."""
     np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
     py_version, py_state, py_gauss = random.getstate()
     state: Dict[str, Any] = {
@@ -56,12 +78,12 @@ def capture_rng(data_generator: Optional[torch.Generator] = None) -> Dict[str, A
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
-    if data_generator is not None:
-        state["data"] = data_generator.get_state()
+    if generator is not None:
+        state["generator"] = generator.get_state()
     return state
 
 
-def restore_rng(state: Dict[str, Any], data_generator: Optional[torch.Generator] = None) -> None:
+def restore_rng(state: Dict[str, Any], generator: Optional[torch.Generator] = None) -> None:
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
     np.random.set_state(
@@ -71,25 +93,24 @@ def restore_rng(state: Dict[str, Any], data_generator: Optional[torch.Generator]
     random.setstate((p["version"], tuple(int(v) for v in p["state"].tolist()), p["gauss"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-    if data_generator is not None and "data" in state:
-        data_generator.set_state(state["data"])
+    if generator is not None and "generator" in state:
+        generator.set_state(state["generator"])
 
 
-# ----------------------------------------------------------------------------------- reading files
 def load_training_checkpoint(path: PathLike) -> Dict[str, Any]:
-    """Read a checkpoint written by the trainer; any problem is a :class:`UsageError`."""
+    """Read a checkpoint written by the trainer; any problem is a :class:`ResumeError`."""
     path = Path(path)
     if not path.is_file():
-        raise UsageError(f"--resume: no checkpoint at {path}")
+        raise ResumeError(f"no checkpoint at {path}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - a corrupt file raises many kinds of error
-        raise UsageError(f"--resume: cannot read checkpoint {path} ({_short(exc)})") from None
+        raise ResumeError(f"cannot read checkpoint {path} ({short_reason(exc)})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise UsageError(f"--resume: {path} is not a pace-train checkpoint")
+        raise ResumeError(f"{path} is not a pace-train checkpoint")
     if ckpt.get("version") != CHECKPOINT_VERSION:
-        raise UsageError(
-            f"--resume: {path} has checkpoint version {ckpt.get('version')}, expected {CHECKPOINT_VERSION}"
+        raise ResumeError(
+            f"{path} has checkpoint version {ckpt.get('version')}, expected {CHECKPOINT_VERSION}"
         )
     return ckpt
 
@@ -112,23 +133,21 @@ def read_state_dict(path: PathLike) -> Dict[str, torch.Tensor]:
     """Weights from a ``.safetensors`` or a ``.pth``/``.pt``/``.bin`` file (``weights_only=True``)."""
     path = Path(path)
     if not path.is_file():
-        raise UsageError(f"--checkpoint: no file at {path}")
+        raise ValueError(f"no file at {path}")
     suffix = path.suffix.lower()
+    if suffix not in (".safetensors", ".pth", ".pt", ".bin", ".ckpt"):
+        raise ValueError(f"{path} must end in .npz, .safetensors, .pth, .pt or .bin")
     try:
         if suffix == ".safetensors":
             from safetensors.torch import load_file
 
             return load_file(str(path))
-        if suffix in (".pth", ".pt", ".bin", ".ckpt"):
-            return _unwrap_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    except UsageError:
-        raise
+        return _unwrap_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     except Exception as exc:  # noqa: BLE001
-        raise UsageError(f"--checkpoint: cannot read {path} ({_short(exc)})") from None
-    raise UsageError(f"--checkpoint: {path} must end in .npz, .safetensors, .pth, .pt or .bin")
+        raise ValueError(f"cannot read {path} ({short_reason(exc)})") from None
 
 
-def _short(exc: BaseException, limit: int = 160) -> str:
+def short_reason(exc: BaseException, limit: int = 160) -> str:
     """A short one-line account of an exception, for one-line errors."""
     if isinstance(exc, pickle.UnpicklingError):
         if "global" in str(exc).lower():

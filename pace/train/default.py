@@ -3,7 +3,8 @@
 scikit-learn ships 1797 handwritten digits (8x8, grey). A small ViT is pre-trained from scratch on
 the digits 0-4 (cached under the output directory), then adapted to the unseen digits 5-9 from a few
 shots per class with its backbone frozen: the baseline adapter, and the same adapter with PACE,
-PACE_fast and PACE_lazy_half. Each is scored on every held-out 5-9 digit.
+PACE_fast and PACE_lazy_half. Each is scored on every held-out 5-9 digit. Pre-training and every
+adaptation run go through the one training loop (:func:`pace.train.loop.run_training`).
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import statistics
-import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -20,20 +20,17 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.utils import random_seed
 
-from . import distributed as D
-from .checkpoint import atomic_write, atomic_write_text, load_training_checkpoint
+from . import distributed as dist
+from .checkpoint import atomic_write_file, atomic_write_text, load_training_checkpoint
+from .config import DIGITS_MODEL_KWARGS, DIGITS_PRESET, RunConfig, for_objective
 from .data import TensorImages
-from .errors import UsageError
-from .loop import RunResult, TrainConfig, cosine_with_warmup, run_training, seed_everything
-from .metrics import read_metrics, reset_peak_memory
+from .loop import RunResult, check_fingerprint, log, run_training
+from .metrics import read_metrics
 from .model import add_adapters, count_parameters, create_timm_model
 from .plots import plot_runs
-
-DIGITS_VIT = "vit_tiny_patch16_224"
-# A ViT small enough for two CPU cores: 16x16 inputs in 4x4 patches (16 tokens + class token).
-DIGITS_VIT_KWARGS = {"patch_size": 4, "in_chans": 1, "embed_dim": 64, "depth": 4, "num_heads": 4}
-DIGITS_IMG = 16
+from .runfolder import refuse_existing
 
 # (table name, --pace mode) in the order of the table.
 VARIANTS: Tuple[Tuple[str, str], ...] = (
@@ -42,28 +39,38 @@ VARIANTS: Tuple[Tuple[str, str], ...] = (
     ("PACE_fast", "fast"),
     ("PACE_lazy", "lazy"),
 )
-# (sigma, lam) per mode for this task, picked by a small sweep on its held-out digits (so the table
-# shows tuned settings, not a clean estimate). As the PACE code advises, fast gets a smaller lam and
-# lazy a larger one; lazy and fast preferred less noise here than PACE.
-DIGITS_MODE_DEFAULTS = {
-    "none": (0.0, 0.0),
-    "pace": (1.0, 1.0),
-    "fast": (1.0, 0.5),
-    "lazy": (0.5, 2.0),
-    "fpa": (0.0, 1.0),
-}
+NUM_CLASSES = 5  # digits 0-4 to pre-train on, 5-9 to adapt to
 
 
-@dataclass
-class DigitsSetup:
-    shots: int = 10
-    pretrain_epochs: int = 20
-    pretrain_lr: float = 2e-3
-    pretrain_batch: int = 64
-    seed: int = 0
-    model: str = DIGITS_VIT
-    model_kwargs: Optional[dict] = None
-    img_size: int = DIGITS_IMG
+def pretrain_config(cfg: RunConfig) -> RunConfig:
+    """Full training of the small ViT on digits 0-4 (every setting here shapes the backbone)."""
+    return RunConfig(
+        model=cfg.model,
+        model_kwargs=cfg.model_kwargs,
+        img_size=cfg.img_size,
+        pace="none",
+        lam=0.0,
+        sigma=0.0,
+        epochs=cfg.pretrain_epochs,
+        batch_size=64,
+        lr=2e-3,
+        wd=0.05,
+        warmup_epochs=1.0,
+        drop_path=0.0,
+        seed=cfg.seed,
+        amp=cfg.amp,
+        workers=0,
+        eval_every=cfg.pretrain_epochs,
+        resume=True,  # a pre-training run that was killed goes on where it stopped
+        progress=cfg.progress,
+        epoch_lines=False,
+        label="pre-train 0-4",
+    )
+
+
+def backbone_key(cfg: RunConfig) -> str:
+    blob = json.dumps(pretrain_config(cfg).fingerprint(), sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def digits_tensors(img_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -97,53 +104,32 @@ def split_few_shot(
         idx = torch.nonzero(y == c).flatten()
         idx = idx[torch.randperm(idx.numel(), generator=g)]
         if shots >= idx.numel():
-            raise UsageError(f"--shots {shots}: digit {c} has only {idx.numel()} images")
+            raise ValueError(f"shots {shots}: digit {c} has only {idx.numel()} images")
         few.append(idx[:shots])
         held.append(idx[shots:])
     few_i, held_i = torch.cat(few), torch.cat(held)
     return TensorImages(x[few_i], y[few_i] - 5), TensorImages(x[held_i], y[held_i] - 5)
 
 
-def make_model(setup: DigitsSetup, drop_path: float) -> nn.Module:
-    kwargs = dict(DIGITS_VIT_KWARGS if setup.model == DIGITS_VIT else {})
-    kwargs.update(setup.model_kwargs or {})
+def make_model(cfg: RunConfig, drop_path: float) -> nn.Module:
+    kwargs = dict(DIGITS_MODEL_KWARGS if cfg.model == DIGITS_PRESET["model"] else {})
+    kwargs.update(cfg.model_kwargs or {})
     kwargs.setdefault("in_chans", 1)
-    return create_timm_model(setup.model, 5, drop_path=drop_path, img_size=setup.img_size, kwargs=kwargs)
-
-
-def _cache_key(setup: DigitsSetup) -> str:
-    blob = json.dumps(
-        {
-            "model": setup.model,
-            "kwargs": setup.model_kwargs,
-            "img": setup.img_size,
-            "epochs": setup.pretrain_epochs,
-            "lr": setup.pretrain_lr,
-            "bs": setup.pretrain_batch,
-            "seed": setup.seed,
-            "v": 1,
-        },
-        sort_keys=True,
+    return create_timm_model(
+        cfg.model, NUM_CLASSES, drop_path=drop_path, img_size=cfg.img_size, kwargs=kwargs
     )
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def pretrain(
-    setup: DigitsSetup,
-    pre_train: TensorImages,
-    pre_val: TensorImages,
-    out: Path,
-    env: D.DistEnv,
-    device: torch.device,
-    progress: bool,
+    cfg: RunConfig, x: torch.Tensor, y: torch.Tensor, out: Path, env: dist.DistEnv, device: torch.device
 ) -> Dict[str, torch.Tensor]:
-    """Full training of the small ViT on digits 0-4, cached as ``out/pretrain/backbone.safetensors``
-    (reused when its settings match). Rank 0 trains; the other ranks wait and read the cache."""
+    """The backbone pre-trained on digits 0-4, cached as ``out/pretrain/backbone.safetensors``
+    (reused while its settings match). Rank 0 trains; the other ranks wait and read the cache."""
     from safetensors.torch import load_file, save_file
 
     cache = out / "pretrain" / "backbone.safetensors"
     meta_path = cache.with_suffix(".json")
-    key = _cache_key(setup)
+    key = backbone_key(cfg)
 
     def cached() -> bool:
         try:
@@ -152,78 +138,37 @@ def pretrain(
             return False
 
     if env.is_main and not cached():
-        t0 = time.perf_counter()
-        seed_everything(setup.seed)
-        model = make_model(setup, drop_path=0.0).to(device)
-        opt = torch.optim.AdamW(model.parameters(), lr=setup.pretrain_lr, weight_decay=0.05)
-        g = torch.Generator().manual_seed(setup.seed)
-        n = len(pre_train)
-        per_epoch = n // setup.pretrain_batch
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, cosine_with_warmup(per_epoch * setup.pretrain_epochs, per_epoch, 0.01)
+        pre_train, pre_val = split_pretrain(x, y, cfg.seed)
+        run_cfg = pretrain_config(cfg)
+        random_seed(cfg.seed)
+        model = make_model(cfg, drop_path=0.0)
+        result = run_training(
+            model, pre_train, pre_val, NUM_CLASSES, run_cfg, out / "pretrain" / key, dist.DistEnv(), device
         )
-        from tqdm import tqdm
-
-        bar = tqdm(
-            total=per_epoch * setup.pretrain_epochs,
-            desc="pre-train 0-4",
-            unit="step",
-            disable=not progress,
-            file=sys.stderr,
-            dynamic_ncols=True,
-            mininterval=0.5,
-        )
-        x_all, y_all = pre_train.x.to(device), pre_train.y.to(device)
-        for _ in range(setup.pretrain_epochs):
-            model.train()
-            perm = torch.randperm(n, generator=g)
-            for i in range(per_epoch):
-                b = perm[i * setup.pretrain_batch : (i + 1) * setup.pretrain_batch].to(device)
-                loss = F.cross_entropy(model(x_all[b]), y_all[b])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-        bar.close()
-        model.eval()
-        with torch.no_grad():
-            acc = (model(pre_val.x.to(device)).argmax(-1).cpu() == pre_val.y).float().mean().item()
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        atomic_write(cache, lambda tmp: save_file(state, tmp))
-        atomic_write_text(
-            meta_path,
-            json.dumps(
-                {
-                    "key": key,
-                    "val_acc_0_4": acc,
-                    "epochs": setup.pretrain_epochs,
-                    "seconds": time.perf_counter() - t0,
-                },
-                indent=2,
-            )
-            + "\n",
-        )
-        print(
-            f"pre-trained on digits 0-4 in {time.perf_counter() - t0:.1f} s: "
-            f"{100 * acc:.1f}% on held-out 0-4 digits (cached: {cache})",
-            file=sys.stderr,
-            flush=True,
+        atomic_write_file(cache, lambda tmp: save_file(state, tmp))
+        meta = {
+            "key": key,
+            "val_acc_0_4": result.acc,
+            "epochs": cfg.pretrain_epochs,
+            "seconds": result.seconds,
+        }
+        atomic_write_text(meta_path, json.dumps(meta, indent=2) + "\n")
+        log(
+            f"pre-trained on digits 0-4 in {result.seconds:.1f} s: {100 * result.acc:.1f}% on held-out 0-4 "
+            f"digits (cached: {cache})"
         )
     elif env.is_main:
         acc = json.loads(meta_path.read_text()).get("val_acc_0_4", float("nan"))
-        print(
-            f"using the cached pre-trained backbone {cache} ({100 * acc:.1f}% on held-out 0-4)",
-            file=sys.stderr,
-            flush=True,
-        )
-    D.barrier(env)
+        log(f"using the cached pre-trained backbone {cache} ({100 * acc:.1f}% on held-out 0-4)")
+    dist.barrier(env)
     return load_file(str(cache))
 
 
 @dataclass
-class Row:
+class MethodRuns:
+    """One row of the table: a method's runs over the draws of the shots."""
+
     name: str
     runs: List[RunResult]
 
@@ -234,7 +179,7 @@ class Row:
         return statistics.stdev(getattr(r, key) for r in self.runs) if len(self.runs) > 1 else 0.0
 
 
-def format_table(rows: List[Row], device: torch.device) -> str:
+def format_table(rows: List[MethodRuns], device: torch.device) -> str:
     mem = "peak MB (GPU)" if device.type == "cuda" else "peak RSS MB"
     n = len(rows[0].runs)
     acc = "acc % (mean+-sd)" if n > 1 else "acc %"
@@ -254,103 +199,112 @@ def format_table(rows: List[Row], device: torch.device) -> str:
     return "\n".join(lines)
 
 
-def run_default(args, env: D.DistEnv, device: torch.device, base: TrainConfig) -> int:
-    """The no-argument experiment (or one of its variants with ``--pace``), repeated over
-    ``--repeats`` draws of the shots (seeds ``--seed`` .. ``--seed + repeats - 1``); one
-    pre-trained backbone serves every draw."""
-    setup = DigitsSetup(
-        shots=args.shots,
-        pretrain_epochs=args.pretrain_epochs,
-        seed=args.seed,
-        model=args.model or DIGITS_VIT,
-        model_kwargs=args.model_kwargs,
-        img_size=args.img_size or DIGITS_IMG,
-    )
-    out = Path(args.out)
-    t_start = time.perf_counter()
-    variants = [(n, m) for n, m in VARIANTS] if args.pace is None else [(_name(args.pace), args.pace)]
-    seeds = [args.seed + k for k in range(args.repeats)]
-    if args.resume:  # refuse an unreadable checkpoint before spending minutes on pre-training
-        for name, _ in variants:
-            for seed in seeds:
-                if (out / name / f"seed{seed}" / "checkpoint.pt").exists():
-                    load_training_checkpoint(out / name / f"seed{seed}" / "checkpoint.pt")
-    x, y = digits_tensors(setup.img_size)
-    pre_train, pre_val = split_pretrain(x, y, setup.seed)
-    n_held = 0
-    if env.is_main:
-        _, held = split_few_shot(x, y, setup.shots, seeds[0])
-        n_held = len(held)
-        print(
-            f"pace-train built-in default: pre-train a ViT on digits 0-4 ({len(pre_train)} images), adapt to "
-            f"digits 5-9 from {setup.shots} shots/class ({5 * setup.shots} images, {len(seeds)} draw(s)), "
-            "test "
-            f"on the other {n_held} 5-9 digits; output in {out}",
-            file=sys.stderr,
-            flush=True,
+class DigitsExperiment:
+    """The runs of the experiment (methods x draws of the shots) and the checks before any of them."""
+
+    def __init__(self, cfg: RunConfig, env: dist.DistEnv, device: torch.device) -> None:
+        self.cfg, self.env, self.device = cfg, env, device
+        self.out = Path(cfg.out)
+        modes = VARIANTS if cfg.pace is None else [(_table_name(cfg.pace), cfg.pace)]
+        self.variants = list(modes)
+        self.seeds = [cfg.seed + k for k in range(cfg.repeats)]
+        self.backbone = {"backbone": backbone_key(cfg)}
+
+    def run_dir(self, name: str, seed: int) -> Path:
+        return self.out / name / f"seed{seed}"
+
+    def run_config(self, name: str, mode: str, seed: int) -> RunConfig:
+        label = name if len(self.seeds) == 1 else f"{name} seed {seed}"
+        n_runs = len(self.variants) * len(self.seeds)
+        return replace(
+            for_objective(self.cfg, mode),
+            seed=seed,
+            label=label,
+            export=_export_path(self.cfg.export, name, seed, n_runs),
         )
-    backbone = pretrain(setup, pre_train, pre_val, out, env, device, base.progress)
-    head = {k for k in backbone if k.startswith("head.")}
 
-    rows: List[Row] = []
-    for name, mode in variants:
-        sigma_d, lam_d = DIGITS_MODE_DEFAULTS[mode]
-        sigma = args.sigma if args.sigma is not None else sigma_d
-        lam = args.lam if args.lam is not None else lam_d
-        row = Row(name, [])
-        for seed in seeds:
-            few, held = split_few_shot(x, y, setup.shots, seed)
-            seed_everything(seed)  # every variant of one draw starts from the same head and adapters
-            model = make_model(setup, drop_path=args.drop_path if args.drop_path is not None else 0.0)
-            model.load_state_dict({k: v for k, v in backbone.items() if k not in head}, strict=False)
-            add_adapters(model, args.adapter, args.rank, sigma, args.backend)
-            if env.is_main and not rows and not row.runs:
-                print(
-                    f"model: {setup.model} {count_parameters(model)} "
-                    f"(adapter {args.adapter}, rank {args.rank})",
-                    file=sys.stderr,
-                    flush=True,
-                )
-            label = name if len(seeds) == 1 else f"{name} seed {seed}"
-            cfg = replace(
-                base,
-                pace=mode,
-                lam=lam if mode != "none" else 0.0,
-                label=label,
-                seed=seed,
-                identity=dict(base.identity, sigma=sigma, adapter=args.adapter, rank=args.rank),
-            )
-            reset_peak_memory(device)
-            row.runs.append(
-                run_training(
-                    model,
-                    few,
-                    held,
-                    5,
-                    cfg,
-                    out / name / f"seed{seed}",
-                    env,
-                    device,
-                    export=_export_path(args.export, name, seed, len(variants) * len(seeds)),
-                    export_meta={"model": setup.model, "num_classes": 5},
-                )
-            )
-        rows.append(row)
+    def check_before_training(self) -> None:
+        """Refuse what would fail later before minutes of pre-training: a run folder that holds
+        records (without resume / overwrite), a checkpoint that is unreadable or of another run."""
+        for name, mode in self.variants:
+            for seed in self.seeds:
+                folder = self.run_dir(name, seed)
+                refuse_existing(folder, self.cfg.resume, self.cfg.overwrite)
+                if self.cfg.resume and (folder / "checkpoint.pt").exists():
+                    saved = load_training_checkpoint(folder / "checkpoint.pt")["fingerprint"]
+                    expected = {
+                        **self.run_config(name, mode, seed).fingerprint(),
+                        **self.backbone,
+                        "num_classes": NUM_CLASSES,
+                    }
+                    check_fingerprint(
+                        saved, expected, folder / "checkpoint.pt", self.cfg.resume_new_optim, partial=True
+                    )
 
-    if env.is_main:
-        table = format_table(rows, device)
-        total = time.perf_counter() - t_start
+    def run(self) -> int:
+        cfg, env = self.cfg, self.env
+        self.check_before_training()
+        started = time.perf_counter()
+        x, y = digits_tensors(cfg.img_size)
+        _, held = split_few_shot(x, y, cfg.shots, self.seeds[0])
+        log(
+            "pace-train built-in default: pre-train a ViT on digits 0-4, adapt to digits 5-9 from "
+            f"{cfg.shots} shots/class ({5 * cfg.shots} images, {len(self.seeds)} draw(s)), test on the other "
+            f"{len(held)} 5-9 digits; output in {self.out}",
+            env.is_main,
+        )
+        backbone = pretrain(cfg, x, y, self.out, env, self.device)
+        rows = []
+        for name, mode in self.variants:
+            row = MethodRuns(name, [])
+            for seed in self.seeds:
+                row.runs.append(self.adapt(backbone, x, y, name, mode, seed, first=not rows and not row.runs))
+            rows.append(row)
+        if env.is_main:
+            self.report(rows, len(held), time.perf_counter() - started)
+        return 0
+
+    def adapt(self, backbone, x, y, name: str, mode: str, seed: int, first: bool) -> RunResult:
+        cfg = self.cfg
+        run_cfg = self.run_config(name, mode, seed)
+        few, held = split_few_shot(x, y, cfg.shots, seed)
+        random_seed(seed)  # every method of one draw starts from the same head and adapters
+        model = make_model(cfg, drop_path=cfg.drop_path)
+        model.load_state_dict({k: v for k, v in backbone.items() if not k.startswith("head.")}, strict=False)
+        add_adapters(model, cfg.adapter, cfg.rank, run_cfg.sigma, cfg.backend)
+        if first:
+            log(
+                f"model: {cfg.model} {count_parameters(model)} (adapter {cfg.adapter}, rank {cfg.rank})",
+                self.env.is_main,
+            )
+        return run_training(
+            model,
+            few,
+            held,
+            NUM_CLASSES,
+            run_cfg,
+            self.run_dir(name, seed),
+            self.env,
+            self.device,
+            fingerprint=self.backbone,
+            export_meta={"model": cfg.model, "num_classes": NUM_CLASSES},
+        )
+
+    def report(self, rows: List[MethodRuns], n_held: int, total: float) -> None:
+        cfg = self.cfg
+        table = format_table(rows, self.device)
         header = (
-            f"digits 5-9 from {setup.shots} shots/class ({len(seeds)} draw(s)), "
+            f"digits 5-9 from {cfg.shots} shots/class ({len(self.seeds)} draw(s)), "
             "frozen ViT pre-trained on 0-4; "
-            f"adapter {args.adapter} rank {args.rank}; accuracy on the {n_held} held-out 5-9 digits"
+            f"adapter {cfg.adapter} rank {cfg.rank}; accuracy on the {n_held} held-out 5-9 digits"
         )
         notes = (
             "grad norm: trainable tensors, mean over the final epoch's steps; FP-distance: final model vs. "
             "adapters off, 64 held-out digits, eval mode; seconds: all draws; memory: the process's peak"
         )
         print(
-            f"\n{header}\n{table}\n{notes}\ntotal {total:.1f} s on {device.type}; outputs in {out}\n",
+            f"\n{header}\n{table}\n{notes}\n"
+            f"total {total:.1f} s on {self.device.type}; outputs in {self.out}\n",
             flush=True,
         )
         summary = {
@@ -358,22 +312,28 @@ def run_default(args, env: D.DistEnv, device: torch.device, base: TrainConfig) -
             "table": table,
             "notes": notes,
             "total_seconds": total,
-            "seeds": seeds,
+            "seeds": self.seeds,
             "results": {row.name: [r.as_dict() for r in row.runs] for row in rows},
         }
-        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-        atomic_write_text(out / "summary.txt", f"{header}\n{table}\n{notes}\n")
+        atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2) + "\n")
+        atomic_write_text(self.out / "summary.txt", f"{header}\n{table}\n{notes}\n")
         runs = {row.name: read_metrics(Path(row.runs[0].out_dir) / "metrics.jsonl") for row in rows}
-        plot_runs(runs, out / "curves.png", title=f"{header}\n(first draw, seed {seeds[0]})")
-    return 0
+        plot_runs(runs, self.out / "curves.png", title=f"{header}\n(first draw, seed {self.seeds[0]})")
 
 
-def _name(mode: str) -> str:
+def run_default(cfg: RunConfig, env: dist.DistEnv, device: torch.device) -> int:
+    """The no-argument experiment (or one of its methods with ``--pace``), repeated over
+    ``repeats`` draws of the shots (seeds ``seed`` .. ``seed + repeats - 1``); one pre-trained
+    backbone serves every draw."""
+    return DigitsExperiment(cfg, env, device).run()
+
+
+def _table_name(mode: str) -> str:
     return {m: n for n, m in VARIANTS}.get(mode, mode)
 
 
-def _export_path(export: Optional[str], name: str, seed: int, n: int) -> Optional[str]:
-    if export is None or n == 1:
+def _export_path(export: Optional[str], name: str, seed: int, n_runs: int) -> Optional[str]:
+    if export is None or n_runs == 1:
         return export
     p = Path(export)
     return str(p.with_name(f"{p.stem}-{name}-seed{seed}{p.suffix or '.safetensors'}"))

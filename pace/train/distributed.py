@@ -85,13 +85,13 @@ def average_gradients(params: Sequence[torch.nn.Parameter], env: DistEnv) -> Non
             p.grad.copy_(chunk)
 
 
-def all_reduce_sum(values: Sequence[float], env: DistEnv, device: torch.device) -> List[float]:
-    """Sum a few scalars over ranks (float64 so counts stay exact)."""
+def all_reduce_sum(values: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    """``values`` summed over ranks (one collective; the tensor itself when running alone)."""
     if not env.enabled:
-        return [float(v) for v in values]
-    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t.tolist()
+        return values
+    values = values.clone()
+    dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
 
 
 def all_gather_rows(

@@ -1,11 +1,15 @@
-"""The fine-tuning loop: AdamW, cosine decay after linear warm-up, the PACE criterion, diagnostics,
-atomic per-epoch checkpoints, exact resume, data-parallel ranks.
+"""The fine-tuning loop: AdamW, cosine decay after linear warm-up (timm's scheduler), the PACE
+criterion, diagnostics, atomic per-epoch checkpoints, exact resume, data-parallel ranks.
 
 Exact resume: a checkpoint is taken at an epoch boundary and holds everything the next step reads
-(the trainable tensors, AdamW's moments, the schedule's position, the loss scaler, the PACE_fast
-bank, the global step, and every random stream: torch, CUDA, numpy, Python and the generator
-that orders the data, for every rank). A resumed run rebuilds the model as the first run did,
+(the trainable tensors, AdamW's moments, the loss scaler, the PACE_fast bank, the global step and
+the global random streams of every rank; the data order and the augmentation are functions of
+(seed, epoch, index) and need no state). A resumed run rebuilds the model as the first run did,
 then overwrites all of that, so it continues with bit-identical numbers on the same machine.
+
+The step does not wait for the device: its statistics stay there and are read back, summed over
+ranks, every :data:`SYNC_EVERY` steps and at the end of an epoch, which is also where a NaN/inf
+loss is noticed (before any checkpoint is written, so the last checkpoint is always a good one).
 """
 
 from __future__ import annotations
@@ -13,66 +17,45 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-import numpy as np
 import torch
 import torch.nn as nn
+from timm.scheduler import CosineLRScheduler
+from timm.utils import random_seed
 from torch.utils.data import DataLoader, Dataset, Subset
 
 import pace
 
-from . import distributed as D
+from . import distributed as dist
 from .checkpoint import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_VERSION,
+    ResumeError,
     atomic_save,
+    atomic_write_file,
     atomic_write_text,
     capture_rng,
     load_training_checkpoint,
     restore_rng,
+    with_run_file_mode,
 )
-from .data import ShardedBatchSampler, shard_indices
-from .errors import NonFiniteLossError, UsageError
+from .config import OPTIMISATION_SETTINGS, RunConfig
+from .data import shard_indices, train_batch_sampler
 from .metrics import MetricsLog, peak_memory_mb, read_metrics, reset_peak_memory
 from .plots import plot_runs
+from .runfolder import RunFolderError, claim
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+SYNC_EVERY = 10  # steps between reads of the step statistics (and progress-bar updates)
 
 
-@dataclass
-class TrainConfig:
-    epochs: int = 10
-    batch_size: int = 64
-    lr: float = 1e-3
-    wd: float = 1e-4
-    warmup_epochs: float = 0.0
-    min_lr_ratio: float = 0.01  # the PACE code decays 1e-3 to 1e-5
-    pace: str = "none"
-    lam: float = 1.0
-    copies: int = 2
-    lazy_interval: int = 2
-    amp: str = "none"
-    compile: bool = False
-    eval_every: int = 1
-    seed: int = 0
-    workers: int = 0
-    resume: bool = False
-    stop_after_epoch: Optional[int] = None
-    fp_batch: int = 64
-    eval_batch_size: int = 256
-    label: str = "train"
-    progress: bool = True
-    epoch_lines: bool = False
-    debug_nan_step: Optional[int] = None
-    debug_dump: Optional[str] = None
-    # values that must match for --resume to continue the same run (model, adapter, sigma, ...)
-    identity: Dict[str, Any] = field(default_factory=dict)
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or inf: the run stops and the last checkpoint stays."""
 
 
 @dataclass
@@ -93,72 +76,418 @@ class RunResult:
         return asdict(self)
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+def log(msg: str, enabled: bool = True) -> None:
+    if enabled:
+        print(msg, file=sys.stderr, flush=True)
 
 
-def cosine_with_warmup(total_steps: int, warmup_steps: int, min_ratio: float):
-    """lr factor of step ``s`` (0-based): linear warm-up to 1 over ``warmup_steps``, then cosine to
-    ``min_ratio`` at the last step."""
-
-    def factor(s: int) -> float:
-        if s < warmup_steps:
-            return (s + 1) / warmup_steps
-        span = max(1, total_steps - warmup_steps - 1)
-        progress = min(1.0, (s - warmup_steps) / span)
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return factor
+def amp_context(amp: str, device: torch.device):
+    if amp not in AMP_DTYPES:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device.type, dtype=AMP_DTYPES[amp])
 
 
-def _collate_first(ds: Dataset, n: int) -> torch.Tensor:
-    return torch.stack([ds[i][0] for i in range(min(n, len(ds)))])
+def has_adapters(model: nn.Module) -> bool:
+    return isinstance(getattr(model, "pace_config", None), dict)
 
 
 @torch.no_grad()
-def evaluate(
-    model: nn.Module, ds: Dataset, cfg: TrainConfig, env: D.DistEnv, device: torch.device, amp
-) -> float:
+def evaluate(model: nn.Module, ds: Dataset, cfg: RunConfig, env: dist.DistEnv, device: torch.device) -> float:
     """Top-1 accuracy over the whole set; each rank scores its share and the counts are summed."""
     model.eval()
     part = Subset(ds, shard_indices(len(ds), env.rank, env.world_size))
     # A loader without a generator draws its workers' base seed from the global torch stream, which
-    # the PACE noise uses: evaluating would shift the noise of every later step, so the result
-    # would depend on --eval-every (and a --resume with another --eval-every would drift silently).
+    # the PACE noise uses: evaluating would shift the noise of every later step.
     loader = DataLoader(
         part,
         batch_size=cfg.eval_batch_size,
         num_workers=cfg.workers,
-        shuffle=False,
         generator=torch.Generator().manual_seed(cfg.seed),
     )
-    correct = total = 0
+    correct = torch.zeros((), dtype=torch.float64, device=device)
+    total = 0
+    amp = amp_context(cfg.amp, device)
     for x, y, _ in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with amp():
-            pred = model(x).argmax(-1)
-        correct += int((pred == y).sum())
+            correct += (model(x).argmax(-1) == y).sum()
         total += y.numel()
-    correct, total = D.all_reduce_sum([correct, total], env, device)
+    correct, total = dist.all_reduce_sum(torch.stack([correct, correct.new_tensor(total)]), env).tolist()
     return correct / max(total, 1)
 
 
-def _amp_context(cfg: TrainConfig, device: torch.device):
-    if cfg.amp == "none":
-        return contextlib.nullcontext
-    dtype = AMP_DTYPES[cfg.amp]
-    return lambda: torch.autocast(device.type, dtype=dtype)
+class _StepStats:
+    """Per-step statistics kept on the device, read back in one transfer by :meth:`flush`."""
 
+    def __init__(self) -> None:
+        self.pending: List[tuple] = []
 
-def _check_identity(saved: Dict[str, Any], now: Dict[str, Any], path: Path) -> None:
-    for key, value in now.items():
-        if key in saved and saved[key] != value:
-            what = "class-count mismatch: " if key == "num_classes" else ""
-            raise UsageError(
-                f"{what}--resume: {path} was written with {key}={saved[key]!r}, this run has {key}={value!r}"
+    def add(self, epoch: int, step: int, lr: float, out, grad_norm: torch.Tensor) -> None:
+        with torch.no_grad():
+            correct = (out.logits.argmax(-1) == out.targets).sum()
+            values = torch.stack(
+                [t.detach().double() for t in (out.loss, out.cls_loss, out.consistency, grad_norm, correct)]
             )
+        self.pending.append((epoch, step, lr, out.targets.numel(), values))
+
+    def flush(self, env: dist.DistEnv) -> List[Dict[str, Any]]:
+        """The pending steps as records (means over ranks; sample counts summed)."""
+        if not self.pending:
+            return []
+        summed = dist.all_reduce_sum(torch.stack([row[-1] for row in self.pending]), env).tolist()
+        records = []
+        for (epoch, step, lr, count, _), values in zip(self.pending, summed):
+            loss, cls_loss, consistency, grad_norm = (v / env.world_size for v in values[:4])
+            records.append(
+                dict(
+                    type="step",
+                    epoch=epoch,
+                    step=step,
+                    lr=lr,
+                    loss=loss,
+                    cls_loss=cls_loss,
+                    consistency=consistency,
+                    grad_norm=grad_norm,
+                    correct=values[4],
+                    count=count * env.world_size,
+                )
+            )
+        self.pending.clear()
+        return records
+
+
+class _Training:
+    """One run of the loop over a model whose trainable tensors are the ones to fit."""
+
+    def __init__(self, model, train_ds, eval_ds, num_classes, cfg, out_dir, env, device, fingerprint):
+        self.model, self.train_ds, self.eval_ds, self.cfg = model, train_ds, eval_ds, cfg
+        self.out_dir, self.env, self.device = out_dir, env, device
+        self.main = env.is_main
+        model.to(device)
+        self.names = [n for n, p in model.named_parameters() if p.requires_grad]
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError("the model has no trainable tensors")
+        dist.broadcast_parameters(self.params, env)
+        self.fingerprint = {
+            **fingerprint,
+            **cfg.fingerprint(),
+            "num_classes": num_classes,
+            "num_train": len(train_ds),
+            "world_size": env.world_size,
+            "trainable": self.names,
+        }
+        random_seed(cfg.seed, env.rank)  # the noise differs per rank; the data order does not
+        self.batches = train_batch_sampler(len(train_ds), cfg.batch_size, cfg.seed, env.rank, env.world_size)
+        self.loader = DataLoader(
+            train_ds,
+            batch_sampler=self.batches,
+            num_workers=cfg.workers,
+            generator=torch.Generator().manual_seed(cfg.seed),  # worker seeds: not from the noise stream
+            pin_memory=device.type == "cuda",
+        )
+        self.steps_per_epoch = len(self.batches)
+        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.wd)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+        fast = cfg.pace == "fast"
+        self.crit = pace.PaceCriterion(
+            mode=cfg.pace,
+            lam=cfg.lam,
+            copies=cfg.copies,
+            lazy_interval=cfg.lazy_interval,
+            num_samples=len(train_ds) if fast else None,
+            num_classes=num_classes if fast else None,
+        ).to(device)
+        self.amp = amp_context(cfg.amp, device)
+        self.forward_model = torch.compile(model) if cfg.compile else model
+        self.checkpoint_path = out_dir / "checkpoint.pt"
+        self.epoch, self.step = 0, 0
+        self.metrics_bytes: Optional[int] = None
+        self.last = dict(
+            grad_norm=float("nan"), fp_distance=float("nan"), val_acc=float("nan"), train_acc=float("nan")
+        )
+        self.peak = 0.0
+        self.fp_inputs: Optional[torch.Tensor] = None
+
+    def schedule(self) -> CosineLRScheduler:
+        total = self.steps_per_epoch * self.cfg.epochs
+        warmup = int(round(self.cfg.warmup_epochs * self.steps_per_epoch))
+        for group in self.opt.param_groups:
+            group.update(lr=self.cfg.lr, initial_lr=self.cfg.lr, weight_decay=self.cfg.wd)
+        sched = CosineLRScheduler(
+            self.opt,
+            t_initial=max(2, total - warmup),  # 1 only makes timm warn; the lrs are the same
+            lr_min=self.cfg.lr * self.cfg.min_lr_ratio,
+            warmup_t=warmup,
+            warmup_lr_init=self.cfg.lr * self.cfg.min_lr_ratio,
+            warmup_prefix=True,
+            t_in_epochs=False,
+        )
+        sched.step_update(self.step)
+        return sched
+
+    def resume(self) -> None:
+        cfg, env = self.cfg, self.env
+        if not self.checkpoint_path.exists():
+            log(
+                f"[{cfg.label}] resume: no checkpoint in {self.out_dir}, starting from the beginning",
+                self.main,
+            )
+            return
+        ck = load_training_checkpoint(self.checkpoint_path)
+        check_fingerprint(ck["fingerprint"], self.fingerprint, self.checkpoint_path, cfg.resume_new_optim)
+        if ck["epoch"] > cfg.epochs:
+            raise ResumeError(
+                f"{self.checkpoint_path} is at epoch {ck['epoch']}, past the {cfg.epochs} epoch(s) asked for"
+            )
+        with torch.no_grad():
+            for n, p in zip(self.names, self.params):
+                p.copy_(ck["adapter"][n])
+        self.opt.load_state_dict(ck["optimizer"])
+        if ck.get("scaler"):
+            self.scaler.load_state_dict(ck["scaler"])
+        self.crit.load_state_dict(ck["criterion"])
+        self.epoch, self.step, self.metrics_bytes = ck["epoch"], ck["step"], ck["metrics_bytes"]
+        if cfg.resume_new_optim:
+            # A new run from these weights: fresh random streams, so a NaN is not replayed.
+            random_seed(cfg.seed + 7919 * self.epoch, env.rank)
+            log(
+                f"[{cfg.label}] note: continuing with new optimisation settings; random streams re-seeded",
+                self.main,
+            )
+        elif len(ck["rng"]) == env.world_size:
+            restore_rng(ck["rng"][env.rank])
+        else:
+            random_seed(cfg.seed + 7919 * self.epoch, env.rank)
+            log(
+                f"[{cfg.label}] note: checkpoint from {len(ck['rng'])} process(es), now {env.world_size}: "
+                "random streams are re-seeded",
+                self.main,
+            )
+        if ck["epochs"] != cfg.epochs and not cfg.resume_new_optim:
+            log(
+                f"[{cfg.label}] note: checkpoint planned {ck['epochs']} epochs, now {cfg.epochs}: the cosine "
+                "schedule is recomputed, so the result will differ from an uninterrupted run",
+                self.main,
+            )
+        log(
+            f"[{cfg.label}] resumed from {self.checkpoint_path} at epoch {self.epoch}, step {self.step}",
+            self.main,
+        )
+
+    def train_epoch(self, sched, stats: _StepStats, metrics: MetricsLog, bar) -> Dict[str, Any]:
+        cfg, env, device = self.cfg, self.env, self.device
+        self.model.train()
+        self.batches.sampler.set_epoch(self.epoch)
+        if hasattr(self.train_ds, "set_epoch"):
+            self.train_ds.set_epoch(self.epoch)
+        started = time.perf_counter()
+        records: List[Dict[str, Any]] = []
+        images = 0
+        for x, y, idx in self.loader:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            idx = torch.as_tensor(idx).to(device)
+            with self.amp():
+                out = self.crit(self.forward_model, x, y, index=idx, step=self.step)
+            self.opt.zero_grad(set_to_none=True)
+            self.scaler.scale(out.loss).backward()
+            dist.average_gradients(self.params, env)
+            self.scaler.unscale_(self.opt)
+            grads = [p.grad.detach().float().norm() for p in self.params if p.grad is not None]
+            grad_norm = (
+                torch.linalg.vector_norm(torch.stack(grads)) if grads else torch.zeros((), device=device)
+            )
+            lr = self.opt.param_groups[0]["lr"]
+            self.scaler.step(self.opt)
+            self.scaler.update()
+            if cfg.pace == "fast" and env.enabled:
+                # A sample may sit on another rank next epoch: every rank writes every rank's rows.
+                self.crit.update_bank(*dist.all_gather_rows(idx, out.logits, env))
+            self.step += 1
+            sched.step_update(self.step)
+            stats.add(self.epoch + 1, self.step, lr, out, grad_norm)
+            images += x.shape[0]
+            if len(stats.pending) >= SYNC_EVERY:
+                records += self._write_steps(stats, metrics, bar)
+        records += self._write_steps(stats, metrics, bar)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - started
+        self.peak = max(self.peak, peak_memory_mb(device))
+        count = max(sum(r["count"] for r in records), 1)
+        epoch_record = dict(
+            type="epoch",
+            epoch=self.epoch + 1,
+            step=self.step,
+            train_loss=sum(r["loss"] for r in records) / max(len(records), 1),
+            train_acc=sum(r["correct"] for r in records) / count,
+            grad_norm_mean=sum(r["grad_norm"] for r in records) / max(len(records), 1),
+            seconds=seconds,
+            img_per_s=images * env.world_size / max(seconds, 1e-9),
+            peak_mem_mb=self.peak,
+        )
+        metrics.write(epoch_record)
+        return epoch_record
+
+    def _write_steps(self, stats: _StepStats, metrics: MetricsLog, bar) -> List[Dict[str, Any]]:
+        records = stats.flush(self.env)
+        for r in records:
+            if not all(map(_finite, (r["loss"], r["cls_loss"], r["consistency"]))):
+                kept = (
+                    f"the last good checkpoint {self.checkpoint_path} (epoch {r['epoch'] - 1}) is kept"
+                    if self.checkpoint_path.exists() and r["epoch"] > 1
+                    else "no checkpoint was written yet"
+                )
+                raise NonFiniteLossError(
+                    f"non-finite loss ({r['loss']}) at epoch {r['epoch']}, step {r['step']}: stopping; {kept}"
+                )
+            metrics.write({k: v for k, v in r.items() if k not in ("correct", "count")})
+        if records:
+            bar.update(len(records))
+            bar.set_postfix(
+                loss=f"{records[-1]['loss']:.3f}", gnorm=f"{records[-1]['grad_norm']:.3g}", refresh=False
+            )
+        return records
+
+    def evaluate(self, epoch_record: Dict[str, Any], metrics: MetricsLog) -> None:
+        val_acc = evaluate(self.model, self.eval_ds, self.cfg, self.env, self.device)
+        fp = float("nan")
+        if has_adapters(self.model):
+            if self.fp_inputs is None:  # the same held-out images at every evaluation
+                first = range(min(self.cfg.fp_batch, len(self.eval_ds)))
+                self.fp_inputs = torch.stack([self.eval_ds[i][0] for i in first]).to(self.device)
+            with self.amp():
+                fp = float(pace.fp_distance(self.model, self.fp_inputs))
+        self.last.update(val_acc=val_acc, train_acc=epoch_record["train_acc"], fp_distance=fp)
+        metrics.write(
+            dict(
+                type="eval",
+                epoch=self.epoch,
+                step=self.step,
+                train_acc=epoch_record["train_acc"],
+                val_acc=val_acc,
+                fp_distance=fp,
+            )
+        )
+
+    def save_checkpoint(self, metrics: MetricsLog) -> None:
+        rngs = dist.all_gather_object(capture_rng(), self.env)  # every rank's streams, saved by rank 0
+        if self.main:
+            metrics.flush()
+            state = {
+                "format": CHECKPOINT_FORMAT,
+                "version": CHECKPOINT_VERSION,
+                "epoch": self.epoch,
+                "epochs": self.cfg.epochs,
+                "step": self.step,
+                "world_size": self.env.world_size,
+                "adapter": {n: p.detach().cpu().clone() for n, p in zip(self.names, self.params)},
+                "optimizer": self.opt.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+                "criterion": {k: v.detach().cpu() for k, v in self.crit.state_dict().items()},
+                "rng": rngs,
+                "metrics_bytes": metrics.bytes,
+                "fingerprint": self.fingerprint,
+            }
+            atomic_save(state, self.checkpoint_path)
+        dist.barrier(self.env)
+
+    def run(self) -> RunResult:
+        cfg, main = self.cfg, self.main
+        if cfg.resume:
+            self.resume()
+        start_epoch = self.epoch
+        metrics = MetricsLog(self.out_dir / "metrics.jsonl" if main else None, self.metrics_bytes)
+        if main and metrics.missing_bytes:
+            log(
+                f"[{cfg.label}] note: {metrics.path} lacks {metrics.missing_bytes} bytes of records the "
+                "checkpoint had written (deleted or cut short); those records are lost, training goes on",
+                main,
+            )
+        sched = self.schedule()
+        stats = _StepStats()
+        from tqdm import tqdm
+
+        bar = tqdm(
+            total=self.steps_per_epoch * max(0, cfg.epochs - start_epoch),
+            desc=cfg.label,
+            unit="step",
+            disable=not (main and cfg.progress),
+            file=sys.stderr,
+            dynamic_ncols=True,
+            mininterval=0.5,
+        )
+        reset_peak_memory(self.device)
+        started = time.perf_counter()
+        try:
+            while self.epoch < cfg.epochs:
+                epoch_record = self.train_epoch(sched, stats, metrics, bar)
+                self.epoch += 1
+                self.last["grad_norm"] = epoch_record["grad_norm_mean"]
+                evaluated = self.epoch % cfg.eval_every == 0 or self.epoch == cfg.epochs
+                if evaluated:
+                    self.evaluate(epoch_record, metrics)
+                if cfg.epoch_lines and main:
+                    bar.write(
+                        f"[{cfg.label}] epoch {self.epoch}/{cfg.epochs}: "
+                        f"{epoch_record['img_per_s']:.1f} img/s, "
+                        f"peak memory {self.peak:.0f} MB, train acc {100 * epoch_record['train_acc']:.1f}%"
+                        + (f", val acc {100 * self.last['val_acc']:.2f}%" if evaluated else "")
+                    )
+                self.save_checkpoint(metrics)
+                if cfg.stop_after_epoch is not None and self.epoch >= cfg.stop_after_epoch < cfg.epochs:
+                    log(
+                        f"[{cfg.label}] stopping after epoch {self.epoch} as asked; continue with resume",
+                        main,
+                    )
+                    break
+        finally:
+            bar.close()
+            metrics.close()
+        finished = self.epoch >= cfg.epochs
+        if finished and start_epoch >= cfg.epochs:  # a resumed run that had already finished
+            self._last_from_records()
+        return RunResult(
+            cfg.label,
+            self.last["val_acc"],
+            self.last["train_acc"],
+            self.last["grad_norm"],
+            self.last["fp_distance"],
+            time.perf_counter() - started,
+            self.peak,
+            self.step,
+            self.epoch,
+            finished,
+            str(self.out_dir),
+        )
+
+    def _last_from_records(self) -> None:
+        if self.main and (self.out_dir / "metrics.jsonl").exists():
+            records = read_metrics(self.out_dir / "metrics.jsonl")
+            evals = [r for r in records if r.get("type") == "eval"]
+            epochs = [r for r in records if r.get("type") == "epoch"]
+            if evals:
+                self.last.update({k: evals[-1][k] for k in ("val_acc", "train_acc", "fp_distance")})
+            if epochs:
+                self.last["grad_norm"] = epochs[-1]["grad_norm_mean"]
+        self.last = dist.broadcast_object(self.last, self.env)
+
+
+def check_fingerprint(
+    saved: Dict[str, Any], now: Dict[str, Any], path: Path, new_optim: bool = False, partial: bool = False
+) -> None:
+    """Refuse to continue a checkpoint whose run had other settings; ``new_optim`` lets the
+    optimisation settings change, ``partial`` compares only the keys of ``now``."""
+    ignored = OPTIMISATION_SETTINGS if new_optim else frozenset()
+    for key in sorted(set(now) if partial else set(saved) | set(now)):
+        was, is_now = saved.get(key), now.get(key)
+        if was != is_now and key not in ignored:
+            what = "class-count mismatch: " if key == "num_classes" else ""
+            raise ResumeError(f"{what}{path} was written with {key}={was!r}, this run has {key}={is_now!r}")
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, float) and math.isfinite(value)
 
 
 def run_training(
@@ -166,390 +495,56 @@ def run_training(
     train_ds: Dataset,
     eval_ds: Dataset,
     num_classes: int,
-    cfg: TrainConfig,
+    cfg: RunConfig,
     out_dir: Path,
-    env: D.DistEnv,
+    env: dist.DistEnv,
     device: torch.device,
-    export: Optional[str] = None,
-    export_meta: Optional[Dict[str, str]] = None,
+    fingerprint: Optional[Dict[str, Any]] = None,
+    export_meta: Optional[Dict[str, Any]] = None,
 ) -> RunResult:
-    """Fine-tune the trainable tensors of an injected ``model``; write metrics, checkpoints, the
-    adapter and the curves under ``out_dir`` (rank 0 only)."""
+    """Fit the trainable tensors of ``model`` with the objective ``cfg.pace``; write metrics,
+    checkpoints, the adapter (if the model has one), the curves and ``result.json`` under
+    ``out_dir`` (rank 0 only), and the merged model to ``cfg.export`` when the run finishes.
+    ``fingerprint`` adds settings a resume must find unchanged to the config's own."""
     out_dir = Path(out_dir)
-    main = env.is_main
-    if main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    model.to(device)
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise UsageError("the model has no trainable tensors")
-    D.broadcast_parameters(params, env)
-
-    identity = dict(
-        cfg.identity,
-        num_classes=num_classes,
-        num_train=len(train_ds),
-        pace=cfg.pace,
-        lam=cfg.lam,
-        copies=cfg.copies,
-        lazy_interval=cfg.lazy_interval,
-        batch_size=cfg.batch_size,
-        lr=cfg.lr,
-        wd=cfg.wd,
-        warmup_epochs=cfg.warmup_epochs,
-        seed=cfg.seed,
-        amp=cfg.amp,
-        trainable=names,
-    )
-
-    # Streams: the data order is the same on every rank; noise and augmentation differ per rank.
-    data_gen = torch.Generator()
-    data_gen.manual_seed(cfg.seed)
-    seed_everything(cfg.seed + env.rank)
-
-    sampler = ShardedBatchSampler(len(train_ds), cfg.batch_size, data_gen, env.rank, env.world_size)
-    loader = DataLoader(
-        train_ds,
-        batch_sampler=sampler,
-        num_workers=cfg.workers,
-        generator=data_gen,
-        pin_memory=device.type == "cuda",
-    )
-    steps_per_epoch = len(sampler)
-    total_steps = steps_per_epoch * cfg.epochs
-    warmup_steps = int(round(cfg.warmup_epochs * steps_per_epoch))
-
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.wd)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, cosine_with_warmup(total_steps, warmup_steps, cfg.min_lr_ratio)
-    )
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
-    fast = cfg.pace == "fast"
-    crit = pace.PaceCriterion(
-        mode=cfg.pace,
-        lam=cfg.lam,
-        copies=cfg.copies,
-        lazy_interval=cfg.lazy_interval,
-        num_samples=len(train_ds) if fast else None,
-        num_classes=num_classes if fast else None,
-    ).to(device)
-    amp = _amp_context(cfg, device)
-    fwd_model = torch.compile(model) if cfg.compile else model
-
-    ckpt_path = out_dir / "checkpoint.pt"
-    start_epoch, step, keep_lines = 0, 0, None
-    if cfg.resume and ckpt_path.exists():
-        ck = load_training_checkpoint(ckpt_path)
-        _check_identity(ck.get("identity", {}), identity, ckpt_path)
-        with torch.no_grad():
-            for n, p in zip(names, params):
-                p.copy_(ck["adapter"][n])
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        if ck.get("epochs") != cfg.epochs:
-            D_log(
-                f"[{cfg.label}] note: checkpoint planned {ck.get('epochs')} epochs, now {cfg.epochs}: "
-                "the cosine schedule is recomputed, so the result will differ from an uninterrupted run",
-                main,
-            )
-        if ck.get("scaler"):
-            scaler.load_state_dict(ck["scaler"])
-        crit.load_state_dict(ck["criterion"])
-        rngs = ck["rng"]
-        if len(rngs) == env.world_size:
-            restore_rng(rngs[env.rank], data_gen)
-        else:
-            D_log(
-                f"[{cfg.label}] note: checkpoint from {len(rngs)} process(es), now {env.world_size}: "
-                "random streams are re-seeded",
-                main,
-            )
-            restore_rng(rngs[0], data_gen)
-            seed_everything(cfg.seed + env.rank + 7919 * ck["epoch"])
-        start_epoch, step, keep_lines = ck["epoch"], ck["step"], ck["metrics_lines"]
-        D_log(f"[{cfg.label}] resumed from {ckpt_path} at epoch {start_epoch}, step {step}", main)
-    elif cfg.resume:
-        D_log(f"[{cfg.label}] --resume: no checkpoint in {out_dir}, starting from the beginning", main)
-
-    log = MetricsLog(
-        out_dir / "metrics.jsonl" if main else None, keep_lines=keep_lines if cfg.resume else None
-    )
-    fp_x = _collate_first(eval_ds, cfg.fp_batch).to(device)
-    seen_indices: List[torch.Tensor] = []
-
-    from tqdm import tqdm
-
-    bar = tqdm(
-        total=steps_per_epoch * (cfg.epochs - start_epoch),
-        desc=cfg.label,
-        unit="step",
-        leave=True,
-        disable=not (main and cfg.progress),
-        file=sys.stderr,
-        dynamic_ncols=True,
-        mininterval=0.5,
-    )
-    reset_peak_memory(device)
-    run_t0 = time.perf_counter()
-    last = {
-        "grad_norm": float("nan"),
-        "fp_distance": float("nan"),
-        "val_acc": float("nan"),
-        "train_acc": float("nan"),
-    }
-    finished = start_epoch >= cfg.epochs
-    peak = 0.0
-    epoch = start_epoch
-    try:
-        for epoch in range(start_epoch, cfg.epochs):
-            model.train()
-            t0 = time.perf_counter()
-            n_img = correct = count = 0
-            loss_sum = 0.0
-            epoch_gnorms: List[float] = []
-            for x, y, idx in loader:
-                x = x.to(device, non_blocking=True)
-                y = y.to(device, non_blocking=True)
-                idx = torch.as_tensor(idx).to(device)
-                with amp():
-                    out = crit(fwd_model, x, y, index=idx, step=step)
-                loss = out.loss
-                if cfg.debug_nan_step is not None and step == cfg.debug_nan_step:
-                    loss = loss * float("nan")
-                stats = D.all_reduce_sum(
-                    [
-                        loss.detach().item(),
-                        out.cls_loss.detach().item(),
-                        out.consistency.detach().item(),
-                        0.0 if torch.isfinite(loss.detach()) else 1.0,
-                    ],
-                    env,
-                    device,
-                )
-                if stats[3] > 0:
-                    kept = (
-                        f"{ckpt_path} (epoch {epoch})"
-                        if epoch > start_epoch or (cfg.resume and start_epoch)
-                        else None
-                    )
-                    where = (
-                        f"the last good checkpoint {kept} is kept"
-                        if kept
-                        else "no checkpoint was written yet"
-                    )
-                    raise NonFiniteLossError(
-                        f"non-finite loss ({loss.detach().item()}) at epoch {epoch + 1}, step {step + 1}: "
-                        f"stopping; {where}"
-                    )
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                D.average_gradients(params, env)
-                scaler.unscale_(opt)
-                grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
-                grad_norm = float(torch.linalg.vector_norm(torch.stack(grads))) if grads else 0.0
-                scaler.step(opt)
-                scaler.update()
-                lr = opt.param_groups[0]["lr"]
-                sched.step()
-                if fast and env.enabled:
-                    # A sample may sit on another rank next epoch: every rank writes every rank's rows,
-                    # so each holds the whole, identical bank.
-                    all_idx, all_logits = D.all_gather_rows(idx, out.logits, env)
-                    crit.update_bank(all_idx, all_logits)
-                if cfg.debug_dump:
-                    seen_indices.append(idx.detach().cpu())
-                step += 1
-                n_img += x.shape[0]
-                with torch.no_grad():
-                    correct += int((out.logits.argmax(-1) == out.targets).sum())
-                    count += out.targets.numel()
-                loss_sum += stats[0] / env.world_size
-                log.write(
-                    {
-                        "type": "step",
-                        "epoch": epoch + 1,
-                        "step": step,
-                        "lr": lr,
-                        "loss": stats[0] / env.world_size,
-                        "cls_loss": stats[1] / env.world_size,
-                        "consistency": stats[2] / env.world_size,
-                        "grad_norm": grad_norm,
-                    }
-                )
-                epoch_gnorms.append(grad_norm)
-                bar.update(1)
-                bar.set_postfix(
-                    loss=f"{stats[0] / env.world_size:.3f}", gnorm=f"{grad_norm:.3g}", refresh=False
-                )
-
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            seconds = time.perf_counter() - t0
-            n_img_all, correct, count = D.all_reduce_sum([n_img, correct, count], env, device)
-            peak = max(peak, peak_memory_mb(device))
-            train_acc = correct / max(count, 1)
-            last["grad_norm"] = sum(epoch_gnorms) / max(len(epoch_gnorms), 1)
-            img_s = n_img_all / max(seconds, 1e-9)
-            log.write(
-                {
-                    "type": "epoch",
-                    "epoch": epoch + 1,
-                    "step": step,
-                    "train_loss": loss_sum / max(steps_per_epoch, 1),
-                    "train_acc": train_acc,
-                    "grad_norm_mean": last["grad_norm"],
-                    "seconds": seconds,
-                    "img_per_s": img_s,
-                    "peak_mem_mb": peak,
-                }
-            )
-            if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-                val_acc = evaluate(model, eval_ds, cfg, env, device, amp)
-                with amp():
-                    fp = float(pace.fp_distance(model, fp_x))
-                last.update(val_acc=val_acc, train_acc=train_acc, fp_distance=fp)
-                log.write(
-                    {
-                        "type": "eval",
-                        "epoch": epoch + 1,
-                        "step": step,
-                        "train_acc": train_acc,
-                        "val_acc": val_acc,
-                        "fp_distance": fp,
-                    }
-                )
-                bar.set_postfix(
-                    loss=f"{loss_sum / max(steps_per_epoch, 1):.3f}", val_acc=f"{100 * val_acc:.1f}%"
-                )
-            if cfg.epoch_lines and main:
-                bar.write(
-                    f"[{cfg.label}] epoch {epoch + 1}/{cfg.epochs}: {img_s:.1f} img/s, peak memory "
-                    f"{peak:.0f} MB, train acc {100 * train_acc:.1f}%"
-                    + (f", val acc {100 * last['val_acc']:.2f}%" if (epoch + 1) % cfg.eval_every == 0 else "")
-                )
-
-            _save_checkpoint(
-                ckpt_path,
-                epoch + 1,
-                step,
-                names,
-                params,
-                opt,
-                sched,
-                scaler,
-                crit,
-                data_gen,
-                log,
-                identity,
-                cfg,
-                env,
-            )
-            if (
-                cfg.stop_after_epoch is not None
-                and epoch + 1 >= cfg.stop_after_epoch
-                and epoch + 1 < cfg.epochs
-            ):
-                D_log(
-                    f"[{cfg.label}] stopping after epoch {epoch + 1} as asked (--stop-after-epoch); "
-                    f"continue with --resume",
-                    main,
-                )
-                break
-        else:
-            finished = True
-    finally:
-        bar.close()
-        log.close()
-    seconds = time.perf_counter() - run_t0
-
-    if finished and start_epoch >= cfg.epochs:  # a resumed run that had already finished
-        if main and (out_dir / "metrics.jsonl").exists():
-            records = read_metrics(out_dir / "metrics.jsonl")
-            evals = [r for r in records if r.get("type") == "eval"]
-            epochs = [r for r in records if r.get("type") == "epoch"]
-            if evals:
-                last.update({k: evals[-1][k] for k in ("val_acc", "train_acc", "fp_distance")})
-            if epochs:
-                last["grad_norm"] = epochs[-1]["grad_norm_mean"]
-        last = D.broadcast_object(last, env)
-
-    if cfg.debug_dump:
-        dump = Path(cfg.debug_dump)
-        dump.mkdir(parents=True, exist_ok=True)
-        torch.save(
-            {
-                "seen": torch.cat(seen_indices) if seen_indices else torch.zeros(0, dtype=torch.long),
-                "bank": None if crit.history_bank is None else crit.history_bank.detach().cpu(),
-                "initial_seed": torch.initial_seed(),
-                "world_size": env.world_size,
-            },
-            dump / f"rank{env.rank}.pt",
+    with contextlib.ExitStack() as held:
+        refusal: Optional[RunFolderError] = None
+        if env.is_main:
+            try:
+                held.enter_context(claim(out_dir, cfg.resume, cfg.overwrite))
+            except RunFolderError as exc:
+                refusal = exc
+        message = dist.broadcast_object(None if refusal is None else str(refusal), env)
+        if message is not None:  # every rank stops, not only the one that found the folder taken
+            raise refusal or RunFolderError(message)
+        training = _Training(
+            model, train_ds, eval_ds, num_classes, cfg, out_dir, env, device, fingerprint or {}
         )
-
-    result = RunResult(
-        cfg.label,
-        last["val_acc"],
-        last["train_acc"],
-        last["grad_norm"],
-        last["fp_distance"],
-        seconds,
-        peak,
-        step,
-        epoch + 1 if not finished else cfg.epochs,
-        finished,
-        str(out_dir),
-    )
-    if main:
-        if finished:
-            pace.save_adapter(model, out_dir / "adapter")
-        atomic_write_text(out_dir / "result.json", json.dumps(result.as_dict(), indent=2) + "\n")
-        records = read_metrics(out_dir / "metrics.jsonl")
-        plot_runs({cfg.label: records}, out_dir / "curves.png", title=cfg.label)
-        if finished and export:
-            export_merged(model, export, export_meta or {})
-    D.barrier(env)
+        result = training.run()
+        if env.is_main:
+            _write_outputs(model, result, cfg, out_dir, export_meta or {})
+        dist.barrier(env)
     return result
 
 
-def D_log(msg: str, enabled: bool) -> None:
-    if enabled:
-        print(msg, file=sys.stderr, flush=True)
+def _write_outputs(model, result: RunResult, cfg: RunConfig, out_dir: Path, export_meta) -> None:
+    if result.finished and has_adapters(model):
+        pace.save_adapter(model, out_dir / "adapter")
+        for name in ("adapter.safetensors", "adapter.json"):
+            with_run_file_mode(out_dir / name)
+    atomic_write_text(out_dir / "result.json", json.dumps(result.as_dict(), indent=2) + "\n")
+    records = read_metrics(out_dir / "metrics.jsonl")
+    plot_runs({cfg.label: records}, out_dir / "curves.png", title=cfg.label)
+    if result.finished and cfg.export:
+        export_merged(model, cfg.export, export_meta)
 
 
-def _save_checkpoint(
-    path, epoch, step, names, params, opt, sched, scaler, crit, data_gen, log, identity, cfg, env
-):
-    rngs = D.all_gather_object(capture_rng(data_gen), env)  # every rank's streams, saved by rank 0
-    if env.is_main:
-        state = {
-            "format": CHECKPOINT_FORMAT,
-            "version": CHECKPOINT_VERSION,
-            "epoch": epoch,
-            "epochs": cfg.epochs,
-            "step": step,
-            "world_size": env.world_size,
-            "adapter": {n: p.detach().cpu().clone() for n, p in zip(names, params)},
-            "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(),
-            "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-            "criterion": {k: v.detach().cpu() for k, v in crit.state_dict().items()},
-            "rng": rngs,
-            "metrics_lines": log.lines,
-            "identity": identity,
-        }
-        atomic_save(state, path)
-    D.barrier(env)
-
-
-def export_merged(model: nn.Module, path: str, meta: Dict[str, str]) -> Path:
+def export_merged(model: nn.Module, path: str, meta: Dict[str, Any]) -> Path:
     """Fold the adapters into plain layers (in place: training is over) and write the model's
     weights as one safetensors file."""
     from safetensors.torch import save_file
 
-    from .checkpoint import atomic_write
-
     pace.merge(model)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     metadata = {"format": "pace-merged", **{k: str(v) for k, v in meta.items()}}
-    return atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata))
+    return atomic_write_file(path, lambda tmp: save_file(state, tmp, metadata=metadata))

@@ -1,9 +1,15 @@
-"""metrics.jsonl (one JSON record per line, rank 0 only) and peak-memory readings."""
+"""metrics.jsonl (one JSON record per line, rank 0 only) and peak-memory readings.
+
+The log is append-only. A checkpoint records the log's length in bytes; a resume cuts the file
+back to that length with one ``truncate`` (the records a killed run wrote after its last
+checkpoint are written again, identically) and says so when records are missing instead.
+"""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import resource
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -16,30 +22,37 @@ TIMING_KEYS = ("seconds", "img_per_s", "peak_mem_mb", "time")
 
 
 class MetricsLog:
-    """Append-only JSON-lines log that can be cut back to a checkpoint's line count on resume."""
+    """Append-only JSON-lines log; ``path`` None (ranks other than 0) writes nothing."""
 
-    def __init__(self, path: Optional[Path], keep_lines: Optional[int] = None) -> None:
+    def __init__(self, path: Optional[Path], resume_at_bytes: Optional[int] = None) -> None:
         self.path = path
-        self.lines = 0
         self._file = None
         if path is None:
             return
-        kept: List[str] = []
-        if keep_lines is not None and path.exists():
-            kept = path.read_text().splitlines()[:keep_lines]
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(path, "w")
-        for line in kept:
-            self._file.write(line + "\n")
-        self.lines = len(kept)
-        self._file.flush()
+        self.missing_bytes = 0
+        if resume_at_bytes is None:
+            self._file = open(path, "w")
+            return
+        size = path.stat().st_size if path.exists() else 0
+        self.missing_bytes = max(0, resume_at_bytes - size)
+        if size > resume_at_bytes:
+            os.truncate(path, resume_at_bytes)
+        self._file = open(path, "a")
+
+    @property
+    def bytes(self) -> int:
+        return 0 if self._file is None else self._file.tell()
 
     def write(self, record: Dict[str, Any]) -> None:
         if self._file is None:
             return
         self._file.write(json.dumps(_clean(record), sort_keys=True) + "\n")
-        self._file.flush()
-        self.lines += 1
+
+    def flush(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
 
     def close(self) -> None:
         if self._file is not None:
@@ -49,23 +62,26 @@ class MetricsLog:
 
 def _clean(record: Dict[str, Any]) -> Dict[str, Any]:
     # JSON has no NaN/inf; write them as strings so the file stays valid JSON.
-    out = {}
-    for k, v in record.items():
-        if isinstance(v, float) and not math.isfinite(v):
-            v = str(v)
-        out[k] = v
-    return out
+    return {k: str(v) if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
 
 
 def read_metrics(path: Path) -> List[Dict[str, Any]]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The records of a metrics file; a torn last line (a run killed mid-write) is skipped."""
+    lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if i != len(lines) - 1:
+                raise ValueError(f"{path}: line {i + 1} is not a JSON record") from None
+    return records
 
 
 def without_timing(records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
 
 
-# ------------------------------------------------------------------------------------------ memory
 def reset_peak_memory(device: torch.device) -> None:
     """CUDA: reset the allocator's peak. CPU: reset the process's peak RSS (Linux ``clear_refs``)."""
     if device.type == "cuda":

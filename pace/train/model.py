@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-import torch
 import torch.nn as nn
 
 import pace
 
-from .checkpoint import _short, read_state_dict
-from .errors import UsageError
+from .checkpoint import read_state_dict, short_reason
 
 
 def create_timm_model(
@@ -29,39 +26,44 @@ def create_timm_model(
     if not timm.is_model(name):
         near = timm.list_models(f"*{name.split('.')[0][:12]}*")[:3]
         hint = f" (similar: {', '.join(near)})" if near else ""
-        raise UsageError(f"--model: unknown timm model {name!r}{hint}")
+        raise ValueError(f"unknown timm model {name!r}{hint}")
     kw: Dict[str, Any] = dict(kwargs or {})
     kw.setdefault("drop_path_rate", drop_path)
     if img_size is not None:
         kw.setdefault("img_size", img_size)
     try:
-        return timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **kw)
+        model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **kw)
     except TypeError as exc:
-        raise UsageError(f"--model {name}: bad model arguments {sorted(kw)} ({_short(exc)})") from None
+        raise ValueError(f"{name}: bad model arguments {sorted(kw)} ({short_reason(exc)})") from None
     except Exception as exc:  # noqa: BLE001 - hub/network/config errors of many kinds
         what = "cannot load the pre-trained weights" if pretrained else "cannot create it"
-        raise UsageError(f"--model {name}: {what} ({_short(exc)})") from None
+        raise ValueError(f"{name}: {what} ({short_reason(exc)})") from None
+    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    size = kw.get("img_size")
+    if patch is not None and isinstance(size, int) and size < max(patch):
+        raise ValueError(f"{name}: image size {size} is below the model's patch size {max(patch)}")
+    return model
 
 
-def load_checkpoint(model: nn.Module, path: str) -> str:
+def load_checkpoint(model: nn.Module, path: str, allow_partial: bool = False) -> str:
     """Load pre-trained weights into ``model``: the original ViT release's ``.npz`` (timm's own
     loader), ``.safetensors`` or ``.pth`` (``weights_only=True``). A classifier whose shape differs
-    (a new task) is left as initialised. Returns a one-line summary."""
+    (a new task) is left as initialised; any other tensor left so is an error unless
+    ``allow_partial``. Returns a one-line summary."""
     p = Path(path)
     if not p.is_file():
-        raise UsageError(f"--checkpoint: no file at {p}")
+        raise ValueError(f"no file at {p}")
     if p.suffix.lower() == ".npz":
         from timm.models.vision_transformer import VisionTransformer, _load_weights
 
         if not isinstance(model, VisionTransformer):
-            raise UsageError(
-                f"--checkpoint: .npz files hold the original ViT release layout; "
-                f"{type(model).__name__} is not a ViT"
+            raise ValueError(
+                f".npz files hold the original ViT release layout; {type(model).__name__} is not a ViT"
             )
         try:
             _load_weights(model, str(p))
         except Exception as exc:  # noqa: BLE001
-            raise UsageError(f"--checkpoint: cannot load {p} into the model ({_short(exc)})") from None
+            raise ValueError(f"cannot load {p} into the model ({short_reason(exc)})") from None
         return f"loaded {p.name} (ViT .npz)"
 
     state = read_state_dict(p)
@@ -75,32 +77,34 @@ def load_checkpoint(model: nn.Module, path: str) -> str:
     own = model.state_dict()
     usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     if not usable:
-        raise UsageError(f"--checkpoint: {p} holds no tensor that fits {type(model).__name__} (wrong model?)")
-    model.load_state_dict(usable, strict=False)
+        raise ValueError(f"{p} holds no tensor that fits {type(model).__name__} (wrong model?)")
     skipped = sorted(k for k in own if k not in usable)
+    backbone_skipped = [k for k in skipped if not _is_classifier(model, k)]
+    if backbone_skipped and not allow_partial:
+        raise ValueError(
+            f"{p} fits only {len(usable)} of the model's {len(own)} tensors; "
+            f"{len(backbone_skipped)} backbone tensor(s) would stay random, "
+            f"e.g. {', '.join(backbone_skipped[:3])} "
+            "(wrong model? allow a partial load explicitly to go on)"
+        )
+    model.load_state_dict(usable, strict=False)
     note = f"loaded {len(usable)}/{len(own)} tensors from {p.name}"
     if skipped:
         note += f"; left as initialised: {', '.join(skipped[:4])}{' ...' if len(skipped) > 4 else ''}"
     return note
 
 
+def _is_classifier(model: nn.Module, key: str) -> bool:
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    names = {f"{n}." for n, m in model.named_modules() if m is head and n}
+    return any(key.startswith(n) for n in names) or key.startswith("head.")
+
+
 def add_adapters(model: nn.Module, adapter: str, rank: int, sigma: float, backend: str) -> nn.Module:
-    try:
-        return pace.inject(model, adapter=adapter, rank=rank, sigma=sigma, head="auto", backend=backend)
-    except (ValueError, TypeError) as exc:
-        raise UsageError(f"--adapter {adapter}: {_short(exc)}") from None
+    return pace.inject(model, adapter=adapter, rank=rank, sigma=sigma, head="auto", backend=backend)
 
 
 def count_parameters(model: nn.Module) -> str:
     total = sum(p.numel() for p in model.parameters())
     train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return f"{train:,} trainable of {total:,} parameters"
-
-
-def log(msg: str, enabled: bool = True) -> None:
-    if enabled:
-        print(msg, file=sys.stderr, flush=True)
-
-
-def device_of(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device

@@ -51,9 +51,6 @@ def plot_runs(runs: Mapping[str, List[Dict[str, Any]]], path: Path, title: str =
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, format="png")
-    tmp.replace(path)
-    return path
+    from .checkpoint import atomic_write_file
+
+    return atomic_write_file(path, lambda tmp: fig.savefig(tmp, format="png"))

@@ -11,7 +11,6 @@ import torch
 from safetensors.torch import save_file
 
 from pace.train.checkpoint import atomic_save, atomic_write, capture_rng, read_state_dict, restore_rng
-from pace.train.errors import UsageError
 from pace.train.model import load_checkpoint
 
 
@@ -49,7 +48,7 @@ def test_read_state_dict_unwraps_training_checkpoints(tmp_path):
     save_file({"a": torch.ones(2)}, tmp_path / "w.safetensors")
     assert torch.equal(read_state_dict(tmp_path / "w.safetensors")["a"], torch.ones(2))
     (tmp_path / "w.txt").write_text("x")
-    with pytest.raises(UsageError, match="must end in"):
+    with pytest.raises(ValueError, match="must end in"):
         read_state_dict(tmp_path / "w.txt")
 
 
@@ -120,5 +119,5 @@ def test_load_checkpoint_formats(tmp_path, fmt):
 def test_npz_needs_a_vit(tmp_path):
     _save_original_vit_npz(_tiny_vit(), tmp_path / "vit.npz")
     cnn = timm.create_model("resnet10t", num_classes=3)
-    with pytest.raises(UsageError, match="not a ViT"):
+    with pytest.raises(ValueError, match="not a ViT"):
         load_checkpoint(cnn, str(tmp_path / "vit.npz"))

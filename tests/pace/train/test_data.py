@@ -8,8 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pace.train.data import ShardedBatchSampler, load_folder_data, read_list
-from pace.train.errors import UsageError
+from pace.train.data import load_folder_data, read_list, train_batch_sampler
 from pace.train.metrics import read_metrics, without_timing
 
 from .conftest import TINY_VIT
@@ -103,7 +102,7 @@ def test_read_list_skips_blank_and_comment_lines(noah_dir):
 def test_negative_label_is_rejected(noah_dir):
     lst = noah_dir / "custom.txt"
     lst.write_text("images/test/000000.png -1\n")
-    with pytest.raises(UsageError, match="negative"):
+    with pytest.raises(ValueError, match="negative"):
         read_list(noah_dir, lst)
 
 
@@ -111,9 +110,9 @@ def test_negative_label_is_rejected(noah_dir):
 def test_sharded_batch_sampler(n, bs, world):
     shards = []
     for rank in range(world):
-        g = torch.Generator().manual_seed(3)
-        batches = list(ShardedBatchSampler(n, bs, g, rank, world))
-        assert len(batches) == len(ShardedBatchSampler(n, bs, g, rank, world))
+        sampler = train_batch_sampler(n, bs, 3, rank, world)
+        batches = list(sampler)
+        assert len(batches) == len(sampler)
         assert len({len(b) for b in batches}) == 1  # equal batches: all_gather needs equal shapes
         shards.append([i for b in batches for i in b])
     assert len({len(s) for s in shards}) == 1  # every rank runs the same number of steps
@@ -123,13 +122,14 @@ def test_sharded_batch_sampler(n, bs, world):
     assert set(flat) <= set(perm[: world * (n // world)])
 
 
-def test_sampler_order_follows_its_generator():
-    g = torch.Generator().manual_seed(0)
-    s = ShardedBatchSampler(20, 4, g)
-    first, second = list(s), list(s)
+def test_sampler_order_follows_seed_and_epoch():
+    s = train_batch_sampler(20, 4, 0)
+    first = list(s)
+    s.sampler.set_epoch(1)
+    second = list(s)
     assert first != second  # a new order each epoch
-    g.manual_seed(0)
-    assert list(s) == first
+    s.sampler.set_epoch(0)
+    assert list(s) == first == list(train_batch_sampler(20, 4, 0))
 
 
 def _same_files(a, b):

@@ -38,5 +38,5 @@ def test_default_runs_every_variant_and_prints_the_table(run_main, tmp_path):
     assert all(r["consistency"] > 0 for r in paced if r["type"] == "step")
     assert "using the cached" not in res.err
     # A second invocation reuses the cached backbone.
-    res = run_main(*SMALL_DEFAULT, "--pace", "none", "--epochs", "1", "--out", tmp_path)
+    res = run_main(*SMALL_DEFAULT, "--pace", "none", "--epochs", "1", "--out", tmp_path, "--overwrite")
     assert res.code == 0 and "using the cached pre-trained backbone" in res.err

@@ -12,17 +12,50 @@ from pace.train.checkpoint import load_training_checkpoint
 
 from .conftest import SMALL_DEFAULT, python, subprocess_env
 
+# Runs pace-train in each rank, recording what the PACE_fast criterion saw, and saves per rank the
+# indices it was given, its bank, the rank's noise seed and the world size.
+RECORDING_DRIVER = """
+import os, sys
+import torch
+import pace
+from pace.train import main
+
+seen, fast = [], []
+forward = pace.PaceCriterion.forward
+
+def recording(self, model, x, y, index=None, step=0):
+    if self.mode == "fast":
+        fast.append(self)
+        seen.append(torch.as_tensor(index).cpu())
+    return forward(self, model, x, y, index=index, step=step)
+
+pace.PaceCriterion.forward = recording
+dump = sys.argv[1]
+code = main(sys.argv[2:])
+os.makedirs(dump, exist_ok=True)
+record = {
+    "seen": torch.cat(seen),
+    "bank": fast[-1].history_bank.detach().cpu(),
+    "initial_seed": torch.initial_seed(),
+    "world_size": int(os.environ["WORLD_SIZE"]),
+}
+torch.save(record, os.path.join(dump, "rank" + os.environ["RANK"] + ".pt"))
+sys.exit(code)
+"""
+
 
 def test_torchrun_two_ranks_fast_bank_rows_are_the_seen_samples(tmp_path):
     out, dump = tmp_path / "out", tmp_path / "dump"
+    driver = tmp_path / "driver.py"
+    driver.write_text(RECORDING_DRIVER)
     cmd = [
         python(),
         "-m",
         "torch.distributed.run",
         "--standalone",
         "--nproc_per_node=2",
-        "-m",
-        "pace.train",
+        str(driver),
+        str(dump),
         "--pace",
         "fast",
         "--epochs",
@@ -32,8 +65,6 @@ def test_torchrun_two_ranks_fast_bank_rows_are_the_seen_samples(tmp_path):
         "5",
         "--out",
         str(out),
-        "--debug-dump",
-        str(dump),
         "--device",
         "cpu",  # two ranks need not find two GPUs; gloo on CPU runs anywhere
     ]

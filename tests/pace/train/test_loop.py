@@ -7,6 +7,7 @@ import shutil
 import torch
 from safetensors.torch import load_file
 
+import pace
 from pace.train.checkpoint import load_training_checkpoint
 from pace.train.metrics import read_metrics, without_timing
 
@@ -53,10 +54,25 @@ def test_resume_refuses_a_different_run(run_main, tmp_path):
     assert res.code == 2 and "adapter='lora_mul_vpt_add'" in res.err and "Traceback" not in res.err
 
 
-def test_nan_loss_stops_and_keeps_the_last_checkpoint(run_main, tmp_path):
+def poison_loss_at_step(monkeypatch, bad_step, mode="pace"):
+    """Make the loss of the criterion of one objective NaN at one global step (0-based)."""
+    forward = pace.PaceCriterion.forward
+
+    def poisoned(self, model, x, y, index=None, step=0):
+        out = forward(self, model, x, y, index=index, step=step)
+        if step == bad_step and self.mode == mode:
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(pace.PaceCriterion, "forward", poisoned)
+
+
+def test_nan_loss_stops_and_keeps_the_last_checkpoint(run_main, tmp_path, monkeypatch):
     args = ["--pace", "pace", *SMALL_DEFAULT, "--epochs", "3", "--out", tmp_path]
     ckpt = _run_dir(tmp_path, "PACE") / "checkpoint.pt"
-    res = run_main(*args, "--debug-nan-at-step", "4")  # 3 steps per epoch: the second step of epoch 2
+    with monkeypatch.context() as patch:
+        poison_loss_at_step(patch, 4)  # 3 steps per epoch: the second step of epoch 2
+        res = run_main(*args)
     assert res.code == 1
     assert "non-finite loss (nan) at epoch 2, step 5" in res.err
     assert "checkpoint" in res.err and "Traceback" not in res.err
@@ -71,7 +87,8 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(run_main, tmp_path):
 
 def test_export_writes_the_merged_model(run_main, tmp_path):
     import pace
-    from pace.train.default import DigitsSetup, make_model
+    from pace.train.config import build_config
+    from pace.train.default import make_model
 
     export = tmp_path / "merged.safetensors"
     res = run_main(
@@ -81,9 +98,9 @@ def test_export_writes_the_merged_model(run_main, tmp_path):
     merged_state = load_file(export)
     assert not any("lora" in k or "prompt" in k for k in merged_state)
 
-    merged = make_model(DigitsSetup(), 0.0)
+    merged = make_model(build_config({}), 0.0)
     merged.load_state_dict(merged_state)
-    adapted = make_model(DigitsSetup(), 0.0)
+    adapted = make_model(build_config({}), 0.0)
     backbone = load_file(tmp_path / "o" / "pretrain" / "backbone.safetensors")
     adapted.load_state_dict({k: v for k, v in backbone.items() if not k.startswith("head.")}, strict=False)
     pace.load_adapter(adapted, _run_dir(tmp_path / "o", "PACE") / "adapter")
