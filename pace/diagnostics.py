@@ -119,6 +119,7 @@ def heldout_diagnostics(
     *,
     params: Optional[Sequence[torch.Tensor]] = None,
     fp_distance: bool = True,
+    all_reduce: bool = False,
 ) -> HeldoutDiagnostics:
     """The held-out gradient norm, loss, accuracy and (optionally) FP-distance in one pass.
 
@@ -127,7 +128,9 @@ def heldout_diagnostics(
     labelled ``-100`` not scored. ``params`` defaults to the model's trainable tensors. Inputs are
     moved to the device of the first of them. The gradient is that of the mean cross-entropy over
     all scored samples, not a mean of per-batch norms. Costs one forward and backward per batch
-    (plus one forward with the adapters off for the FP-distance).
+    (plus one forward with the adapters off for the FP-distance). ``all_reduce=True``: each process
+    of the initialised default ``torch.distributed`` group passes its share of the held-out set, and
+    the sums are combined over the group before dividing, so every rank gets the whole set's values.
     """
     model = _unwrap(model)
     if not isinstance(model, nn.Module):
@@ -158,6 +161,10 @@ def heldout_diagnostics(
                 with torch.no_grad(), adapters_disabled(model):
                     pretrained, _ = _flat_labelled(_logits(model(x)), y)
                 fp_sum += (logits.detach().float() - pretrained.float()).square().sum().double()
+    if all_reduce:
+        grad_sums, loss_sum, fp_sum, correct, count = _sum_over_processes(
+            grad_sums, loss_sum, fp_sum, correct, count
+        )
     if count == 0:
         raise ValueError("batches held no labelled sample: nothing to measure")
     norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grad_sums])) / count
@@ -168,6 +175,24 @@ def heldout_diagnostics(
         accuracy=int(correct) / count,
         samples=count,
     )
+
+
+def _sum_over_processes(grad_sums, loss_sum, fp_sum, correct, count):
+    """One collective for every sum (gradients flattened, then the scalars in float64)."""
+    import torch.distributed as torch_dist
+
+    if not (torch_dist.is_available() and torch_dist.is_initialized()):
+        raise ValueError("all_reduce=True needs an initialised torch.distributed process group")
+    flat = torch.cat([g.reshape(-1).double() for g in grad_sums])
+    scalars = torch.stack([loss_sum, fp_sum, correct.double(), loss_sum.new_tensor(float(count))])
+    packed = torch.cat([flat, scalars])
+    torch_dist.all_reduce(packed, op=torch_dist.ReduceOp.SUM)
+    summed, offset = [], 0
+    for g in grad_sums:
+        summed.append(packed[offset : offset + g.numel()].view_as(g).float())
+        offset += g.numel()
+    loss_sum, fp_sum, correct, count = packed[offset:]
+    return summed, loss_sum, fp_sum, correct.long(), int(count)
 
 
 def heldout_grad_norm(

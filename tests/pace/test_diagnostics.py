@@ -166,3 +166,22 @@ def test_bad_input_is_named():
         pace.heldout_grad_norm(nn.Linear(6, 4).requires_grad_(False), [(x, y)])
     with pytest.raises(ValueError, match="params must be"):
         pace.heldout_grad_norm(model, [(x, y)], params=[torch.zeros(3)])
+
+
+def test_all_reduce_combines_shares_over_the_process_group(tmp_path):
+    import torch.distributed as torch_dist
+
+    model = _adapted_mlp()
+    x, y = _data()
+    want = pace.heldout_diagnostics(model, _batches(x, y, 5))
+    with pytest.raises(ValueError, match="process group"):
+        pace.heldout_diagnostics(model, _batches(x, y, 5), all_reduce=True)
+    torch_dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        got = pace.heldout_diagnostics(model, _batches(x, y, 5), all_reduce=True)
+    finally:
+        torch_dist.destroy_process_group()
+    assert got.samples == want.samples and got.accuracy == want.accuracy
+    assert got.grad_norm == pytest.approx(want.grad_norm, rel=1e-6)
+    assert got.fp_distance == pytest.approx(want.fp_distance, rel=1e-6)
+    assert got.loss == pytest.approx(want.loss, rel=1e-6)
