@@ -63,7 +63,6 @@ class RunConfig:
     stop_after_epoch: Optional[int] = None
     eval_every: int = 10
     eval_batch_size: int = 256
-    fp_batch: int = 64
     workers: Optional[int] = None  # None: min(4, CPUs) with --data, 0 for the digits
     export: Optional[str] = None
     threads: Optional[int] = None
@@ -74,6 +73,9 @@ class RunConfig:
     shots: int = 10
     repeats: int = 3
     pretrain_epochs: int = 20
+    # studies around it (pace.train.studies): the validation search, the lambda sweep of Fig. 4
+    search: bool = False
+    sweep_lam: Optional[Tuple[float, ...]] = None
 
     def fingerprint(self) -> Dict[str, Any]:
         """The settings a ``--resume`` must find unchanged to continue the same run."""
@@ -100,6 +102,8 @@ NOT_IN_FINGERPRINT = frozenset(
         "device",
         "repeats",
         "epochs",
+        "search",
+        "sweep_lam",
     }
 )
 # What --resume-new-optim lets a resume change.
