@@ -249,7 +249,11 @@ class DigitsExperiment:
             self.report(rows, task, time.perf_counter() - started)
         return 0
 
-    def adapt(self, backbone, x, y, name: str, mode: str, seed: int, first: bool) -> RunResult:
+    def adapt(
+        self, backbone, x, y, name: str, mode: str, seed: int, first: bool = False, score_test: bool = True
+    ) -> RunResult:
+        """One method on one draw of the shots; ``score_test=False`` (the studies) never touches
+        the test digits."""
         cfg = self.cfg
         run_cfg = self.run_config(name, mode, seed)
         task = split_new_task(x, y, cfg.shots, seed)
@@ -273,7 +277,7 @@ class DigitsExperiment:
             self.device,
             fingerprint=self.backbone,
             export_meta={"model": cfg.model, "num_classes": NUM_CLASSES},
-            test_ds=task.test,
+            test_ds=task.test if score_test else None,
         )
 
     def report(self, rows: List[MethodRuns], task: NewTask, total: float) -> None:

@@ -122,7 +122,7 @@ SEARCH_SEED_OFFSET = 1000  # the search's draws of the shots are not the table's
 
 
 def _mean_over_draws(experiment, backbone, x, y, name: str, mode: str, seeds) -> Tuple[float, float]:
-    runs = [experiment.adapt(backbone, x, y, name, mode, seed, first=False) for seed in seeds]
+    runs = [experiment.adapt(backbone, x, y, name, mode, seed, score_test=False) for seed in seeds]
     return statistics.fmean(r.val_acc for r in runs), statistics.fmean(r.val_grad_norm_mean for r in runs)
 
 
@@ -190,7 +190,7 @@ def run_lam_sweep(cfg: RunConfig, lams: Sequence[float], modes: Sequence[str], e
             experiment = DigitsExperiment(
                 replace(cfg, pace=mode, lam=lam, out=str(out / "sweep-lam" / f"lam{lam:g}")), env, device
             )
-            runs = [experiment.adapt(backbone, x, y, name, mode, seed, first=False) for seed in seeds]
+            runs = [experiment.adapt(backbone, x, y, name, mode, seed, score_test=False) for seed in seeds]
             norms = [r.val_grad_norm_mean for r in runs]
             points.setdefault(name, []).append((lam, statistics.fmean(norms), min(norms), max(norms)))
             records.append(
