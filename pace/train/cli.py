@@ -26,7 +26,7 @@ MAX_LR = 10.0
 
 EPILOG = f"""\
 examples:
-  pace-train                                   # built-in digits experiment, about 2 minutes on 2 CPU cores
+  pace-train                                   # built-in digits experiment, a few minutes on 2 CPU cores
   pace-train --pace fast --repeats 1           # one variant of it, one draw of the shots
   pace-train --data data/vtab-1k/cifar --checkpoint ViT-B_16.npz --pace pace --lam 1 --sigma 1.2
   pace-train --data data/few-shot/oxford-flowers102 --split train_meta.list.num_shot_1.seed_0 \\

@@ -62,7 +62,7 @@ def test_default_summary_names_each_diagnostic(run_main, tmp_path):
     assert res.code == 0, res.err
     assert "val gnorm" in res.out and "train-obj gnorm" in res.out and "diff (mean+-95% CI)" in res.out
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["hyperparameters"]["PACE"] == {"sigma": 1.0, "lam": 1.0}
+    assert summary["hyperparameters"]["PACE"] == {"sigma": 0.5, "lam": 2.0}  # the searched defaults
     for run in summary["results"]["PACE"]:
         for key in ("val_grad_norm", "val_grad_norm_mean", "train_objective_grad_norm", "val_fp_distance"):
             assert run[key] > 0, key
