@@ -152,6 +152,11 @@ def inject(
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
     if any(isinstance(m, PaceLinear) for m in model.modules()):
         raise ValueError("model already holds PaceLinear layers: inject once (pace.merge first to re-inject)")
+    if isinstance(targets, str):
+        try:
+            re.compile(targets)
+        except re.error as exc:
+            raise ValueError(f"targets={targets!r} is not a valid regular expression ({exc})") from None
     if targets is not None and not isinstance(targets, str):
         targets = list(targets)
 

@@ -7,6 +7,7 @@ be re-applied to a fresh copy of the pre-trained model. Both are written atomica
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import tempfile
@@ -68,7 +69,8 @@ def save_adapter(model: nn.Module, path: PathLike) -> Path:
 
 def load_adapter(model: nn.Module, path: PathLike) -> nn.Module:
     """Load a saved adapter into ``model``, first injecting it as the saved config says when the
-    model holds no PACE layers yet (a fresh pre-trained model)."""
+    model holds no PACE layers yet (a fresh pre-trained model). Everything is checked before the
+    model changes: a file that does not fit raises and leaves ``model`` as it was."""
     st_path, json_path = _paths(path)
     for p in (st_path, json_path):
         if not p.is_file():
@@ -76,12 +78,44 @@ def load_adapter(model: nn.Module, path: PathLike) -> nn.Module:
     try:
         meta = json.loads(json_path.read_text())
         config = dict(meta["config"])
-    except (ValueError, KeyError, TypeError) as exc:
+        version = meta.get("format_version")
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ValueError(f"load_adapter: {json_path} is not a PACE adapter config ({exc})") from exc
+    if version != FORMAT_VERSION:
+        raise ValueError(
+            f"load_adapter: {json_path} has format_version {version!r}; this pace reads {FORMAT_VERSION}"
+        )
+    tensors = _read_adapter_tensors(st_path)
     if not any(isinstance(m, PaceLinear) for m in model.modules()):
         head = config.pop("head", None)
-        inject(model, head=head if head is not None else None, **config)
-    tensors = load_file(str(st_path))
+        probe = copy.deepcopy(model)  # inject changes the model: try it on a copy first
+        inject(probe, head=head, **config)
+        _check_fits(probe, tensors, st_path)
+        inject(model, head=head, **config)
+    _check_fits(model, tensors, st_path)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, t in tensors.items():
+            params[name].copy_(t)
+    return model
+
+
+def _read_adapter_tensors(st_path: Path) -> dict:
+    try:
+        tensors = load_file(str(st_path))
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type for bad files
+        raise ValueError(f"load_adapter: cannot read {st_path} ({type(exc).__name__}: {exc})") from None
+    for name, t in tensors.items():
+        if not t.is_floating_point():
+            raise TypeError(
+                f"load_adapter: {st_path}: {name} has dtype {t.dtype}, expected a floating-point one"
+            )
+        if not torch.isfinite(t).all():
+            raise ValueError(f"load_adapter: {st_path}: {name} holds NaN or inf values")
+    return tensors
+
+
+def _check_fits(model: nn.Module, tensors: dict, st_path: Path) -> None:
     params = dict(model.named_parameters())
     unknown = sorted(set(tensors) - set(params))
     if unknown:
@@ -94,13 +128,9 @@ def load_adapter(model: nn.Module, path: PathLike) -> nn.Module:
             f"load_adapter: {st_path} holds no tensors for the model's trainable {untouched[:5]} "
             "(saved from a different model or config?)"
         )
-    with torch.no_grad():
-        for name, t in tensors.items():
-            p = params[name]
-            if p.shape != t.shape:
-                raise ValueError(
-                    f"load_adapter: {name} has shape {list(t.shape)} in the file, "
-                    f"{list(p.shape)} in the model"
-                )
-            p.copy_(t)
-    return model
+    for name, t in tensors.items():
+        if params[name].shape != t.shape:
+            raise ValueError(
+                f"load_adapter: {name} has shape {list(t.shape)} in the file, "
+                f"{list(params[name].shape)} in the model"
+            )

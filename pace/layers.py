@@ -108,6 +108,16 @@ class PaceLinear(nn.Module):
         self.reset_parameters()
 
     # ----------------------------------------------------------------------------------------- setup
+
+    @property
+    def sigma(self) -> float:
+        """Std of the noise N(1, sigma^2); setting it checks it (NaN would switch the noise off)."""
+        return self._sigma
+
+    @sigma.setter
+    def sigma(self, value: float) -> None:
+        self._sigma = check_sigma(value)
+
     def _make_adapter(self, kw) -> None:
         d, k, r = self.out_features, self.in_features, self.rank
         kind = self.adapter

@@ -46,6 +46,20 @@ def _multi_copy_consistency(logits: torch.Tensor, copies: int) -> torch.Tensor:
     return torch.stack(pairs).mean()
 
 
+def _checked_index(index, num_samples: int) -> torch.Tensor:
+    """PACE_fast's dataset indices: integers in ``0 .. num_samples - 1`` (a negative index would
+    read and overwrite another sample's bank row)."""
+    index = torch.as_tensor(index)
+    if index.is_floating_point() or index.is_complex() or index.dtype == torch.bool:
+        raise TypeError(f"index must hold integers (dataset indices), got dtype {index.dtype}")
+    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= num_samples):
+        raise ValueError(
+            f"index must lie in 0..{num_samples - 1} (the bank's rows), got values "
+            f"{int(index.min())}..{int(index.max())}"
+        )
+    return index.long()
+
+
 class PaceCriterion(nn.Module):
     """PACE, PACE_fast, PACE_lazy_half and FPA around a classification loss.
 
@@ -141,7 +155,8 @@ class PaceCriterion(nn.Module):
         # fast: read the bank's rows before writing this step's logits into them
         if index is None:
             raise ValueError("mode='fast' needs index= (the dataset indices of the batch)")
-        index = torch.as_tensor(index, device=self.history_bank.device).long()
+        index = _checked_index(index, len(self.history_bank))
+        index = index.to(self.history_bank.device)
         if index.shape != (x.shape[0],):
             raise ValueError(
                 f"index must have shape [{x.shape[0]}] (one dataset index per sample), "

@@ -64,7 +64,6 @@ def pretrain_config(cfg: RunConfig) -> RunConfig:
         amp=cfg.amp,
         workers=0,
         eval_every=cfg.pretrain_epochs,
-        resume=True,  # a pre-training run that was killed goes on where it stopped
         progress=cfg.progress,
         epoch_lines=False,
         label="pre-train 0-4",
@@ -158,11 +157,13 @@ def pretrain(
 
     if env.is_main and not cached():
         pre_train, pre_val = split_pretrain(x, y, cfg.seed)
-        run_cfg = pretrain_config(cfg)
+        run_dir = out / "pretrain" / key
+        # A pre-training run that was killed goes on where it stopped.
+        run_cfg = replace(pretrain_config(cfg), resume=(run_dir / "checkpoint.pt").exists())
         random_seed(cfg.seed)
         model = make_model(cfg, drop_path=0.0)
         result = run_training(
-            model, pre_train, pre_val, NUM_CLASSES, run_cfg, out / "pretrain" / key, dist.DistEnv(), device
+            model, pre_train, pre_val, NUM_CLASSES, run_cfg, run_dir, dist.DistEnv(), device
         )
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         atomic_write_file(cache, lambda tmp: save_file(state, tmp))

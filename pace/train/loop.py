@@ -318,7 +318,7 @@ class _Training:
         images = 0
         for x, y, idx in self.loader:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            idx = torch.as_tensor(idx).to(device)
+            idx = torch.as_tensor(idx)  # stays on the CPU: the criterion checks it without a device sync
             with self.amp():
                 out = self.crit(self.forward_model, x, y, index=idx, step=self.step)
             self.opt.zero_grad(set_to_none=True)
@@ -334,7 +334,7 @@ class _Training:
             self.scaler.update()
             if cfg.pace == "fast" and env.enabled:
                 # A sample may sit on another rank next epoch: every rank writes every rank's rows.
-                self.crit.update_bank(*dist.all_gather_rows(idx, out.logits, env))
+                self.crit.update_bank(*dist.all_gather_rows(idx.to(device), out.logits, env))
             self.step += 1
             sched.step_update(self.step)
             stats.add(self.epoch + 1, self.step, lr, out, grad_norm)
