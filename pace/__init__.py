@@ -4,10 +4,12 @@ PACE (NeurIPS 2024) multiplies each adapter's output by per-sample noise ``N(1, 
 adds a consistency loss between noisy copies of the network. This package provides the drop-in
 layers (:class:`PaceLinear`), their injection into timm models (:func:`inject`), the noise schedule,
 the PACE / PACE_fast / PACE_lazy_half / FPA objectives (:class:`PaceCriterion`), merge for
-inference (:func:`merge`), adapter I/O and the bridge to Hugging Face PEFT (:func:`save_peft`,
-:func:`load_peft`, :func:`from_peft`); the fused kernels live in :mod:`pace_kernels`.
+inference (:func:`merge`), adapter I/O, the bridge to Hugging Face PEFT (:func:`save_peft`,
+:func:`load_peft`, :func:`from_peft`) and the paper's held-out diagnostics (:func:`heldout_grad_norm`,
+:func:`heldout_fp_distance`); the fused kernels live in :mod:`pace_kernels`.
 """
 
+from .diagnostics import HeldoutDiagnostics, heldout_diagnostics, heldout_fp_distance, heldout_grad_norm
 from .dropout import MultiCopyPass, SharedDropout, SharedDropPath, set_copies
 from .inject import (
     SCHEDULES,
@@ -50,6 +52,10 @@ __all__ = [
     "trainable_parameters",
     "adapters_disabled",
     "fp_distance",
+    "HeldoutDiagnostics",
+    "heldout_diagnostics",
+    "heldout_grad_norm",
+    "heldout_fp_distance",
     "block_indices",
     "schedule_factors",
     "save_adapter",

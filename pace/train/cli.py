@@ -26,15 +26,17 @@ MAX_LR = 10.0
 
 EPILOG = f"""\
 examples:
-  pace-train                                   # built-in digits experiment, about 2 minutes on 2 CPU cores
+  pace-train                                   # built-in digits experiment, a few minutes on 2 CPU cores
   pace-train --pace fast --repeats 1           # one variant of it, one draw of the shots
   pace-train --data data/vtab-1k/cifar --checkpoint ViT-B_16.npz --pace pace --lam 1 --sigma 1.2
   pace-train --data data/few-shot/oxford-flowers102 --split train_meta.list.num_shot_1.seed_0 \\
              --augment flip-crop --lr 5e-3 --rank 18 --pace pace --sigma 1.5
   torchrun --nproc_per_node=8 -m pace.train --data ... --pace fast   # data-parallel
 
-outputs (under --out): metrics.jsonl (append-only; per step: loss, lr, grad_norm; per evaluation:
-train_acc, val_acc, fp_distance), checkpoint.pt (every epoch, atomic), adapter.safetensors +
+outputs (under --out): metrics.jsonl (append-only; per step: loss, lr, train_objective_grad_norm;
+per evaluation, on the evaluation set in eval mode without noise: train_acc, val_acc, val_loss,
+val_grad_norm (the PACE paper's gradient norm), val_fp_distance; for the built-in default a test
+record with test_acc at the end), checkpoint.pt (every epoch, atomic), adapter.safetensors +
 adapter.json (pace.save_adapter), curves.png, result.json. The built-in default writes one such
 folder per method and draw (DIR/<method>/seed<k>/) plus summary.txt / summary.json / curves.png
 comparing them, and caches the pre-trained backbone in DIR/pretrain/.
@@ -148,11 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--rank", type=int, metavar="R", help=f"adapter rank ({default_text('rank')})")
     a.add_argument(
         "--pace",
-        choices=PACE_MODES,
+        metavar="{" + ",".join(PACE_MODES) + "}",
         help="objective: none (the baseline adapter), pace (two noisy copies + consistency), fast (one "
         "copy + a bank of past logits), lazy (PACE_lazy_half every --lazy-interval steps), fpa (consistency "
         "with the pre-trained model). Default: none with --data; the built-in default compares none, "
-        "pace, fast, lazy",
+        "pace, fast, lazy. With --sweep-lam a comma-separated list (default: pace,fpa)",
     )
     a.add_argument(
         "--lam", type=float, metavar="L", help=f"consistency strength lambda ({_sigma_lam_text(1)})"
@@ -298,6 +300,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="epochs of pre-training on digits 0-4 (cached in DIR/pretrain). "
         f"Default: {RunConfig.pretrain_epochs}",
     )
+    d.add_argument(
+        "--search",
+        action="store_true",
+        help="run the hyperparameter search behind the digits defaults instead of the table: lr of the "
+        "baseline, then sigma x lam per objective, scored on the validation digits (never the test "
+        "digits) over --repeats draws of their own; prints the chosen values, writes DIR/search.json",
+    )
+    d.add_argument(
+        "--sweep-lam",
+        metavar="L1,L2,...",
+        help="the PACE paper's Fig. 4 instead of the table: for each lambda and each --pace objective "
+        "(default pace,fpa), the gradient norm of the validation loss averaged over training, over "
+        "--repeats draws; writes DIR/sweep_lam.png and DIR/sweep_lam.json",
+    )
     return p
 
 
@@ -356,7 +372,37 @@ def _validate(given: dict) -> dict:
             raise UsageError(f"{', '.join(flags)} only apply with --data")
     if "no_progress" in given:
         given["progress"] = not given.pop("no_progress")
+    _validate_studies(given)
     return given
+
+
+def _validate_studies(given: dict) -> None:
+    modes = given.get("pace", "").split(",") if "pace" in given else []
+    bad = [m for m in modes if m not in PACE_MODES]
+    if bad:
+        raise UsageError(
+            f"--pace must be one of {', '.join(PACE_MODES)} (a list only with --sweep-lam), got {bad[0]!r}"
+        )
+    if "sweep_lam" in given:
+        try:
+            lams = tuple(float(v) for v in given["sweep_lam"].split(","))
+        except ValueError:
+            raise UsageError(
+                f"--sweep-lam must be comma-separated numbers, got {given['sweep_lam']!r}"
+            ) from None
+        if not all(math.isfinite(v) and v > 0 for v in lams):
+            raise UsageError(
+                f"--sweep-lam values must be finite and > 0 (a log axis), got {given['sweep_lam']!r}"
+            )
+        given["sweep_lam"] = lams
+        if "none" in modes:
+            raise UsageError("--sweep-lam: --pace none has no lambda")
+    elif len(modes) > 1:
+        raise UsageError("--pace takes one objective (a comma-separated list only with --sweep-lam)")
+    if ("sweep_lam" in given or given.get("search")) and "data" in given:
+        raise UsageError("--search and --sweep-lam study the built-in digits experiment: drop --data")
+    if "sweep_lam" in given and given.get("search"):
+        raise UsageError("--search and --sweep-lam exclude each other")
 
 
 def _check_writable(path: Path, flag: str, want_dir: bool) -> None:
@@ -422,6 +468,15 @@ def _run(given: dict, env) -> int:
     if env.is_main and env.enabled:
         backend = "nccl" if device.type == "cuda" else "gloo"
         print(f"data-parallel: {env.world_size} processes ({backend})", file=sys.stderr, flush=True)
+    if cfg.data is None and cfg.search:
+        from .studies import run_search
+
+        return run_search(cfg, env, device)
+    if cfg.data is None and cfg.sweep_lam:
+        from .studies import run_lam_sweep
+
+        modes = (cfg.pace or "pace,fpa").split(",")
+        return run_lam_sweep(replace(cfg, pace=None), cfg.sweep_lam, modes, env, device)
     if cfg.data is None:
         from .default import run_default
 
@@ -500,8 +555,9 @@ def _run_data(cfg: RunConfig, env, device) -> int:
     if env.is_main:
         state = "done" if result.finished else f"stopped after epoch {result.epochs_done}"
         print(
-            f"{state}: val acc {100 * result.acc:.2f}%, final grad norm {result.grad_norm:.4g}, FP-distance "
-            f"{result.fp_distance:.4g}, {result.seconds:.1f} s, peak {result.peak_mem_mb:.0f} MB; "
+            f"{state}: val acc {100 * result.val_acc:.2f}%, val grad norm {result.val_grad_norm:.4g} "
+            f"(training objective's {result.train_objective_grad_norm:.4g}), val FP-distance "
+            f"{result.val_fp_distance:.4g}, {result.seconds:.1f} s, peak {result.peak_mem_mb:.0f} MB; "
             f"outputs in {cfg.out}",
             flush=True,
         )

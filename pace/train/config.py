@@ -63,7 +63,6 @@ class RunConfig:
     stop_after_epoch: Optional[int] = None
     eval_every: int = 10
     eval_batch_size: int = 256
-    fp_batch: int = 64
     workers: Optional[int] = None  # None: min(4, CPUs) with --data, 0 for the digits
     export: Optional[str] = None
     threads: Optional[int] = None
@@ -72,8 +71,11 @@ class RunConfig:
     label: str = "train"
     # the built-in digits experiment
     shots: int = 10
-    repeats: int = 3
+    repeats: int = 5
     pretrain_epochs: int = 20
+    # studies around it (pace.train.studies): the validation search, the lambda sweep of Fig. 4
+    search: bool = False
+    sweep_lam: Optional[Tuple[float, ...]] = None
 
     def fingerprint(self) -> Dict[str, Any]:
         """The settings a ``--resume`` must find unchanged to continue the same run."""
@@ -100,6 +102,8 @@ NOT_IN_FINGERPRINT = frozenset(
         "device",
         "repeats",
         "epochs",
+        "search",
+        "sweep_lam",
     }
 )
 # What --resume-new-optim lets a resume change.
@@ -111,7 +115,7 @@ DIGITS_PRESET: Dict[str, Any] = {
     "rank": 4,
     "epochs": 40,
     "batch_size": 10,
-    "lr": 1e-2,
+    "lr": 3e-2,  # chosen on the validation digits: pace-train --search (see README)
     "warmup_epochs": 4.0,
     "drop_path": 0.0,
     "eval_every": 5,
@@ -122,8 +126,10 @@ DIGITS_PRESET: Dict[str, Any] = {
 DIGITS_MODEL_KWARGS = {"patch_size": 4, "in_chans": 1, "embed_dim": 64, "depth": 4, "num_heads": 4}
 
 # (sigma, lam) per objective. --data: the PACE code's README values (VTAB CIFAR: lam 1, sigma 1.2);
-# fast wants a larger sigma and a smaller lam, lazy a larger lam. Digits: picked by a small sweep on
-# its held-out digits (so that table shows tuned settings, not a clean estimate).
+# fast wants a larger sigma and a smaller lam, lazy a larger lam. Digits: chosen on the validation
+# digits (never the test digits) by `pace-train --search --repeats 1` (pace.train.studies: lr in
+# {3e-3, 1e-2, 3e-2} for the baseline, then sigma in {0.5, 1} x lam in {0.5, 2} per objective);
+# fpa was not searched.
 MODE_SIGMA_LAM: Dict[str, Dict[str, Tuple[float, float]]] = {
     "data": {
         "none": (0.0, 0.0),
@@ -134,9 +140,9 @@ MODE_SIGMA_LAM: Dict[str, Dict[str, Tuple[float, float]]] = {
     },
     "digits": {
         "none": (0.0, 0.0),
-        "pace": (1.0, 1.0),
+        "pace": (0.5, 2.0),
         "fast": (1.0, 0.5),
-        "lazy": (0.5, 2.0),
+        "lazy": (1.0, 0.5),
         "fpa": (0.0, 1.0),
     },
 }

@@ -3,15 +3,17 @@
 scikit-learn ships 1797 handwritten digits (8x8, grey). A small ViT is pre-trained from scratch on
 the digits 0-4 (cached under the output directory), then adapted to the unseen digits 5-9 from a few
 shots per class with its backbone frozen: the baseline adapter, and the same adapter with PACE,
-PACE_fast and PACE_lazy_half. Each is scored on every held-out 5-9 digit. Pre-training and every
-adaptation run go through the one training loop (:func:`pace.train.loop.run_training`).
+PACE_fast and PACE_lazy_half. The 5-9 digits not used for training are cut once, by a fixed seed,
+into a validation half (curves, diagnostics and the hyperparameter search: :mod:`pace.train.studies`)
+and a test half, scored once per run for the table. Every method of one draw sees the same shots,
+so the table compares them draw by draw. Pre-training and every adaptation run go through the one
+training loop (:func:`pace.train.loop.run_training`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import statistics
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -31,6 +33,7 @@ from .metrics import read_metrics
 from .model import add_adapters, count_parameters, create_timm_model
 from .plots import plot_runs
 from .runfolder import refuse_existing
+from .studies import TABLE_NOTES, MethodRuns, format_table, paired_summary
 
 # (table name, --pace mode) in the order of the table.
 VARIANTS: Tuple[Tuple[str, str], ...] = (
@@ -92,22 +95,38 @@ def split_pretrain(x: torch.Tensor, y: torch.Tensor, seed: int) -> Tuple[TensorI
     return TensorImages(x[old[:n_tr]], y[old[:n_tr]]), TensorImages(x[old[n_tr:]], y[old[n_tr:]])
 
 
-def split_few_shot(
-    x: torch.Tensor, y: torch.Tensor, shots: int, seed: int
-) -> Tuple[TensorImages, TensorImages]:
-    """The new task: digits 5-9 as labels 0-4, ``shots`` per class to train on (drawn with
-    ``seed``), every other 5-9 digit held out for testing."""
-    g = torch.Generator().manual_seed(seed)
-    few, held = [], []
+# The cut of the 5-9 digits into a development half (shots and validation) and a test half does
+# not depend on --seed: every draw and every run is tested on the same images.
+TEST_SPLIT_SEED = 15
+
+
+@dataclass
+class NewTask:
+    """Digits 5-9 as labels 0-4: the shots to train on, the validation and the test images."""
+
+    train: TensorImages
+    val: TensorImages
+    test: TensorImages
+
+
+def split_new_task(x: torch.Tensor, y: torch.Tensor, shots: int, seed: int) -> NewTask:
+    """Per digit 5-9: half the images (fixed) for testing; from the other half ``shots`` to train on
+    (drawn with ``seed``) and the rest for validation. Train, validation and test are disjoint."""
+    fixed = torch.Generator().manual_seed(TEST_SPLIT_SEED)
+    draw = torch.Generator().manual_seed(seed)
+    parts: Dict[str, List[torch.Tensor]] = {"train": [], "val": [], "test": []}
     for c in range(5, 10):
         idx = torch.nonzero(y == c).flatten()
-        idx = idx[torch.randperm(idx.numel(), generator=g)]
-        if shots >= idx.numel():
-            raise ValueError(f"shots {shots}: digit {c} has only {idx.numel()} images")
-        few.append(idx[:shots])
-        held.append(idx[shots:])
-    few_i, held_i = torch.cat(few), torch.cat(held)
-    return TensorImages(x[few_i], y[few_i] - 5), TensorImages(x[held_i], y[held_i] - 5)
+        idx = idx[torch.randperm(idx.numel(), generator=fixed)]
+        dev, test = idx[: idx.numel() // 2], idx[idx.numel() // 2 :]
+        if shots >= dev.numel():
+            raise ValueError(f"shots {shots}: digit {c} has only {dev.numel()} images outside the test half")
+        dev = dev[torch.randperm(dev.numel(), generator=draw)]
+        parts["train"].append(dev[:shots])
+        parts["val"].append(dev[shots:])
+        parts["test"].append(test)
+    sets = {k: torch.cat(v) for k, v in parts.items()}
+    return NewTask(**{k: TensorImages(x[i], y[i] - 5) for k, i in sets.items()})
 
 
 def make_model(cfg: RunConfig, drop_path: float) -> nn.Module:
@@ -150,54 +169,20 @@ def pretrain(
         atomic_write_file(cache, lambda tmp: save_file(state, tmp))
         meta = {
             "key": key,
-            "val_acc_0_4": result.acc,
+            "val_acc_0_4": result.val_acc,
             "epochs": cfg.pretrain_epochs,
             "seconds": result.seconds,
         }
         atomic_write_text(meta_path, json.dumps(meta, indent=2) + "\n")
         log(
-            f"pre-trained on digits 0-4 in {result.seconds:.1f} s: {100 * result.acc:.1f}% on held-out 0-4 "
-            f"digits (cached: {cache})"
+            f"pre-trained on digits 0-4 in {result.seconds:.1f} s: {100 * result.val_acc:.1f}% on "
+            f"held-out 0-4 digits (cached: {cache})"
         )
     elif env.is_main:
         acc = json.loads(meta_path.read_text()).get("val_acc_0_4", float("nan"))
         log(f"using the cached pre-trained backbone {cache} ({100 * acc:.1f}% on held-out 0-4)")
     dist.barrier(env)
     return load_file(str(cache))
-
-
-@dataclass
-class MethodRuns:
-    """One row of the table: a method's runs over the draws of the shots."""
-
-    name: str
-    runs: List[RunResult]
-
-    def mean(self, key: str) -> float:
-        return statistics.fmean(getattr(r, key) for r in self.runs)
-
-    def std(self, key: str) -> float:
-        return statistics.stdev(getattr(r, key) for r in self.runs) if len(self.runs) > 1 else 0.0
-
-
-def format_table(rows: List[MethodRuns], device: torch.device) -> str:
-    mem = "peak MB (GPU)" if device.type == "cuda" else "peak RSS MB"
-    n = len(rows[0].runs)
-    acc = "acc % (mean+-sd)" if n > 1 else "acc %"
-    head = f"{'method':<10} {acc:>16} {'grad norm':>9} {'FP-dist':>8} {'seconds':>7} {mem:>13}"
-    if n > 1:
-        head += "  acc % per draw"
-    lines = [head, "-" * len(head)]
-    for row in rows:
-        a = f"{100 * row.mean('acc'):.2f}" + (f" +- {100 * row.std('acc'):.2f}" if n > 1 else "")
-        line = (
-            f"{row.name:<10} {a:>16} {row.mean('grad_norm'):>9.3f} {row.mean('fp_distance'):>8.3f} "
-            f"{sum(r.seconds for r in row.runs):>7.1f} {max(r.peak_mem_mb for r in row.runs):>13.0f}"
-        )
-        if n > 1:
-            line += "  " + " ".join(f"{100 * r.acc:.1f}" for r in row.runs)
-        lines.append(line)
-    return "\n".join(lines)
 
 
 class DigitsExperiment:
@@ -247,11 +232,11 @@ class DigitsExperiment:
         self.check_before_training()
         started = time.perf_counter()
         x, y = digits_tensors(cfg.img_size)
-        _, held = split_few_shot(x, y, cfg.shots, self.seeds[0])
+        task = split_new_task(x, y, cfg.shots, self.seeds[0])
         log(
             "pace-train built-in default: pre-train a ViT on digits 0-4, adapt to digits 5-9 from "
-            f"{cfg.shots} shots/class ({5 * cfg.shots} images, {len(self.seeds)} draw(s)), test on the other "
-            f"{len(held)} 5-9 digits; output in {self.out}",
+            f"{cfg.shots} shots/class ({5 * cfg.shots} images, {len(self.seeds)} draw(s)); validate on "
+            f"{len(task.val)} and test on {len(task.test)} other 5-9 digits; output in {self.out}",
             env.is_main,
         )
         backbone = pretrain(cfg, x, y, self.out, env, self.device)
@@ -262,13 +247,17 @@ class DigitsExperiment:
                 row.runs.append(self.adapt(backbone, x, y, name, mode, seed, first=not rows and not row.runs))
             rows.append(row)
         if env.is_main:
-            self.report(rows, len(held), time.perf_counter() - started)
+            self.report(rows, task, time.perf_counter() - started)
         return 0
 
-    def adapt(self, backbone, x, y, name: str, mode: str, seed: int, first: bool) -> RunResult:
+    def adapt(
+        self, backbone, x, y, name: str, mode: str, seed: int, first: bool = False, score_test: bool = True
+    ) -> RunResult:
+        """One method on one draw of the shots; ``score_test=False`` (the studies) never touches
+        the test digits."""
         cfg = self.cfg
         run_cfg = self.run_config(name, mode, seed)
-        few, held = split_few_shot(x, y, cfg.shots, seed)
+        task = split_new_task(x, y, cfg.shots, seed)
         random_seed(seed)  # every method of one draw starts from the same head and adapters
         model = make_model(cfg, drop_path=cfg.drop_path)
         model.load_state_dict({k: v for k, v in backbone.items() if not k.startswith("head.")}, strict=False)
@@ -280,8 +269,8 @@ class DigitsExperiment:
             )
         return run_training(
             model,
-            few,
-            held,
+            task.train,
+            task.val,
             NUM_CLASSES,
             run_cfg,
             self.run_dir(name, seed),
@@ -289,35 +278,49 @@ class DigitsExperiment:
             self.device,
             fingerprint=self.backbone,
             export_meta={"model": cfg.model, "num_classes": NUM_CLASSES},
+            test_ds=task.test if score_test else None,
         )
 
-    def report(self, rows: List[MethodRuns], n_held: int, total: float) -> None:
+    def report(self, rows: List[MethodRuns], task: NewTask, total: float) -> None:
         cfg = self.cfg
-        table = format_table(rows, self.device)
+        sigma_lam = ", ".join(
+            f"{name}: sigma {c.sigma:g} lam {c.lam:g}"
+            for name, c in ((n, for_objective(cfg, m)) for n, m in self.variants)
+            if c.pace != "none"
+        )
         header = (
-            f"digits 5-9 from {cfg.shots} shots/class ({len(self.seeds)} draw(s)), "
-            "frozen ViT pre-trained on 0-4; "
-            f"adapter {cfg.adapter} rank {cfg.rank}; accuracy on the {n_held} held-out 5-9 digits"
+            f"digits 5-9 from {cfg.shots} shots/class, {len(self.seeds)} draw(s) (seeds {self.seeds[0]}.."
+            f"{self.seeds[-1]}), frozen ViT pre-trained on 0-4; adapter {cfg.adapter} rank {cfg.rank}; "
+            f"lr {cfg.lr:g}, batch {cfg.batch_size}, {cfg.epochs} epochs; {sigma_lam}\n"
+            f"test accuracy on {len(task.test)} 5-9 digits (scored once per run); val: "
+            f"{len(task.val)} other 5-9 digits"
         )
-        notes = (
-            "grad norm: trainable tensors, mean over the final epoch's steps; FP-distance: final model vs. "
-            "adapters off, 64 held-out digits, eval mode; seconds: all draws; memory: the process's peak"
-        )
+        table = format_table(rows, self.device)
         print(
-            f"\n{header}\n{table}\n{notes}\n"
+            f"\n{header}\n{table}\n{TABLE_NOTES}\n"
             f"total {total:.1f} s on {self.device.type}; outputs in {self.out}\n",
             flush=True,
         )
         summary = {
             "header": header,
             "table": table,
-            "notes": notes,
+            "notes": TABLE_NOTES,
             "total_seconds": total,
             "seeds": self.seeds,
+            "hyperparameters": {
+                "lr": cfg.lr,
+                "batch_size": cfg.batch_size,
+                "epochs": cfg.epochs,
+                **{
+                    n: {"sigma": c.sigma, "lam": c.lam}
+                    for n, c in ((n, for_objective(cfg, m)) for n, m in self.variants)
+                },
+            },
+            "paired": paired_summary(rows),
             "results": {row.name: [r.as_dict() for r in row.runs] for row in rows},
         }
         atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2) + "\n")
-        atomic_write_text(self.out / "summary.txt", f"{header}\n{table}\n{notes}\n")
+        atomic_write_text(self.out / "summary.txt", f"{header}\n{table}\n{TABLE_NOTES}\n")
         runs = {row.name: read_metrics(Path(row.runs[0].out_dir) / "metrics.jsonl") for row in rows}
         plot_runs(runs, self.out / "curves.png", title=f"{header}\n(first draw, seed {self.seeds[0]})")
 

@@ -54,17 +54,40 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 SYNC_EVERY = 10  # steps between reads of the step statistics (and progress-bar updates)
 
 
+# RunResult's measured values, in its field order (NaN until measured).
+LAST_VALUES = (
+    "val_acc",
+    "train_acc",
+    "val_loss",
+    "val_grad_norm",
+    "val_grad_norm_mean",
+    "val_fp_distance",
+    "train_objective_grad_norm",
+    "test_acc",
+)
+
+
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or inf: the run stops and the last checkpoint stays."""
 
 
 @dataclass
 class RunResult:
+    """A run's numbers. ``val_*``: measured on the evaluation set at the last evaluation (the
+    held-out diagnostics of the PACE paper: eval mode, no noise; see :mod:`pace.diagnostics`),
+    ``val_grad_norm_mean`` averaged over every evaluation (the paper's Fig. 4 quantity);
+    ``train_objective_grad_norm``: the training objective's gradient norm, mean over the last
+    epoch's steps; ``test_acc``: the test set's accuracy, scored once at the end (NaN without one)."""
+
     label: str
-    acc: float
+    val_acc: float
     train_acc: float
-    grad_norm: float
-    fp_distance: float
+    val_loss: float
+    val_grad_norm: float
+    val_grad_norm_mean: float
+    val_fp_distance: float
+    train_objective_grad_norm: float
+    test_acc: float
     seconds: float
     peak_mem_mb: float
     steps: int
@@ -95,15 +118,7 @@ def has_adapters(model: nn.Module) -> bool:
 def evaluate(model: nn.Module, ds: Dataset, cfg: RunConfig, env: dist.DistEnv, device: torch.device) -> float:
     """Top-1 accuracy over the whole set; each rank scores its share and the counts are summed."""
     model.eval()
-    part = Subset(ds, shard_indices(len(ds), env.rank, env.world_size))
-    # A loader without a generator draws its workers' base seed from the global torch stream, which
-    # the PACE noise uses: evaluating would shift the noise of every later step.
-    loader = DataLoader(
-        part,
-        batch_size=cfg.eval_batch_size,
-        num_workers=cfg.workers,
-        generator=torch.Generator().manual_seed(cfg.seed),
-    )
+    loader = _eval_loader(Subset(ds, shard_indices(len(ds), env.rank, env.world_size)), cfg)
     correct = torch.zeros((), dtype=torch.float64, device=device)
     total = 0
     amp = amp_context(cfg.amp, device)
@@ -114,6 +129,17 @@ def evaluate(model: nn.Module, ds: Dataset, cfg: RunConfig, env: dist.DistEnv, d
         total += y.numel()
     correct, total = dist.all_reduce_sum(torch.stack([correct, correct.new_tensor(total)]), env).tolist()
     return correct / max(total, 1)
+
+
+def _eval_loader(part: Dataset, cfg: RunConfig) -> DataLoader:
+    # A loader without a generator draws its workers' base seed from the global torch stream, which
+    # the PACE noise uses: evaluating would shift the noise of every later step.
+    return DataLoader(
+        part,
+        batch_size=cfg.eval_batch_size,
+        num_workers=cfg.workers,
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )
 
 
 class _StepStats:
@@ -147,7 +173,7 @@ class _StepStats:
                     loss=loss,
                     cls_loss=cls_loss,
                     consistency=consistency,
-                    grad_norm=grad_norm,
+                    train_objective_grad_norm=grad_norm,
                     correct=values[4],
                     count=count * env.world_size,
                 )
@@ -159,8 +185,16 @@ class _StepStats:
 class _Training:
     """One run of the loop over a model whose trainable tensors are the ones to fit."""
 
-    def __init__(self, model, train_ds, eval_ds, num_classes, cfg, out_dir, env, device, fingerprint):
-        self.model, self.train_ds, self.eval_ds, self.cfg = model, train_ds, eval_ds, cfg
+    def __init__(
+        self, model, train_ds, eval_ds, test_ds, num_classes, cfg, out_dir, env, device, fingerprint
+    ):
+        self.model, self.train_ds, self.eval_ds, self.test_ds, self.cfg = (
+            model,
+            train_ds,
+            eval_ds,
+            test_ds,
+            cfg,
+        )
         self.out_dir, self.env, self.device = out_dir, env, device
         self.main = env.is_main
         model.to(device)
@@ -203,11 +237,9 @@ class _Training:
         self.checkpoint_path = out_dir / "checkpoint.pt"
         self.epoch, self.step = 0, 0
         self.metrics_bytes: Optional[int] = None
-        self.last = dict(
-            grad_norm=float("nan"), fp_distance=float("nan"), val_acc=float("nan"), train_acc=float("nan")
-        )
+        self.last = {key: float("nan") for key in LAST_VALUES}
+        self.val_grad_norms: List[float] = []
         self.peak = 0.0
-        self.fp_inputs: Optional[torch.Tensor] = None
 
     def schedule(self) -> CosineLRScheduler:
         total = self.steps_per_epoch * self.cfg.epochs
@@ -321,7 +353,8 @@ class _Training:
             step=self.step,
             train_loss=sum(r["loss"] for r in records) / max(len(records), 1),
             train_acc=sum(r["correct"] for r in records) / count,
-            grad_norm_mean=sum(r["grad_norm"] for r in records) / max(len(records), 1),
+            train_objective_grad_norm_mean=sum(r["train_objective_grad_norm"] for r in records)
+            / max(len(records), 1),
             seconds=seconds,
             img_per_s=images * env.world_size / max(seconds, 1e-9),
             peak_mem_mb=self.peak,
@@ -345,30 +378,42 @@ class _Training:
         if records:
             bar.update(len(records))
             bar.set_postfix(
-                loss=f"{records[-1]['loss']:.3f}", gnorm=f"{records[-1]['grad_norm']:.3g}", refresh=False
+                loss=f"{records[-1]['loss']:.3f}",
+                gnorm=f"{records[-1]['train_objective_grad_norm']:.3g}",
+                refresh=False,
             )
         return records
 
     def evaluate(self, epoch_record: Dict[str, Any], metrics: MetricsLog) -> None:
-        val_acc = evaluate(self.model, self.eval_ds, self.cfg, self.env, self.device)
-        fp = float("nan")
-        if has_adapters(self.model):
-            if self.fp_inputs is None:  # the same held-out images at every evaluation
-                first = range(min(self.cfg.fp_batch, len(self.eval_ds)))
-                self.fp_inputs = torch.stack([self.eval_ds[i][0] for i in first]).to(self.device)
-            with self.amp():
-                fp = float(pace.fp_distance(self.model, self.fp_inputs))
-        self.last.update(val_acc=val_acc, train_acc=epoch_record["train_acc"], fp_distance=fp)
-        metrics.write(
-            dict(
-                type="eval",
-                epoch=self.epoch,
-                step=self.step,
-                train_acc=epoch_record["train_acc"],
-                val_acc=val_acc,
-                fp_distance=fp,
+        """The paper's diagnostics on the evaluation set, in one pass that also scores it: accuracy,
+        loss, gradient norm of the loss and (with adapters) the FP-distance."""
+        part = Subset(self.eval_ds, shard_indices(len(self.eval_ds), self.env.rank, self.env.world_size))
+        loader = _eval_loader(part, self.cfg)
+        with self.amp():
+            measured = pace.heldout_diagnostics(
+                self.model, loader, fp_distance=has_adapters(self.model), all_reduce=self.env.enabled
             )
+        record = dict(
+            val_acc=measured.accuracy,
+            val_loss=measured.loss,
+            val_grad_norm=measured.grad_norm,
+            val_fp_distance=measured.fp_distance,
         )
+        self.val_grad_norms.append(measured.grad_norm)
+        self.last.update(
+            record,
+            train_acc=epoch_record["train_acc"],
+            val_grad_norm_mean=sum(self.val_grad_norms) / len(self.val_grad_norms),
+        )
+        metrics.write(
+            dict(type="eval", epoch=self.epoch, step=self.step, train_acc=self.last["train_acc"], **record)
+        )
+
+    def score_test_set(self, metrics: MetricsLog) -> None:
+        """The test set, scored once when training is over (never used to choose anything)."""
+        test_acc = evaluate(self.model, self.test_ds, self.cfg, self.env, self.device)
+        self.last["test_acc"] = test_acc
+        metrics.write(dict(type="test", epoch=self.epoch, step=self.step, test_acc=test_acc))
 
     def save_checkpoint(self, metrics: MetricsLog) -> None:
         rngs = dist.all_gather_object(capture_rng(), self.env)  # every rank's streams, saved by rank 0
@@ -423,7 +468,7 @@ class _Training:
             while self.epoch < cfg.epochs:
                 epoch_record = self.train_epoch(sched, stats, metrics, bar)
                 self.epoch += 1
-                self.last["grad_norm"] = epoch_record["grad_norm_mean"]
+                self.last["train_objective_grad_norm"] = epoch_record["train_objective_grad_norm_mean"]
                 evaluated = self.epoch % cfg.eval_every == 0 or self.epoch == cfg.epochs
                 if evaluated:
                     self.evaluate(epoch_record, metrics)
@@ -434,6 +479,8 @@ class _Training:
                         f"peak memory {self.peak:.0f} MB, train acc {100 * epoch_record['train_acc']:.1f}%"
                         + (f", val acc {100 * self.last['val_acc']:.2f}%" if evaluated else "")
                     )
+                if self.epoch >= cfg.epochs and self.test_ds is not None:
+                    self.score_test_set(metrics)
                 self.save_checkpoint(metrics)
                 if cfg.stop_after_epoch is not None and self.epoch >= cfg.stop_after_epoch < cfg.epochs:
                     log(
@@ -449,10 +496,7 @@ class _Training:
             self._last_from_records()
         return RunResult(
             cfg.label,
-            self.last["val_acc"],
-            self.last["train_acc"],
-            self.last["grad_norm"],
-            self.last["fp_distance"],
+            *(self.last[key] for key in LAST_VALUES),
             time.perf_counter() - started,
             self.peak,
             self.step,
@@ -466,10 +510,16 @@ class _Training:
             records = read_metrics(self.out_dir / "metrics.jsonl")
             evals = [r for r in records if r.get("type") == "eval"]
             epochs = [r for r in records if r.get("type") == "epoch"]
+            tests = [r for r in records if r.get("type") == "test"]
             if evals:
-                self.last.update({k: evals[-1][k] for k in ("val_acc", "train_acc", "fp_distance")})
+                keys = ("val_acc", "train_acc", "val_loss", "val_grad_norm", "val_fp_distance")
+                self.last.update({k: evals[-1][k] for k in keys})
+                norms = [r["val_grad_norm"] for r in evals]
+                self.last["val_grad_norm_mean"] = sum(norms) / len(norms)
             if epochs:
-                self.last["grad_norm"] = epochs[-1]["grad_norm_mean"]
+                self.last["train_objective_grad_norm"] = epochs[-1]["train_objective_grad_norm_mean"]
+            if tests:
+                self.last["test_acc"] = tests[-1]["test_acc"]
         self.last = dist.broadcast_object(self.last, self.env)
 
 
@@ -501,8 +551,11 @@ def run_training(
     device: torch.device,
     fingerprint: Optional[Dict[str, Any]] = None,
     export_meta: Optional[Dict[str, Any]] = None,
+    test_ds: Optional[Dataset] = None,
 ) -> RunResult:
-    """Fit the trainable tensors of ``model`` with the objective ``cfg.pace``; write metrics,
+    """Fit the trainable tensors of ``model`` with the objective ``cfg.pace``; every ``eval_every``
+    epochs measure accuracy, loss, held-out gradient norm and FP-distance on ``eval_ds``; score
+    ``test_ds`` (if given) once at the end. Write metrics,
     checkpoints, the adapter (if the model has one), the curves and ``result.json`` under
     ``out_dir`` (rank 0 only), and the merged model to ``cfg.export`` when the run finishes.
     ``fingerprint`` adds settings a resume must find unchanged to the config's own."""
@@ -518,7 +571,7 @@ def run_training(
         if message is not None:  # every rank stops, not only the one that found the folder taken
             raise refusal or RunFolderError(message)
         training = _Training(
-            model, train_ds, eval_ds, num_classes, cfg, out_dir, env, device, fingerprint or {}
+            model, train_ds, eval_ds, test_ds, num_classes, cfg, out_dir, env, device, fingerprint or {}
         )
         result = training.run()
         if env.is_main:

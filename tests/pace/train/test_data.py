@@ -47,8 +47,9 @@ def _check_run_outputs(out, n_steps):
     steps = [r for r in records if r["type"] == "step"]
     evals = [r for r in records if r["type"] == "eval"]
     assert len(steps) == n_steps
-    assert all(r["grad_norm"] > 0 for r in steps)
-    assert len(evals) == 1 and 0 <= evals[0]["val_acc"] <= 1 and evals[0]["fp_distance"] >= 0
+    assert all(r["train_objective_grad_norm"] > 0 for r in steps)
+    assert len(evals) == 1 and 0 <= evals[0]["val_acc"] <= 1 and evals[0]["val_fp_distance"] >= 0
+    assert evals[0]["val_grad_norm"] > 0 and evals[0]["val_loss"] > 0
     for name in ("adapter.safetensors", "adapter.json", "curves.png", "checkpoint.pt", "result.json"):
         assert (out / name).is_file(), name
     assert json.loads((out / "adapter.json").read_text())["config"]["adapter"] == "lora_mul_vpt_add"
