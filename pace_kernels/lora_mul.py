@@ -541,9 +541,9 @@ _SM8X_32 = [_cfg(64, 64, 16, 8, 3), _cfg(64, 32, 16, 4, 3)]
 _PLAIN_16 = [_cfg(128, 128, 64, 8, 3), _cfg(128, 256, 64, 8, 3), _cfg(64, 128, 64, 4, 4)]
 PLAIN_CONFIGS_16 = {90: _PLAIN_16, 80: _PLAIN_16, 86: _PLAIN_16}
 PLAIN_CONFIGS_32 = {90: [_cfg(64, 64, 32, 4, 3)], 80: _SM8X_32, 86: _SM8X_32}
-# Per-sample tiles, by the tile height sample_plan chose (forward and dX). At rank 64 the dX kernel
-# spills on sm_8x with 64x128x64 and 64x256 tiles.
-_SAMPLE_128_SM8X_16 = [_cfg(128, 128, 32, 8, 4), _cfg(128, 64, 32, 8, 4), _cfg(128, 64, 64, 8, 3)]
+# Per-sample tiles, by the tile height sample_plan chose (forward and dX). On sm_8x the dX kernel
+# spills at rank 64 with 64x128x64 and 64x256 tiles, the forward (8 B) with 128x64x64.
+_SAMPLE_128_SM8X_16 = [_cfg(128, 128, 32, 8, 4), _cfg(128, 64, 32, 8, 4)]
 _SAMPLE_64_SM8X_16 = [_cfg(64, 128, 32, 8, 4), _cfg(64, 64, 32, 4, 4), _cfg(64, 128, 32, 8, 3)]
 SAMPLE_CONFIGS_16 = {
     128: {90: [_cfg(128, 128, 32, 8, 4), _cfg(128, 128, 64, 8, 3)], 80: _SAMPLE_128_SM8X_16,
