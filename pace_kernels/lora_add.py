@@ -354,8 +354,9 @@ DX_CONFIGS_16 = {
     90: [_dx_cfg(128, 128, 64, 8, 3), _dx_cfg(128, 128, 32, 8, 4), _dx_cfg(128, 64, 64, 8, 3),
          _dx_cfg(64, 128, 64, 8, 3)],
 }
+# (128x64x64 in two stages fits too, but spills 32 B at rank 64 on sm_80.)
 DX_CONFIGS_16[80] = DX_CONFIGS_16[86] = [_dx_cfg(128, 128, 32, 8, 3), _dx_cfg(128, 64, 32, 8, 3),
-                                         _dx_cfg(64, 128, 32, 8, 3), _dx_cfg(128, 64, 64, 8, 2)]
+                                         _dx_cfg(64, 128, 32, 8, 3)]
 RANK_GRAD_CONFIGS_16 = {90: [_rg_cfg(128, 64, 8, 3), _rg_cfg(64, 64, 4, 3)]}
 RANK_GRAD_CONFIGS_16[80] = RANK_GRAD_CONFIGS_16[86] = [_rg_cfg(64, 64, 4, 3), _rg_cfg(128, 64, 8, 2)]
 # fp32 (tf32 / tf32x3 dots): twice the bytes per element, so smaller K steps. On sm_8x tf32x3 holds
@@ -366,7 +367,7 @@ FWD_CONFIGS_32[80] = FWD_CONFIGS_32[86] = [_cfg(32, 64, 32, 4, 3)]
 # sm_90 dX, tf32x3 at rank 64: 4 warps spill (104 B); with Triton 3.6 so do 128-row tiles (128x64x32:
 # 24 B, 128x64x16: 8 B), with the two-segment noise.
 DX_CONFIGS_32 = {90: [_dx_cfg(64, 64, 32, 8, 3)]}
-DX_CONFIGS_32[80] = DX_CONFIGS_32[86] = [_dx_cfg(64, 64, 16, 8, 3), _dx_cfg(64, 32, 16, 4, 3)]
+DX_CONFIGS_32[80] = DX_CONFIGS_32[86] = [_dx_cfg(64, 64, 16, 8, 3)]  # 64x32x16 w4: 16 B spill, sm_80
 RANK_GRAD_CONFIGS_32 = {90: [_rg_cfg(64, 64, 4, 3)]}
 RANK_GRAD_CONFIGS_32[80] = RANK_GRAD_CONFIGS_32[86] = [_rg_cfg(64, 32, 8, 3), _rg_cfg(64, 32, 4, 3)]
 

@@ -542,12 +542,13 @@ _PLAIN_16 = [_cfg(128, 128, 64, 8, 3), _cfg(128, 256, 64, 8, 3), _cfg(64, 128, 6
 PLAIN_CONFIGS_16 = {90: _PLAIN_16, 80: _PLAIN_16, 86: _PLAIN_16}
 PLAIN_CONFIGS_32 = {90: [_cfg(64, 64, 32, 4, 3)], 80: _SM8X_32, 86: _SM8X_32}
 # Per-sample tiles, by the tile height sample_plan chose (forward and dX). On sm_8x the dX kernel
-# spills at rank 64 with 64x128x64 and 64x256 tiles, the forward (8 B) with 128x64x64.
-_SAMPLE_128_SM8X_16 = [_cfg(128, 128, 32, 8, 4), _cfg(128, 64, 32, 8, 4)]
-_SAMPLE_64_SM8X_16 = [_cfg(64, 128, 32, 8, 4), _cfg(64, 64, 32, 4, 4), _cfg(64, 128, 32, 8, 3)]
+# spills at rank 64 with 64x128x64 and 64x256 tiles (and on sm_80 with 128x128x32 and 64x64x32 w4),
+# the forward (8 B) with 128x64x64.
+_SAMPLE_128_SM8X_16 = [_cfg(128, 64, 32, 8, 4)]
+_SAMPLE_64_SM8X_16 = [_cfg(64, 128, 32, 8, 4), _cfg(64, 128, 32, 8, 3)]
 SAMPLE_CONFIGS_16 = {
     128: {90: [_cfg(128, 128, 32, 8, 4), _cfg(128, 128, 64, 8, 3)], 80: _SAMPLE_128_SM8X_16,
-          86: _SAMPLE_128_SM8X_16},
+          86: [_cfg(128, 128, 32, 8, 4)] + _SAMPLE_128_SM8X_16},
     64: {90: [_cfg(64, 256, 32, 8, 4), _cfg(64, 128, 32, 4, 4)], 80: _SAMPLE_64_SM8X_16,
          86: _SAMPLE_64_SM8X_16},
 }
@@ -557,11 +558,12 @@ SAMPLE_CONFIGS_32 = {
     64: {90: [_cfg(64, 64, 32, 4, 3)], 80: _SM8X_32, 86: _SM8X_32},
 }
 # Two-GEMM form: two accumulators in the forward (so half the width), one in dX. The Hopper dX
-# configs need 122,880 and 172,032 bytes of shared memory on sm_86: three stages of 32-wide K there.
+# configs need 122,880 and 172,032 bytes of shared memory on sm_86: three stages of 32-wide K there
+# (64x128x32 with 4 warps spills 12 B on sm_80).
 _TWO_GEMM_FWD_16 = [_cfg(128, 64, 64, 8, 3), _cfg(64, 64, 64, 4, 4)]
 TWO_GEMM_FWD_CONFIGS_16 = {90: _TWO_GEMM_FWD_16, 80: _TWO_GEMM_FWD_16, 86: _TWO_GEMM_FWD_16}
 TWO_GEMM_FWD_CONFIGS_32 = {90: [_cfg(64, 64, 32, 4, 3)], 80: _SM8X_32, 86: _SM8X_32}
-_TWO_GEMM_DX_SM8X_16 = [_cfg(128, 128, 32, 8, 3), _cfg(128, 64, 32, 8, 4), _cfg(64, 128, 32, 4, 4)]
+_TWO_GEMM_DX_SM8X_16 = [_cfg(128, 128, 32, 8, 3), _cfg(128, 64, 32, 8, 4)]
 TWO_GEMM_DX_CONFIGS_16 = {90: [_cfg(128, 128, 32, 8, 4), _cfg(64, 128, 64, 4, 4)], 80: _TWO_GEMM_DX_SM8X_16,
                           86: _TWO_GEMM_DX_SM8X_16}
 TWO_GEMM_DX_CONFIGS_32 = {90: [_cfg(64, 64, 32, 4, 3)], 80: _SM8X_32, 86: _SM8X_32}
