@@ -11,6 +11,7 @@ Everything here is public to the kernel modules and stays backward compatible: a
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -45,7 +46,7 @@ class CompileSpec:
     ``signature`` maps every non-constexpr argument name to its Triton type string (``"*bf16"``,
     ``"i32"``, ``"fp32"``); ``constexprs`` maps the constexpr argument names to their values
     (an argument the runtime specialises, such as a stride equal to 1, may be listed here too).
-    ``dtype`` is the operand dtype the row stands for (fp16/bf16 rows must use wgmma).
+    ``dtype`` is the operand dtype the row stands for (fp16/bf16 rows must use tensor cores).
     ``divisible`` names the integer arguments the real launches see as multiples of 16 (the
     runtime specialises on that, and it changes vectorisation); pointer arguments are always
     taken as 16-byte aligned, as every torch allocation is.
@@ -95,6 +96,111 @@ def pick_configs(gpu_configs: Sequence[Any], interpreter_config: Any) -> list[An
     if autotune_enabled():
         return list(gpu_configs)
     return [interpreter_config if is_interpreting() else gpu_configs[0]]
+
+
+# --------------------------------------------------------------------------------------------
+# Configs per GPU class. A kernel's configs are listed per checked architecture (the keys of
+# MAX_SHARED_BYTES' classes: 90 Hopper, 80 A100, 86 for the 99 KiB parts), and every list is
+# compiled for its architectures by ``python -m pace_kernels.compile_check --arch N``, which
+# fails a config that spills or asks for more shared memory than the arch has. At launch the
+# autotuner's ``early_config_prune`` keeps the list for the running device's shared memory, so
+# with or without autotuning no launch asks for more than the device has. A shared-memory
+# formula per kernel would be a guess (pipelining, layout conversions and the epilogue all take
+# shared memory); the compiled numbers are facts.
+
+ConfigsByArch = dict  # {checked arch: [triton.Config, ...]}, the first entry the default
+
+
+def _arch_classes() -> list[tuple[int, int]]:
+    """``(shared bytes, arch)`` for the archs that own a config list, largest first."""
+    by_limit: dict[int, int] = {}
+    for arch, limit in MAX_SHARED_BYTES.items():
+        by_limit[limit] = min(arch, by_limit.get(limit, arch))
+    return sorted(by_limit.items(), reverse=True)
+
+
+def config_arch_for_shared_memory(shared_bytes: int) -> int:
+    """The checked arch whose configs a device with ``shared_bytes`` per block runs: the one with the
+    largest limit that fits (90 for 227 KiB, 80 for 163 KiB, 86 for 99 KiB); the smallest class for
+    devices with less (their autotuner skips what does not fit)."""
+    classes = _arch_classes()
+    for limit, arch in classes:
+        if shared_bytes >= limit:
+            return arch
+    return classes[-1][1]
+
+
+def configs_for_arch(table: ConfigsByArch, arch: int) -> list[Any]:
+    """The configs of ``table`` that ``sm_<arch>`` runs (and compile_check checks for it)."""
+    if arch in table:
+        return list(table[arch])
+    limit = MAX_SHARED_BYTES.get(arch)
+    if limit is None:
+        raise ValueError(f"arch must be one of {sorted(MAX_SHARED_BYTES)}, got {arch}")
+    return list(table[config_arch_for_shared_memory(limit)])
+
+
+def _config_key(config: Any) -> tuple:
+    return (tuple(sorted(config.kwargs.items())), config.num_warps, config.num_stages)
+
+
+def all_configs(table: ConfigsByArch) -> list[Any]:
+    """Every config of ``table`` once, in arch order: what the autotuner is built with."""
+    seen: dict[tuple, Any] = {}
+    for configs in table.values():
+        for config in configs:
+            seen.setdefault(_config_key(config), config)
+    return list(seen.values())
+
+
+def device_shared_memory(device: int | None = None) -> int:
+    """Shared memory one block may use on a CUDA device (the opt-in maximum), in bytes."""
+    index = torch.cuda.current_device() if device is None else device
+    return _device_shared_memory(index)
+
+
+@functools.cache
+def _device_shared_memory(index: int) -> int:
+    props = torch.cuda.get_device_properties(index)
+    limit = getattr(props, "shared_memory_per_block_optin", 0)
+    if limit:
+        return int(limit)
+    return int(triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"])
+
+
+def prune_configs(configs: Sequence[Any], table: ConfigsByArch, shared_bytes: int,
+                  autotune: bool) -> list[Any]:
+    """Those of ``configs`` that ``table`` lists for a device with ``shared_bytes`` per block, in the
+    list's order; only the first of them when not ``autotune``."""
+    wanted = [_config_key(c) for c in table[config_arch_for_shared_memory(shared_bytes)]]
+    kept = [c for c in configs if _config_key(c) in wanted]
+    kept.sort(key=lambda c: wanted.index(_config_key(c)))
+    if not kept:
+        raise ValueError("none of the autotuner's configs is listed for this device's shared memory")
+    return kept if autotune else kept[:1]
+
+
+def _launch_device(named_args: dict[str, Any]) -> int | None:
+    for value in named_args.values():
+        if isinstance(value, torch.Tensor) and value.is_cuda:
+            return value.device.index
+    return None
+
+
+def autotune_for_device(fn: Callable, table: ConfigsByArch, interpreter_config: Any,
+                        key: Sequence[str]) -> Any:
+    """``triton.autotune`` over ``table`` pruned to the launching device's configs (see above);
+    one fixed ``interpreter_config`` in the interpreter. With autotuning off
+    (``PACE_KERNELS_AUTOTUNE=0``) the device's first config runs."""
+    if is_interpreting():
+        return triton.autotune([interpreter_config], key=list(key))(fn)
+
+    def prune(configs: list[Any], named_args: dict[str, Any], **kwargs: Any) -> list[Any]:
+        shared = device_shared_memory(_launch_device(named_args))
+        return prune_configs(configs, table, shared, autotune_enabled())
+
+    prune_by = {"early_config_prune": prune}
+    return triton.autotune(all_configs(table), key=list(key), prune_configs_by=prune_by)(fn)
 
 
 def dot_upcast(dtype: torch.dtype) -> bool:
@@ -238,16 +344,23 @@ def run_fused_linear(op: str, launch: Callable[..., torch.Tensor], max_rank: int
 # --------------------------------------------------------------------------------------------
 # Compile check: compile a CompileSpec for a GPU target without a GPU, read ptxas -v.
 
+def tensor_core_instruction(arch: int) -> str:
+    """The PTX instruction a 16-bit dot must compile to on ``sm_<arch>``: Hopper's ``wgmma``; the
+    warp-level ``mma.sync.aligned`` on Ampere and Ada (wgmma exists only on sm_90)."""
+    return "wgmma" if arch >= 90 else "mma.sync.aligned"
+
+
 @dataclass(frozen=True)
 class CompileReport:
-    """What compiling one :class:`CompileSpec` for a CUDA arch gave."""
+    """What compiling one :class:`CompileSpec` for a CUDA arch gave. ``tensor_cores``: the PTX has
+    the arch's tensor-core instruction (:func:`tensor_core_instruction`)."""
 
     spec: CompileSpec
     registers: int = -1
     spill_stores: int = -1
     spill_loads: int = -1
     shared_bytes: int = -1
-    wgmma: bool = False
+    tensor_cores: bool = False
     error: str = ""
     arch: int = 90
 
@@ -256,7 +369,7 @@ class CompileReport:
         return max(self.spill_stores, 0) + max(self.spill_loads, 0)
 
     @property
-    def needs_wgmma(self) -> bool:
+    def needs_tensor_cores(self) -> bool:
         return self.spec.dtype in (torch.float16, torch.bfloat16)
 
     @property
@@ -265,10 +378,22 @@ class CompileReport:
         return limit is not None and self.shared_bytes > limit
 
     @property
-    def ok(self) -> bool:
+    def problems(self) -> list[str]:
+        """Why the config may not ship for this arch (empty when it may)."""
         if self.error:
-            return False
-        return self.spill_bytes == 0 and (self.wgmma or not self.needs_wgmma) and not self.shared_over_limit
+            return [self.error]
+        why = []
+        if self.spill_bytes:
+            why.append("spills")
+        if self.needs_tensor_cores and not self.tensor_cores:
+            why.append(f"no {tensor_core_instruction(self.arch)}")
+        if self.shared_over_limit:
+            why.append(f"shared memory over the sm_{self.arch} limit ({MAX_SHARED_BYTES[self.arch]} B)")
+        return why
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
 
 
 MAX_SHARED_BYTES = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
@@ -308,7 +433,8 @@ def _raw_jit_function(fn: Any) -> Any:
 
 def compile_for_arch(spec: CompileSpec, arch: int = 90) -> CompileReport:
     """Compile ``spec`` for ``sm_<arch>`` (no GPU needed) and report registers, spills, shared
-    memory and whether the PTX uses ``wgmma``. Needs the real compiler: not under the interpreter."""
+    memory and whether the PTX uses the arch's tensor cores. Needs the real compiler: not under the
+    interpreter."""
     if is_interpreting():
         raise RuntimeError("compile_for_arch needs TRITON_INTERPRET unset (the interpreter compiles nothing)")
     from triton.backends.compiler import GPUTarget
@@ -346,7 +472,8 @@ def compile_for_arch(spec: CompileSpec, arch: int = 90) -> CompileReport:
                 capture_output=True, text=True, check=True,
             )
         regs, st, ld = parse_ptxas(out.stdout + out.stderr)
-        return CompileReport(spec, regs, st, ld, int(kernel.metadata.shared), "wgmma" in ptx, arch=arch)
+        return CompileReport(spec, regs, st, ld, int(kernel.metadata.shared),
+                             tensor_core_instruction(arch) in ptx, arch=arch)
     except Exception as exc:  # reported as a failed row, not a crash of the whole check
         return CompileReport(spec, error=f"{type(exc).__name__}: {exc}".splitlines()[0][:200], arch=arch)
 

@@ -4,9 +4,12 @@
 
 For each kernel module that imports, every entry of its ``compile_specs()`` is compiled with
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``; the bundled
-``ptxas -v`` gives registers and spill bytes, the PTX tells whether tensor cores (``wgmma``) are
-used (SPEC section 7). Exit status 1 when an fp16/bf16 row lacks wgmma, any row spills, or a
-config fails to compile; only configs that pass may ship in the autotune lists.
+``ptxas -v`` gives registers and spill bytes, the compiler the shared memory a launch asks for, the
+PTX whether tensor cores are used (``wgmma`` on sm_90, ``mma.sync`` on sm_80/86/89; SPEC section 7).
+Each module lists configs per GPU class and is checked with the list ``--arch`` runs. Exit status 1
+when an fp16/bf16 row lacks tensor cores, any row spills or needs more shared memory than the arch
+has (232,448 B sm_90, 166,912 B sm_80, 101,376 B sm_86/sm_89), or a config fails to compile; only
+configs that pass may ship.
 """
 
 from __future__ import annotations
@@ -24,7 +27,10 @@ KERNEL_MODULES = ["pace_kernels.lora_add", "pace_kernels.lora_mul"]
 
 
 def _load_specs(
-    modules: Sequence[str], only: Union[None, str, Sequence[str]] = None, dtype: Optional[str] = None
+    modules: Sequence[str],
+    only: Union[None, str, Sequence[str]] = None,
+    dtype: Optional[str] = None,
+    arch: int = 90,
 ) -> list:
     """Specs of every importable module; ``only``: keep those whose ``"name config"`` contains one of
     these substrings; ``dtype``: keep one operand dtype (``"bf16"``, ``"fp16"``, ``"fp32"``)."""
@@ -42,7 +48,7 @@ def _load_specs(
         if not hasattr(module, "compile_specs"):
             print(f"# {name}: has no compile_specs(); skipped")
             continue
-        for spec in module.compile_specs():
+        for spec in module.compile_specs(arch):
             label = f"{spec.name} {spec.note}"
             if only and not any(o in label for o in only):
                 continue
@@ -60,7 +66,7 @@ def _compile_one(job: Tuple[int, int]) -> tuple:
 
     index, arch = job
     r = compile_for_arch(_SPECS[index], arch)
-    return (r.registers, r.spill_stores, r.spill_loads, r.shared_bytes, r.wgmma, r.error)
+    return (r.registers, r.spill_stores, r.spill_loads, r.shared_bytes, r.tensor_cores, r.error)
 
 
 def _compile_all(specs: list, arch: int, jobs: int) -> Iterator:
@@ -77,8 +83,8 @@ def _compile_all(specs: list, arch: int, jobs: int) -> Iterator:
         results = pool.map(_compile_one, work)
     try:
         for spec, fields in zip(specs, results):
-            regs, st, ld, smem, wgmma, error = fields
-            yield CompileReport(spec, regs, st, ld, smem, wgmma, error, arch=arch)
+            regs, st, ld, smem, tensor_cores, error = fields
+            yield CompileReport(spec, regs, st, ld, smem, tensor_cores, error, arch=arch)
     finally:
         if pool is not None:
             pool.shutdown()
@@ -93,42 +99,31 @@ def run_check(
     dtype: Optional[str] = None,
 ) -> int:
     """Compile and print the table; return the process exit status (0 all good, 1 otherwise)."""
-    from ._triton_utils import TRITON_DTYPE_NAMES
+    from ._triton_utils import MAX_SHARED_BYTES, TRITON_DTYPE_NAMES
 
-    specs = _load_specs(modules, only, dtype)
+    if arch not in MAX_SHARED_BYTES:
+        raise ValueError(f"arch must be one of {sorted(MAX_SHARED_BYTES)}, got {arch}")
+    specs = _load_specs(modules, only, dtype, arch)
     if limit is not None:
         specs = specs[:limit]
     if not specs:
         print("no kernel specs found")
         return 1
     header = (
-        f"{'kernel':<44} {'dtype':<5} {'config':<44} "
-        f"{'regs':>4} {'spill':>5} {'smem':>6} {'wgmma':>5}  status"
+        f"{'kernel':<44} {'dtype':<5} {'config':<44} {'regs':>4} {'spill':>5} {'smem':>6} {'tc':>3}  status"
     )
-    print(f"# compile_check for sm_{arch}")
+    print(f"# compile_check for sm_{arch} (shared memory per block: {MAX_SHARED_BYTES[arch]} B)")
     print(header)
     print("-" * len(header))
     failed = 0
     for report in _compile_all(specs, arch, jobs):
         spec = report.spec
         dtype = TRITON_DTYPE_NAMES.get(spec.dtype, str(spec.dtype))
-        if report.error:
-            status = f"FAIL: {report.error}"
-        elif not report.ok:
-            why = []
-            if report.spill_bytes:
-                why.append("spills")
-            if report.needs_wgmma and not report.wgmma:
-                why.append("no wgmma")
-            if report.shared_over_limit:
-                why.append("shared memory over the limit")
-            status = "FAIL: " + ", ".join(why)
-        else:
-            status = "ok"
+        status = "ok" if report.ok else "FAIL: " + ", ".join(report.problems)
         failed += 0 if report.ok else 1
         print(
             f"{spec.name:<44} {dtype:<5} {spec.note:<44} {report.registers:>4} {report.spill_bytes:>5} "
-            f"{report.shared_bytes:>6} {'yes' if report.wgmma else 'no':>5}  {status}",
+            f"{report.shared_bytes:>6} {'yes' if report.tensor_cores else 'no':>3}  {status}",
             flush=True,
         )
     print(f"# {len(specs) - failed}/{len(specs)} configs pass")
@@ -138,7 +133,11 @@ def run_check(
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--arch", type=int, default=90, help="CUDA compute capability as an int (90 = Hopper)"
+        "--arch",
+        type=int,
+        default=90,
+        choices=[80, 86, 89, 90],  # the archs MAX_SHARED_BYTES knows
+        help="CUDA compute capability as an int (90 = Hopper)",
     )
     parser.add_argument("--module", action="append", help="kernel module(s) to check (default: all)")
     parser.add_argument(

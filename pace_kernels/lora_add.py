@@ -43,14 +43,15 @@ from ._triton_utils import (
     DOT_VARIANTS,
     TRITON_DTYPE_NAMES,
     CompileSpec,
+    autotune_for_device,
     config_label,
+    configs_for_arch,
     contiguous_or_none,
     dot_acc,
     dot_flags,
     frozen_weight,
     jit_helper,
     padded_rank,
-    pick_configs,
     register_op,
     run_fused_linear,
     wrap_triton,
@@ -318,8 +319,11 @@ def _rank_grad_kernel(
 
 
 # --------------------------------------------------------------------------------------------
-# Configs. Hopper lists: every entry compiles for sm_90 with wgmma and no spills at rank <= 64
-# (``python -m pace_kernels.compile_check``). The interpreter runs one small config instead.
+# Configs, per GPU class (``autotune_for_device``): 90 Hopper (227 KiB of shared memory per
+# block, wgmma), 80 A100 (163 KiB), 86 the 99 KiB parts (sm_86/sm_89: RTX 30xx/40xx, A10, L4,
+# L40S). Every entry compiles for its archs with tensor cores, no spills and within the shared
+# memory at rank <= 64 (``python -m pace_kernels.compile_check --arch N``); the first of each list
+# is what runs with autotuning off. The interpreter runs one small config instead.
 
 
 def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int,
@@ -336,36 +340,41 @@ def _rg_cfg(bf: int, bn: int, warps: int, stages: int) -> triton.Config:
     return triton.Config({"BLOCK_F": bf, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
 
 
+def _dx_cfg(bm: int, bk: int, bd: int, warps: int, stages: int) -> triton.Config:
+    return _cfg(bm, bk, bd, warps, stages, _DX_NAMES)
+
+
 # 16-bit lists: 128x128 tiles for the large GEMMs, 128x64 / 64x128 for narrow layers and few rows.
-# 8 warps throughout: at 4 warps the 128-row tiles spill (SPEC section 7; seen again here).
-FWD_CONFIGS_16 = [
-    _cfg(128, 128, 64, 8, 3),
-    _cfg(128, 128, 32, 8, 4),
-    _cfg(128, 64, 64, 8, 4),
-    _cfg(64, 128, 64, 8, 4),
-]
-DX_CONFIGS_16 = [
-    _cfg(128, 128, 64, 8, 3, _DX_NAMES),
-    _cfg(128, 128, 32, 8, 4, _DX_NAMES),
-    _cfg(128, 64, 64, 8, 3, _DX_NAMES),
-    _cfg(64, 128, 64, 8, 3, _DX_NAMES),
-]
-RANK_GRAD_CONFIGS_16 = [
-    _rg_cfg(128, 64, 8, 3),
-    _rg_cfg(64, 64, 4, 3),
-]
-# fp32 (tf32 / tf32x3 dots): twice the bytes per element, so smaller K steps.
-FWD_CONFIGS_32 = [
-    _cfg(128, 64, 32, 8, 3),
-    _cfg(64, 64, 32, 8, 3),
-]
-DX_CONFIGS_32 = [
-    _cfg(128, 64, 32, 8, 3, _DX_NAMES),
-    _cfg(64, 64, 32, 8, 3, _DX_NAMES),  # 4 warps spill (104 bytes) with tf32x3 at rank 64
-]
-RANK_GRAD_CONFIGS_32 = [
-    _rg_cfg(64, 64, 4, 3),
-]
+# 8 warps for 128-row tiles: at 4 warps they spill (SPEC section 7; seen again here). sm_8x lists
+# (mma.sync, 99 KiB on sm_86/89) take the Hopper tiles that fit, else halve BLOCK_D or the stages.
+# A100 (sm_80) runs the sm_8x lists too: they were chosen for its register file and fit its
+# 163 KiB; larger A100 tiles are a tuning question for when one can be benchmarked.
+FWD_CONFIGS_16 = {
+    90: [_cfg(128, 128, 64, 8, 3), _cfg(128, 128, 32, 8, 4), _cfg(128, 64, 64, 8, 4),
+         _cfg(64, 128, 64, 8, 4)],
+}
+FWD_CONFIGS_16[80] = FWD_CONFIGS_16[86] = [_cfg(128, 128, 64, 8, 3), _cfg(128, 128, 32, 8, 4),
+                                           _cfg(64, 128, 64, 8, 4)]
+DX_CONFIGS_16 = {
+    90: [_dx_cfg(128, 128, 64, 8, 3), _dx_cfg(128, 128, 32, 8, 4), _dx_cfg(128, 64, 64, 8, 3),
+         _dx_cfg(64, 128, 64, 8, 3)],
+}
+# (128x64x64 in two stages fits too, but spills 32 B at rank 64 on sm_80.)
+DX_CONFIGS_16[80] = DX_CONFIGS_16[86] = [_dx_cfg(128, 128, 32, 8, 3), _dx_cfg(128, 64, 32, 8, 3),
+                                         _dx_cfg(64, 128, 32, 8, 3)]
+RANK_GRAD_CONFIGS_16 = {90: [_rg_cfg(128, 64, 8, 3), _rg_cfg(64, 64, 4, 3)]}
+RANK_GRAD_CONFIGS_16[80] = RANK_GRAD_CONFIGS_16[86] = [_rg_cfg(64, 64, 4, 3), _rg_cfg(128, 64, 8, 2)]
+# fp32 (tf32 / tf32x3 dots): twice the bytes per element, so smaller K steps. On sm_8x tf32x3 holds
+# its split operands in registers (mma.sync): 64x64 forward tiles spill 600-1000 bytes at rank 64
+# there, so narrower tiles still.
+FWD_CONFIGS_32 = {90: [_cfg(128, 64, 32, 8, 3), _cfg(64, 64, 32, 8, 3)]}
+FWD_CONFIGS_32[80] = FWD_CONFIGS_32[86] = [_cfg(32, 64, 32, 4, 3)]
+# sm_90 dX, tf32x3 at rank 64: 4 warps spill (104 B); with Triton 3.6 so do 128-row tiles (128x64x32:
+# 24 B, 128x64x16: 8 B), with the two-segment noise.
+DX_CONFIGS_32 = {90: [_dx_cfg(64, 64, 32, 8, 3)]}
+DX_CONFIGS_32[80] = DX_CONFIGS_32[86] = [_dx_cfg(64, 64, 16, 8, 3)]  # 64x32x16 w4: 16 B spill, sm_80
+RANK_GRAD_CONFIGS_32 = {90: [_rg_cfg(64, 64, 4, 3)]}
+RANK_GRAD_CONFIGS_32[80] = RANK_GRAD_CONFIGS_32[86] = [_rg_cfg(64, 32, 8, 3), _rg_cfg(64, 32, 4, 3)]
 
 # The interpreter runs every program in Python, one op at a time: big tiles mean fewer programs.
 _INTERP_FWD = _cfg(64, 64, 64, 4, 1)
@@ -373,15 +382,13 @@ _INTERP_DX = _cfg(64, 64, 64, 4, 1, _DX_NAMES)
 _INTERP_RANK_GRAD = _rg_cfg(64, 64, 4, 1)
 
 _SHAPE_KEY = ["N", "D", "K", "R"]
-_fwd_16 = triton.autotune(pick_configs(FWD_CONFIGS_16, _INTERP_FWD), key=_SHAPE_KEY)(_fwd_kernel)
-_fwd_32 = triton.autotune(pick_configs(FWD_CONFIGS_32, _INTERP_FWD), key=_SHAPE_KEY)(_fwd_kernel)
-_dx_16 = triton.autotune(pick_configs(DX_CONFIGS_16, _INTERP_DX), key=_SHAPE_KEY)(_bwd_dx_kernel)
-_dx_32 = triton.autotune(pick_configs(DX_CONFIGS_32, _INTERP_DX), key=_SHAPE_KEY)(_bwd_dx_kernel)
+_fwd_16 = autotune_for_device(_fwd_kernel, FWD_CONFIGS_16, _INTERP_FWD, _SHAPE_KEY)
+_fwd_32 = autotune_for_device(_fwd_kernel, FWD_CONFIGS_32, _INTERP_FWD, _SHAPE_KEY)
+_dx_16 = autotune_for_device(_bwd_dx_kernel, DX_CONFIGS_16, _INTERP_DX, _SHAPE_KEY)
+_dx_32 = autotune_for_device(_bwd_dx_kernel, DX_CONFIGS_32, _INTERP_DX, _SHAPE_KEY)
 _RG_KEY = ["N", "F", "R"]
-_rank_grad_16 = triton.autotune(pick_configs(RANK_GRAD_CONFIGS_16, _INTERP_RANK_GRAD),
-                                key=_RG_KEY)(_rank_grad_kernel)
-_rank_grad_32 = triton.autotune(pick_configs(RANK_GRAD_CONFIGS_32, _INTERP_RANK_GRAD),
-                                key=_RG_KEY)(_rank_grad_kernel)
+_rank_grad_16 = autotune_for_device(_rank_grad_kernel, RANK_GRAD_CONFIGS_16, _INTERP_RANK_GRAD, _RG_KEY)
+_rank_grad_32 = autotune_for_device(_rank_grad_kernel, RANK_GRAD_CONFIGS_32, _INTERP_RANK_GRAD, _RG_KEY)
 
 
 # --------------------------------------------------------------------------------------------
@@ -652,8 +659,8 @@ def lora_add_linear_triton(
 _NOISE_NAMES = {1: "gather", 2: "segments"}
 
 
-def compile_specs() -> list[CompileSpec]:
-    """Every kernel in every shipped Hopper config, at the worst-case constexprs (bias, delta bias
+def compile_specs(arch: int = 90) -> list[CompileSpec]:
+    """Every kernel in every config ``sm_<arch>`` runs, at the worst-case constexprs (bias, delta bias
     and noise on, both noise paths), at rank 16 and 64 (the smallest and largest padded rank), for
     each dtype its list serves; fp32 rows for both dot precisions (tf32, tf32x3)."""
     specs: list[CompileSpec] = []
@@ -663,7 +670,7 @@ def compile_specs() -> list[CompileSpec]:
         wide = dtype == torch.float32
         suffix = f" {precision}" if wide else ""
         for r in (16, 64):
-            fwd_configs = FWD_CONFIGS_32 if wide else FWD_CONFIGS_16
+            fwd_configs = configs_for_arch(FWD_CONFIGS_32 if wide else FWD_CONFIGS_16, arch)
             for cfg, (noise, fold) in itertools.product(fwd_configs, ((1, False), (2, True))):
                 consts = dict(cfg.kwargs, HAS_BIAS=True, HAS_DB=True, FOLD_DB=fold, NOISE=noise, R=r,
                               UPCAST=False, PRECISION=precision, stride_xk=1, stride_wk=1, stride_ak=1,
@@ -678,7 +685,8 @@ def compile_specs() -> list[CompileSpec]:
                     note=config_label(consts, ("BLOCK_M", "BLOCK_N", "BLOCK_K"), cfg.num_warps,
                                       cfg.num_stages),
                     divisible=("D", "K", "stride_xm", "stride_wd", "stride_ar", "stride_zm", "stride_ym")))
-            for cfg, noise in itertools.product(DX_CONFIGS_32 if wide else DX_CONFIGS_16, (1, 2)):
+            dx_configs = configs_for_arch(DX_CONFIGS_32 if wide else DX_CONFIGS_16, arch)
+            for cfg, noise in itertools.product(dx_configs, (1, 2)):
                 consts = dict(cfg.kwargs, NOISE=noise, COMPUTE_DX=True, R=r, UPCAST=False,
                               PRECISION=precision, stride_gd=1, stride_wk=1, stride_ak=1, stride_br=1,
                               stride_zd=1, stride_dxk=1, stride_pr=1)
@@ -691,7 +699,7 @@ def compile_specs() -> list[CompileSpec]:
                     cfg.num_warps, cfg.num_stages,
                     dtype, note=config_label(consts, _DX_NAMES, cfg.num_warps, cfg.num_stages),
                     divisible=("D", "K", "stride_gm", "stride_wd", "stride_ar", "stride_zm", "stride_dxm")))
-            for cfg in RANK_GRAD_CONFIGS_32 if wide else RANK_GRAD_CONFIGS_16:
+            for cfg in configs_for_arch(RANK_GRAD_CONFIGS_32 if wide else RANK_GRAD_CONFIGS_16, arch):
                 consts = dict(cfg.kwargs, HAS_NOISE=True, HAS_COLSUM=True, R=r, UPCAST=False,
                               PRECISION=precision, stride_lf=1, stride_zf=1, stride_rr=1, stride_or=1,
                               stride_cf=1)

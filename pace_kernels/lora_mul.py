@@ -114,7 +114,9 @@ from ._triton_utils import (
     DOT_VARIANTS,
     TRITON_DTYPE_NAMES,
     CompileSpec,
+    autotune_for_device,
     config_label,
+    configs_for_arch,
     contiguous_or_none,
     dot_acc,
     dot_flags,
@@ -122,7 +124,6 @@ from ._triton_utils import (
     is_interpreting,
     jit_helper,
     padded_rank,
-    pick_configs,
     register_op,
     run_fused_linear,
     wrap_triton,
@@ -519,10 +520,13 @@ def _lora_mul_dm_kernel(
 
 
 # ------------------------------------------------------------------------------------------------
-# Configs. Hopper lists: every entry compiles for sm_90 with wgmma and no spills at rank <= 64
-# (``python -m pace_kernels.compile_check``). Tiles are (BLOCK_M rows of X, BLOCK_N output
-# features, BLOCK_K reduction). The interpreter runs one small config instead (autotuning there
-# would run every config, slowly).
+# Configs, per GPU class (``autotune_for_device``): 90 Hopper (227 KiB of shared memory per block,
+# wgmma), 80 A100 (163 KiB), 86 the 99 KiB parts (sm_86/sm_89: RTX 30xx/40xx, A10, L4, L40S).
+# Every entry compiles for its archs with tensor cores, no spills and within the shared memory at
+# rank <= 64 (``python -m pace_kernels.compile_check --arch N``); the first of each list is what
+# runs with autotuning off. Tiles are (BLOCK_M rows of X, BLOCK_N output features, BLOCK_K
+# reduction). The interpreter runs one small config instead (autotuning there would run every
+# config, slowly).
 
 
 def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.Config:
@@ -530,23 +534,47 @@ def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.Config:
                          num_warps=warps, num_stages=stages)
 
 
+# sm_8x lists (mma.sync; 99 KiB on sm_86/89) serve A100 (sm_80) too: chosen for its register file,
+# they fit its 163 KiB; larger A100 tiles are a tuning question for when one can be benchmarked.
+# fp32 on sm_8x: tf32x3 holds its split operands in registers, so BLOCK_K 16 (64x64x32 spills).
+_SM8X_32 = [_cfg(64, 64, 16, 8, 3), _cfg(64, 32, 16, 4, 3)]
+
 # Noise-free GEMM against the merged weight (forward and dX).
-PLAIN_CONFIGS_16 = [_cfg(128, 128, 64, 8, 3), _cfg(128, 256, 64, 8, 3), _cfg(64, 128, 64, 4, 4)]
-PLAIN_CONFIGS_32 = [_cfg(64, 64, 32, 4, 3)]
-# Per-sample tiles, by the tile height sample_plan chose (forward and dX).
+_PLAIN_16 = [_cfg(128, 128, 64, 8, 3), _cfg(128, 256, 64, 8, 3), _cfg(64, 128, 64, 4, 4)]
+PLAIN_CONFIGS_16 = {90: _PLAIN_16, 80: _PLAIN_16, 86: _PLAIN_16}
+PLAIN_CONFIGS_32 = {90: [_cfg(64, 64, 32, 4, 3)], 80: _SM8X_32, 86: _SM8X_32}
+# Per-sample tiles, by the tile height sample_plan chose (forward and dX). On sm_8x the dX kernel
+# spills at rank 64 with 64x128x64 and 64x256 tiles (and on sm_80 with 128x128x32 and 64x64x32 w4),
+# the forward (8 B) with 128x64x64.
+_SAMPLE_128_SM8X_16 = [_cfg(128, 64, 32, 8, 4)]
+_SAMPLE_64_SM8X_16 = [_cfg(64, 128, 32, 8, 4), _cfg(64, 128, 32, 8, 3)]
 SAMPLE_CONFIGS_16 = {
-    128: [_cfg(128, 128, 32, 8, 4), _cfg(128, 128, 64, 8, 3)],
-    64: [_cfg(64, 256, 32, 8, 4), _cfg(64, 128, 32, 4, 4)],
+    128: {90: [_cfg(128, 128, 32, 8, 4), _cfg(128, 128, 64, 8, 3)], 80: _SAMPLE_128_SM8X_16,
+          86: [_cfg(128, 128, 32, 8, 4)] + _SAMPLE_128_SM8X_16},
+    64: {90: [_cfg(64, 256, 32, 8, 4), _cfg(64, 128, 32, 4, 4)], 80: _SAMPLE_64_SM8X_16,
+         86: _SAMPLE_64_SM8X_16},
 }
-SAMPLE_CONFIGS_32 = {128: [_cfg(128, 64, 16, 8, 3)], 64: [_cfg(64, 64, 32, 4, 3)]}
-# Two-GEMM form: two accumulators in the forward (so half the width), one in dX.
-TWO_GEMM_FWD_CONFIGS_16 = [_cfg(128, 64, 64, 8, 3), _cfg(64, 64, 64, 4, 4)]
-TWO_GEMM_FWD_CONFIGS_32 = [_cfg(64, 64, 32, 4, 3)]
-TWO_GEMM_DX_CONFIGS_16 = [_cfg(128, 128, 32, 8, 4), _cfg(64, 128, 64, 4, 4)]
-TWO_GEMM_DX_CONFIGS_32 = [_cfg(64, 64, 32, 4, 3)]
-# dM = (Gz^T X) * W0: tiles of [D, K], reduction over the rows.
-DM_CONFIGS_16 = [_cfg(128, 128, 64, 8, 3), _cfg(128, 128, 32, 8, 4), _cfg(64, 128, 64, 4, 4)]
-DM_CONFIGS_32 = [_cfg(64, 64, 32, 4, 3)]
+_SAMPLE_128_SM8X_32 = [_cfg(128, 32, 16, 8, 3), _cfg(128, 32, 32, 8, 3)]
+SAMPLE_CONFIGS_32 = {
+    128: {90: [_cfg(128, 64, 16, 8, 3)], 80: _SAMPLE_128_SM8X_32, 86: _SAMPLE_128_SM8X_32},
+    64: {90: [_cfg(64, 64, 32, 4, 3)], 80: _SM8X_32, 86: _SM8X_32},
+}
+# Two-GEMM form: two accumulators in the forward (so half the width), one in dX. The Hopper dX
+# configs need 122,880 and 172,032 bytes of shared memory on sm_86: three stages of 32-wide K there
+# (64x128x32 with 4 warps spills 12 B on sm_80).
+_TWO_GEMM_FWD_16 = [_cfg(128, 64, 64, 8, 3), _cfg(64, 64, 64, 4, 4)]
+TWO_GEMM_FWD_CONFIGS_16 = {90: _TWO_GEMM_FWD_16, 80: _TWO_GEMM_FWD_16, 86: _TWO_GEMM_FWD_16}
+TWO_GEMM_FWD_CONFIGS_32 = {90: [_cfg(64, 64, 32, 4, 3)], 80: _SM8X_32, 86: _SM8X_32}
+_TWO_GEMM_DX_SM8X_16 = [_cfg(128, 128, 32, 8, 3), _cfg(128, 64, 32, 8, 4)]
+TWO_GEMM_DX_CONFIGS_16 = {90: [_cfg(128, 128, 32, 8, 4), _cfg(64, 128, 64, 4, 4)], 80: _TWO_GEMM_DX_SM8X_16,
+                          86: _TWO_GEMM_DX_SM8X_16}
+TWO_GEMM_DX_CONFIGS_32 = {90: [_cfg(64, 64, 32, 4, 3)], 80: _SM8X_32, 86: _SM8X_32}
+# dM = (Gz^T X) * W0: tiles of [D, K], reduction over the rows (every BLOCK_K divides 128).
+_DM_SM8X_16 = [_cfg(128, 128, 32, 8, 4), _cfg(128, 128, 64, 8, 2), _cfg(64, 128, 32, 4, 4)]
+DM_CONFIGS_16 = {90: [_cfg(128, 128, 64, 8, 3), _cfg(128, 128, 32, 8, 4), _cfg(64, 128, 64, 4, 4)],
+                 80: _DM_SM8X_16, 86: _DM_SM8X_16}
+_DM_32 = [_cfg(64, 64, 32, 4, 3)]
+DM_CONFIGS_32 = {90: _DM_32, 80: _DM_32, 86: _DM_32}
 
 _INTERP_CONFIG = _cfg(64, 64, 64, 4, 1)
 SAMPLE_BLOCK_MS: tuple[int, ...] = (64,) if is_interpreting() else (128, 64)
@@ -557,8 +585,8 @@ MAX_RANK = 64
 the reference path."""
 
 
-def _tune(fn, configs: Sequence[triton.Config], key: Sequence[str]):
-    return triton.autotune(pick_configs(configs, _INTERP_CONFIG), key=list(key))(fn)
+def _tune(fn, configs: dict, key: Sequence[str]):
+    return autotune_for_device(fn, configs, _INTERP_CONFIG, key)
 
 
 _SEG_KEY = ("n_seg", "seg_rows", "D", "K", "R")
@@ -571,8 +599,9 @@ _fwd_sample = {}
 _dx_sample = {}
 for _bm in SAMPLE_BLOCK_MS:
     for _bits, _table in ((16, SAMPLE_CONFIGS_16), (32, SAMPLE_CONFIGS_32)):
-        _fwd_sample[_bits, _bm] = _tune(_lora_mul_fwd_kernel, _table.get(_bm, [_INTERP_CONFIG]), _SEG_KEY)
-        _dx_sample[_bits, _bm] = _tune(_lora_mul_dx_kernel, _table.get(_bm, [_INTERP_CONFIG]), _SEG_KEY)
+        _by_arch = _table.get(_bm, {90: [_INTERP_CONFIG]})
+        _fwd_sample[_bits, _bm] = _tune(_lora_mul_fwd_kernel, _by_arch, _SEG_KEY)
+        _dx_sample[_bits, _bm] = _tune(_lora_mul_dx_kernel, _by_arch, _SEG_KEY)
 _fwd_two_gemm = {16: _tune(_lora_mul_fwd_two_gemm_kernel, TWO_GEMM_FWD_CONFIGS_16, _ROWS_KEY),
                  32: _tune(_lora_mul_fwd_two_gemm_kernel, TWO_GEMM_FWD_CONFIGS_32, _ROWS_KEY)}
 _dx_two_gemm = {16: _tune(_lora_mul_dx_two_gemm_kernel, TWO_GEMM_DX_CONFIGS_16, _ROWS_KEY),
@@ -904,8 +933,8 @@ def _spec(name: str, fn, sig: dict, consts: dict, cfg: triton.Config, dtype: tor
                        divisible=tuple(divisible))
 
 
-def compile_specs() -> list[CompileSpec]:
-    """Every kernel in every shipped Hopper config, at the worst-case constexprs (bias, delta bias
+def compile_specs(arch: int = 90) -> list[CompileSpec]:
+    """Every kernel in every config ``sm_<arch>`` runs, at the worst-case constexprs (bias, delta bias
     and noise on; padded rank 16 and 64 where the rank enters) and the dtypes each list serves;
     fp32 rows for both dot precisions (tf32, tf32x3)."""
     specs: list[CompileSpec] = []
@@ -925,34 +954,34 @@ def compile_specs() -> list[CompileSpec]:
         dx_div = ("D", "K", "stride_gm", "stride_wd", "stride_ar", "stride_zs", "stride_dxm")
         rows_args = dict(D="i32", K="i32", n_rows="i32", row_chunk="i32", row_stride="i32", row_off="i32",
                          rows_per_z="i32")
-        for cfg in PLAIN_CONFIGS_32 if wide else PLAIN_CONFIGS_16:
+        for cfg in configs_for_arch(PLAIN_CONFIGS_32 if wide else PLAIN_CONFIGS_16, arch):
             specs.append(_spec("lora_mul_fwd noise-free", _lora_mul_fwd_kernel, fwd_sig,
                                dict(PER_SAMPLE=False, HAS_BIAS=True, HAS_DB=True, R=16, **common), cfg, dtype,
                                fwd_div))
             specs.append(_spec("lora_mul_dx noise-free", _lora_mul_dx_kernel, dx_sig,
                                dict(PER_SAMPLE=False, R=16, **common), cfg, dtype, dx_div))
-        for cfgs in (SAMPLE_CONFIGS_32 if wide else SAMPLE_CONFIGS_16).values():
-            for cfg in cfgs:
+        for by_arch in (SAMPLE_CONFIGS_32 if wide else SAMPLE_CONFIGS_16).values():
+            for cfg in configs_for_arch(by_arch, arch):
                 for r in (16, 64):
                     specs.append(_spec(f"lora_mul_fwd per-sample r{r}", _lora_mul_fwd_kernel, fwd_sig,
                                        dict(PER_SAMPLE=True, HAS_BIAS=True, HAS_DB=True, R=r, **common),
                                        cfg, dtype, fwd_div))
                     specs.append(_spec(f"lora_mul_dx per-sample r{r}", _lora_mul_dx_kernel, dx_sig,
                                        dict(PER_SAMPLE=True, R=r, **common), cfg, dtype, dx_div))
-        for cfg in TWO_GEMM_FWD_CONFIGS_32 if wide else TWO_GEMM_FWD_CONFIGS_16:
+        for cfg in configs_for_arch(TWO_GEMM_FWD_CONFIGS_32 if wide else TWO_GEMM_FWD_CONFIGS_16, arch):
             sig = dict(x_ptr=f"*{t}", w_ptr=f"*{t}", wm_ptr=f"*{t}", z_ptr="*fp32", bias_ptr=f"*{t}",
                        db_ptr=f"*{t}", y_ptr=f"*{t}", **rows_args, stride_xm="i32", stride_wd="i32",
                        stride_zr="i32", stride_ym="i32")
             specs.append(_spec("lora_mul_fwd two-GEMM", _lora_mul_fwd_two_gemm_kernel, sig,
                                dict(HAS_BIAS=True, HAS_DB=True, **common), cfg, dtype,
                                ("D", "K", "stride_xm", "stride_wd", "stride_zr", "stride_ym")))
-        for cfg in TWO_GEMM_DX_CONFIGS_32 if wide else TWO_GEMM_DX_CONFIGS_16:
+        for cfg in configs_for_arch(TWO_GEMM_DX_CONFIGS_32 if wide else TWO_GEMM_DX_CONFIGS_16, arch):
             sig = dict(g_ptr=f"*{t}", w_ptr=f"*{t}", wm_ptr=f"*{t}", z_ptr="*fp32", dx_ptr=f"*{t}",
                        **rows_args, stride_gm="i32", stride_wd="i32", stride_zr="i32", stride_dxm="i32")
             specs.append(_spec("lora_mul_dx two-GEMM", _lora_mul_dx_two_gemm_kernel, sig, dict(common), cfg,
                                dtype,
                                ("D", "K", "stride_gm", "stride_wd", "stride_zr", "stride_dxm")))
-        for cfg in DM_CONFIGS_32 if wide else DM_CONFIGS_16:
+        for cfg in configs_for_arch(DM_CONFIGS_32 if wide else DM_CONFIGS_16, arch):
             sig = dict(g_ptr=f"*{t}", x_ptr=f"*{t}", z_ptr="*fp32", w_ptr=f"*{t}", dm_ptr="*fp32",
                        ddb_ptr="*fp32", N="i32", D="i32", K="i32", rows_per_z="i32", rows_per_split="i32",
                        stride_gm="i32", stride_xm="i32", stride_zr="i32", stride_wd="i32",

@@ -275,8 +275,9 @@ def test_sample_config_tables_match_their_tile_height() -> None:
     """The plan picks a tile height, then the autotuner of that height: its configs must have it."""
     for table in (lora_mul.SAMPLE_CONFIGS_16, lora_mul.SAMPLE_CONFIGS_32):
         assert set(table) == {128, 64}
-        for bm, configs in table.items():
-            assert configs and all(c.kwargs["BLOCK_M"] == bm for c in configs)
+        for bm, by_arch in table.items():
+            for arch, configs in by_arch.items():
+                assert configs and all(c.kwargs["BLOCK_M"] == bm for c in configs), (bm, arch)
 
 
 def test_compile_specs_cover_every_kernel_and_argument() -> None:
@@ -288,7 +289,7 @@ def test_compile_specs_cover_every_kernel_and_argument() -> None:
                m._lora_mul_dx_two_gemm_kernel, m._lora_mul_dm_kernel}
     assert {s.fn for s in specs} == kernels
     assert {s.dtype for s in specs} == {torch.float16, torch.bfloat16, torch.float32}
-    shipped = sum(len(v) for v in lora_mul.SAMPLE_CONFIGS_16.values())
+    shipped = sum(len(by_arch[90]) for by_arch in lora_mul.SAMPLE_CONFIGS_16.values())
     rows = [s for s in specs if s.name == "lora_mul_fwd per-sample r16" and s.dtype == torch.bfloat16]
     assert len(rows) == shipped
     for spec in specs:
