@@ -357,7 +357,7 @@ def inject(
         layer.noise_scale = factors[index[name]]
         layer.sigma = config.sigma * layer.noise_scale
         _set_submodule(model, name, layer)
-    if config.adapter == "rlrr":
+    if adapter_class.ssf_after_norms:
         for name, m in list(model.named_modules()):
             width = _affine_norm_width(m)
             if width is not None:

@@ -72,6 +72,7 @@ class PaceLinear(nn.Module):
     adapter: ClassVar[str]  # the kind's name, set by each subclass
     has_rank: ClassVar[bool] = True  # whether ``rank`` sizes the adapter's tensors
     frozen: ClassVar[bool] = True  # whether the pre-trained weight and bias stay frozen
+    ssf_after_norms: ClassVar[bool] = False  # whether inject puts SSF's scale/shift after the norms
 
     # Set by pace.inject: the layer's index in the depth schedule and its sigma multiplier there
     # (``sigma = base sigma * noise_scale``, which pace.set_sigma re-applies).
@@ -444,6 +445,7 @@ class RlrrLinear(PaceLinear):
 
     adapter = "rlrr"
     has_rank = False
+    ssf_after_norms = True
 
     def _make_adapter_parameters(self, factory: dict) -> None:
         self.scale_left = self._new_parameter(self.out_features, 1, factory=factory)

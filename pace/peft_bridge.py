@@ -118,7 +118,7 @@ def _shape(code: str, d: int, k: int, r: int) -> Tuple[int, ...]:
     return tuple(sizes[c] for c in code)
 
 
-def _glora_layer_keys(kind: str, modes: Sequence[str], d: int, k: int, r: int, has_bias: bool) -> dict:
+def _glora_layer_keys(kind: str, modes: Sequence[str], d: int, k: int, r: int, *, has_bias: bool) -> dict:
     """GLoRA key suffix -> (pace tensor name or None for a tensor that must be zero, shape)."""
     held = _GLORA_FORMS[kind][1] if kind in _GLORA_FORMS else {}
     a_b, c, d_e = modes
@@ -132,12 +132,12 @@ def _glora_layer_keys(kind: str, modes: Sequence[str], d: int, k: int, r: int, h
 
 
 def _layer_keys(
-    peft_type: str, kind: str, modes, layer_dims: Tuple[int, int, int], has_bias: bool, lora_bias
-):
+    peft_type: str, kind: str, modes, layer_dims: Tuple[int, int, int], *, has_bias: bool, lora_bias: bool
+) -> dict:
     """PEFT key suffix -> (pace tensor name, or None for a tensor that must be zero; shape) of one layer."""
     d, k, r = layer_dims
     if peft_type == "GLORA":
-        return _glora_layer_keys(kind, modes, d, k, r, has_bias)
+        return _glora_layer_keys(kind, modes, d, k, r, has_bias=has_bias)
     table = dict(_HIRA_KEYS if peft_type == "HIRA" else _LORA_KEYS)
     if peft_type == "LORA" and lora_bias:
         table.update(_LORA_BIAS_KEY)
@@ -210,7 +210,7 @@ def save_peft(model: nn.Module, directory: PathLike) -> Path:
     for name, layer in layers.items():
         dims = (layer.out_features, layer.in_features, rank)
         for suffix, (pace_name, shape) in _layer_keys(
-            peft_type, kind, modes, dims, layer.bias is not None, lora_bias
+            peft_type, kind, modes, dims, has_bias=layer.bias is not None, lora_bias=lora_bias
         ).items():
             value = getattr(layer, pace_name) if pace_name is not None else None
             if value is None:
