@@ -100,7 +100,7 @@ def _check_head(head: Heads) -> Heads:
     return names
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class PaceConfig:
     """The PACE setup of a model (the arguments of :func:`pace.inject`, docs/design.md sections 2, 4).
 
@@ -113,8 +113,9 @@ class PaceConfig:
     noise and where it goes; ``backend``: ``"auto"``, ``"triton"`` or ``"torch"``.
 
     On an injected model (``model.pace_config``) ``targets``, ``noise_free_blocks`` and ``head``
-    hold what inject resolved (the head's layer names). Read fields as attributes; ``config["rank"]``
-    also works, as it did when ``model.pace_config`` was a dict.
+    hold what inject resolved (the head's layer names). The config is frozen, so it stays valid:
+    ``dataclasses.replace(config, rank=4)`` makes a changed (and checked) copy. Read fields as
+    attributes; ``config["rank"]`` also works, as it did when ``model.pace_config`` was a dict.
     """
 
     adapter: str = DEFAULT_ADAPTER
@@ -131,7 +132,7 @@ class PaceConfig:
 
     def __post_init__(self) -> None:
         _check_choice("adapter", self.adapter, ADAPTER_KINDS)
-        self.sigma = check_layer_options(
+        sigma = check_layer_options(
             rank=self.rank,
             sigma=self.sigma,
             noise=self.noise,
@@ -143,8 +144,10 @@ class PaceConfig:
         blocks = self.noise_free_blocks
         if blocks is not None and (isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 0):
             raise ValueError(f"noise_free_blocks must be None or an int >= 0, got {blocks!r}")
-        self.targets = _check_targets(self.targets)
-        self.head = _check_head(self.head)
+        # normalised values (a float sigma, lists rather than tuples) set past the frozen dataclass
+        object.__setattr__(self, "sigma", sigma)
+        object.__setattr__(self, "targets", _check_targets(self.targets))
+        object.__setattr__(self, "head", _check_head(self.head))
 
     def layer_options(self) -> Dict[str, Any]:
         """The keyword arguments of :class:`pace.PaceLinear` this config sets (all but ``sigma``,

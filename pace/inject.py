@@ -381,7 +381,7 @@ def set_sigma(model: nn.Module, sigma: float) -> None:
     for m in _pace_layers(model):
         m.sigma = sigma * m.noise_scale
     if isinstance(getattr(model, "pace_config", None), PaceConfig):
-        model.pace_config.sigma = sigma
+        model.pace_config = dataclasses.replace(model.pace_config, sigma=sigma)
 
 
 def set_backend(model: nn.Module, backend: str) -> None:
@@ -390,7 +390,7 @@ def set_backend(model: nn.Module, backend: str) -> None:
     for m in _pace_layers(model):
         m.backend = backend
     if isinstance(getattr(model, "pace_config", None), PaceConfig):
-        model.pace_config.backend = backend
+        model.pace_config = dataclasses.replace(model.pace_config, backend=backend)
 
 
 def trainable_parameters(model: nn.Module) -> List[nn.Parameter]:

@@ -66,6 +66,10 @@ def test_config_round_trips_through_a_dict_and_reads_like_the_old_dict():
     with pytest.raises(ValueError, match="lam"):
         pace.PaceConfig.from_dict({"adapter": "lora_add", "lam": 1.0})
     assert pace.PaceConfig.from_dict({"rank": 4}) == pace.PaceConfig(rank=4)
+    with pytest.raises(dataclasses.FrozenInstanceError):  # checked once, so it cannot change unchecked
+        config.rank = 0
+    with pytest.raises(ValueError, match="rank"):
+        dataclasses.replace(config, rank=0)
 
 
 def test_inject_takes_a_config_and_the_model_keeps_the_resolved_one():
