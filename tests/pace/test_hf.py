@@ -380,16 +380,17 @@ def _grad_rel_err(got, want):
 
 @pytest.mark.parametrize("backend, use_reentrant", [("torch", False), ("torch", True), ("triton", False)])
 def test_padded_token_batch_under_hugging_face_checkpointing_keeps_pace_gradients_exact(
-    backend, use_reentrant
+    backend, use_reentrant, device
 ):
     """The features combined: a dict batch with padding, per-token (shifted) labels, the two-copy
-    PACE objective and Hugging Face gradient checkpointing, on the reference and the fused kernels."""
-    batch = _padded_batch()
+    PACE objective and Hugging Face gradient checkpointing, on the reference and the fused kernels
+    (on the test device: real kernels on CUDA, Triton's interpreter on CPU)."""
+    batch = {k: v.to(device) for k, v in _padded_batch().items()}
     labels = _token_labels(batch["input_ids"], batch["attention_mask"])
 
     def grads(checkpointing):
         torch.manual_seed(0)
-        model = transformers.LlamaForCausalLM(_llama_config())
+        model = transformers.LlamaForCausalLM(_llama_config()).to(device)
         pace.inject(model, adapter="lora_mul_vpt_add", rank=2, sigma=0.8, head=None, backend=backend)
         with torch.no_grad():  # B = 0 at init would make the noise (and the consistency) vanish
             for p in pace.trainable_parameters(model):
