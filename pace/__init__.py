@@ -2,17 +2,18 @@
 
 PACE (NeurIPS 2024) multiplies each adapter's output by per-sample noise ``N(1, sigma^2)`` and
 adds a consistency loss between noisy copies of the network. This package provides the drop-in
-layers (:class:`PaceLinear`), their injection into timm models (:func:`inject`), the noise schedule,
+layers (:class:`PaceLinear`, one subclass per adapter kind), their configuration
+(:class:`PaceConfig`) and injection into timm models (:func:`inject`), the noise schedule,
 the PACE / PACE_fast / PACE_lazy_half / FPA objectives (:class:`PaceCriterion`), merge for
 inference (:func:`merge`), adapter I/O, the bridge to Hugging Face PEFT (:func:`save_peft`,
 :func:`load_peft`, :func:`from_peft`) and the paper's held-out diagnostics (:func:`heldout_grad_norm`,
 :func:`heldout_fp_distance`); the fused kernels live in :mod:`pace_kernels`.
 """
 
+from .config import ADAPTER_KINDS, SCHEDULES, PaceConfig
 from .diagnostics import HeldoutDiagnostics, heldout_diagnostics, heldout_fp_distance, heldout_grad_norm
 from .dropout import MultiCopyPass, SharedDropout, SharedDropPath, set_copies
 from .inject import (
-    SCHEDULES,
     adapters_disabled,
     block_indices,
     fp_distance,
@@ -24,7 +25,17 @@ from .inject import (
     trainable_parameters,
 )
 from .io import load_adapter, save_adapter
-from .layers import ADAPTER_KINDS, PaceLinear, SSFNorm
+from .layers import (
+    LoraAddLinear,
+    LoraMulLinear,
+    LoraMulVptAddLinear,
+    PaceHead,
+    PaceLinear,
+    RlrrLinear,
+    SSFNorm,
+    VptAddLinear,
+    layer_class,
+)
 from .losses import MODES, PaceCriterion, PaceOutput, consistency
 from .noise import NOISE_KINDS, draw_noise
 from .peft_bridge import from_peft, load_peft, save_peft
@@ -36,7 +47,15 @@ __all__ = [
     "MODES",
     "NOISE_KINDS",
     "SCHEDULES",
+    "PaceConfig",
     "PaceLinear",
+    "PaceHead",
+    "LoraAddLinear",
+    "LoraMulLinear",
+    "VptAddLinear",
+    "LoraMulVptAddLinear",
+    "RlrrLinear",
+    "layer_class",
     "SSFNorm",
     "SharedDropPath",
     "SharedDropout",

@@ -1,7 +1,7 @@
 """Stochastic layers that share one mask per sample across the copies of a multi-copy batch.
 
 PACE's consistency loss compares copies of the same sample that differ only by the adapter noise
-(SPEC section 4): DropPath and dropout must draw one mask per sample and reuse it for every copy.
+(docs/design.md section 4): DropPath and dropout must draw one mask per sample and reuse it for every copy.
 In a batch of ``M*B`` rows, copy ``c`` of sample ``b`` sits at row ``c*B + b``.
 
 Attention dropout is shared too: :func:`pace.inject` switches timm attention modules whose

@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import re
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
-from pace_kernels._checks import check_backend
+import pace_kernels
 
+from .config import SCHEDULES, Heads, PaceConfig, Targets, check_sigma
 from .dropout import SharedDropout, SharedDropPath, reused_masks
 from .hf import find_hf_head, hf_output_layers, is_hf_model
-from .layers import ADAPTER_KINDS, PaceLinear, SSFNorm, check_sigma
-from .noise import check_noise_kind
+from .layers import PaceHead, PaceLinear, SSFNorm, layer_class
 
 __all__ = [
     "SCHEDULES",
@@ -29,9 +30,6 @@ __all__ = [
     "block_indices",
     "schedule_factors",
 ]
-
-SCHEDULES = ("pace", "constant", "increasing")
-Targets = Union[None, str, Sequence[str]]
 
 
 def _matches(name: str, targets: Targets) -> bool:
@@ -50,9 +48,6 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent = model.get_submodule(parent_name) if parent_name else model
     new.train(getattr(parent, child).training)
     setattr(parent, child, new)
-
-
-Heads = Union[None, str, Sequence[str]]
 
 
 def _head_linears(model: nn.Module, name: str, modules: Dict[str, nn.Module]) -> List[str]:
@@ -79,8 +74,6 @@ def _find_head(model: nn.Module, head: Heads) -> List[str]:
     modules = dict(model.named_modules())
     if head != "auto":
         names = [head] if isinstance(head, str) else list(head)
-        if not all(isinstance(n, str) for n in names):
-            raise TypeError(f"head must be 'auto', None, a module name or a list of names, got {head!r}")
         return list(dict.fromkeys(lin for n in names for lin in _head_linears(model, n, modules)))
     get_classifier = getattr(model, "get_classifier", None)
     if callable(get_classifier):  # timm models know their classifier
@@ -93,7 +86,7 @@ def _find_head(model: nn.Module, head: Heads) -> List[str]:
 
 
 def block_indices(names: Sequence[str], head: Heads) -> Dict[str, int]:
-    """SPEC section 4: a layer's key is the tuple of the numeric parts of its path, zero-padded to
+    """docs/design.md section 4: a layer's key is the tuple of the numeric parts of its path, zero-padded to
     the longest key (so a layer between blocks shares the index of the block that follows it); the
     head's key is +inf (``head``: one name or several, all sharing the last index); indices are the
     ranks of the distinct sorted keys."""
@@ -283,19 +276,24 @@ def inject(
     noise_on: str = "delta",
     noise_shape: str = "sample",
     backend: str = "auto",
+    config: Optional[PaceConfig] = None,
 ) -> nn.Module:
     """Replace the linear layers of ``model`` in place with :class:`PaceLinear` layers.
 
+    The arguments are the fields of :class:`pace.PaceConfig` (pass one as ``config=`` instead);
+    the model keeps the config as ``model.pace_config``, with the head and ``noise_free_blocks``
+    that were resolved.
+
     Every ``nn.Linear`` (or those matching ``targets``, PEFT-style; a Hugging Face language model's
     output layer ``lm_head`` only when named) gets ``adapter``; the classifier
-    becomes trainable ``"head"`` layers; every other parameter is frozen. ``head="auto"``: timm's
-    ``get_classifier()``; on a Hugging Face model its ``classifier`` / ``score`` / ``qa_outputs``
-    (every linear inside, e.g. RoBERTa's ``classifier.dense`` and ``classifier.out_proj``; a causal
-    LM's ``lm_head`` stays frozen; an error if a task model has none of these, see
-    :func:`pace.hf.find_hf_head`); else the last linear named ``head``. ``head`` may also name a
-    layer, a module (all linears inside) or a list of them; ``None``: no head.
+    becomes trainable :class:`PaceHead` layers; every other parameter is frozen. ``head="auto"``:
+    timm's ``get_classifier()``; on a Hugging Face model its ``classifier`` / ``score`` /
+    ``qa_outputs`` (every linear inside, e.g. RoBERTa's ``classifier.dense`` and
+    ``classifier.out_proj``; a causal LM's ``lm_head`` stays frozen; an error if a task model has
+    none of these, see :func:`pace.hf.find_hf_head`); else the last linear named ``head``. ``head``
+    may also name a layer, a module (all linears inside) or a list of them; ``None``: no head.
 
-    Each layer's sigma follows the depth schedule of SPEC section 4 with the first
+    Each layer's sigma follows the depth schedule of docs/design.md section 4 with the first
     ``noise_free_blocks`` indices noise-free (default: 1 when the model has ViT-style ``blocks``,
     else 0, as for Swin and for Hugging Face stacks ``model.layers.N`` / ``encoder.layer.N``, whose
     index is ``N``). DropPath and dropout layers are replaced by versions that share masks across
@@ -307,72 +305,69 @@ def inject(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if adapter not in ADAPTER_KINDS or adapter == "head":
-        raise ValueError(
-            f"adapter must be one of {tuple(k for k in ADAPTER_KINDS if k != 'head')}, got {adapter!r}"
-        )
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
-        raise ValueError(f"rank must be a positive int, got {rank!r}")
-    sigma = check_sigma(sigma)
-    check_noise_kind(noise)
-    check_backend(backend)
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    options = dict(
+        adapter=adapter,
+        rank=rank,
+        sigma=sigma,
+        targets=targets,
+        schedule=schedule,
+        noise_free_blocks=noise_free_blocks,
+        head=head,
+        noise=noise,
+        noise_on=noise_on,
+        noise_shape=noise_shape,
+        backend=backend,
+    )
+    if config is None:
+        config = PaceConfig(**options)
+    elif not isinstance(config, PaceConfig):
+        raise TypeError(f"config must be a pace.PaceConfig, got {type(config).__name__}")
+    else:
+        defaults = PaceConfig()
+        given = sorted(k for k, v in options.items() if v != getattr(defaults, k))
+        if given:
+            raise TypeError(f"inject: pass either config= or the keyword arguments, not both (got {given})")
     if any(isinstance(m, PaceLinear) for m in model.modules()):
         raise ValueError("model already holds PaceLinear layers: inject once (pace.merge first to re-inject)")
-    if isinstance(targets, str):
-        try:
-            re.compile(targets)
-        except re.error as exc:
-            raise ValueError(f"targets={targets!r} is not a valid regular expression ({exc})") from None
     non_fused = _plan_dropout_sharing(model)
-    if targets is not None and not isinstance(targets, str):
-        targets = list(targets)
 
-    head_names = _find_head(model, head)
+    head_names = _find_head(model, config.head)
     # "every linear layer" leaves a language model's output layer alone, as PEFT's "all-linear" does
-    skipped = set(hf_output_layers(model)) if targets is None and is_hf_model(model) else set()
+    skipped = set(hf_output_layers(model)) if config.targets is None and is_hf_model(model) else set()
     names = [
         n
         for n, m in model.named_modules()
-        if isinstance(m, nn.Linear) and (n in head_names or (n not in skipped and _matches(n, targets)))
+        if isinstance(m, nn.Linear)
+        and (n in head_names or (n not in skipped and _matches(n, config.targets)))
     ]
     if not names:
-        raise ValueError(f"no nn.Linear layer of the model matches targets={targets!r}")
-    if noise_free_blocks is None:
-        noise_free_blocks = 1 if hasattr(model, "blocks") and not hasattr(model, "layers") else 0
+        raise ValueError(f"no nn.Linear layer of the model matches targets={config.targets!r}")
+    noise_free = config.noise_free_blocks
+    if noise_free is None:
+        noise_free = 1 if hasattr(model, "blocks") and not hasattr(model, "layers") else 0
     index = block_indices(names, head_names)
-    n_idx = len(set(index.values()))
-    factors = schedule_factors(n_idx, noise_free_blocks, schedule)
+    factors = schedule_factors(len(set(index.values())), noise_free, config.schedule)
 
     model.requires_grad_(False)
-    layer_kw = dict(rank=rank, noise=noise, noise_on=noise_on, noise_shape=noise_shape, backend=backend)
+    adapter_class = layer_class(config.adapter)
     for name in names:
-        linear = model.get_submodule(name)
-        kind = "head" if name in head_names else adapter
-        layer = PaceLinear.from_linear(linear, adapter=kind, **layer_kw)
+        kind_class = PaceHead if name in head_names else adapter_class
+        layer = kind_class.from_linear(model.get_submodule(name), **config.layer_options())
         layer.block_index = index[name]
         layer.noise_scale = factors[index[name]]
-        layer.sigma = sigma * layer.noise_scale
+        layer.sigma = config.sigma * layer.noise_scale
         _set_submodule(model, name, layer)
-    if adapter == "rlrr":
+    if adapter_class.ssf_after_norms:
         for name, m in list(model.named_modules()):
             width = _affine_norm_width(m)
             if width is not None:
                 _set_submodule(model, name, SSFNorm(m, width))
     _share_stochastic_layers(model, non_fused)
-    model.pace_config = {
-        "adapter": adapter,
-        "rank": rank,
-        "sigma": sigma,
-        "targets": targets,
-        "schedule": schedule,
-        "noise_free_blocks": noise_free_blocks,
-        "head": head_names[0] if len(head_names) == 1 else (head_names or None),
-        "noise": noise,
-        "noise_on": noise_on,
-        "noise_shape": noise_shape,
-    }
+    model.pace_config = dataclasses.replace(
+        config,
+        noise_free_blocks=noise_free,
+        head=head_names[0] if len(head_names) == 1 else (head_names or None),
+    )
     return model
 
 
@@ -384,16 +379,18 @@ def set_sigma(model: nn.Module, sigma: float) -> None:
     """Re-apply the depth schedule set by :func:`inject` with a new base ``sigma``."""
     sigma = check_sigma(sigma)
     for m in _pace_layers(model):
-        m.sigma = sigma * getattr(m, "noise_scale", 1.0)
-    if isinstance(getattr(model, "pace_config", None), dict):
-        model.pace_config["sigma"] = sigma
+        m.sigma = sigma * m.noise_scale
+    if isinstance(getattr(model, "pace_config", None), PaceConfig):
+        model.pace_config = dataclasses.replace(model.pace_config, sigma=sigma)
 
 
 def set_backend(model: nn.Module, backend: str) -> None:
     """Pick the backend (``"auto"``, ``"triton"``, ``"torch"``) of every PaceLinear."""
-    check_backend(backend)
+    pace_kernels.check_backend(backend)
     for m in _pace_layers(model):
         m.backend = backend
+    if isinstance(getattr(model, "pace_config", None), PaceConfig):
+        model.pace_config = dataclasses.replace(model.pace_config, backend=backend)
 
 
 def trainable_parameters(model: nn.Module) -> List[nn.Parameter]:
@@ -405,9 +402,7 @@ def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Run ``model`` as the pre-trained network: every adapter's ``dh`` (and SSF) off and no noise.
     The classifier head is kept as it is, since the pre-trained model has none for the new task."""
     switched = [
-        m
-        for m in model.modules()
-        if isinstance(m, (PaceLinear, SSFNorm)) and getattr(m, "adapter", "") != "head"
+        m for m in model.modules() if isinstance(m, (PaceLinear, SSFNorm)) and not isinstance(m, PaceHead)
     ]
     before = [m.adapter_enabled for m in switched]
     for m in switched:
@@ -431,7 +426,7 @@ def fp_distance(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def merge(model: nn.Module) -> nn.Module:
-    """Fold every adapter into plain layers in place (SPEC section 6): PaceLinear -> nn.Linear,
+    """Fold every adapter into plain layers in place (docs/design.md section 6): PaceLinear -> nn.Linear,
     SSF into its LayerNorm's affine. The merged model's eval output equals the adapted model's."""
     for name, m in list(model.named_modules()):
         if isinstance(m, PaceLinear):

@@ -1,8 +1,9 @@
 """Saving and loading the trainable adapter tensors (safetensors) with a small JSON config.
 
-A saved adapter is two files, ``NAME.safetensors`` (trainable tensors by their module path and SPEC
-names, e.g. ``blocks.3.attn.qkv.lora_a``) and ``NAME.json`` (``pace.inject``'s arguments), so it can
-be re-applied to a fresh copy of the pre-trained model. Both are written atomically.
+A saved adapter is two files, ``NAME.safetensors`` (trainable tensors by their module path and the
+names of docs/design.md section 2, e.g. ``blocks.3.attn.qkv.lora_a``) and ``NAME.json`` (the model's
+:class:`pace.PaceConfig` as a dict), so it can be re-applied to a fresh copy of the pre-trained
+model. Both are written atomically; files written before a config field existed still load.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+from .config import PaceConfig
 from .inject import inject
 from .layers import PaceLinear
 
@@ -57,11 +59,11 @@ def save_adapter(model: nn.Module, path: PathLike) -> Path:
     """Write the trainable tensors of an injected ``model`` and its PACE config; returns the
     ``.safetensors`` path."""
     config = getattr(model, "pace_config", None)
-    if not isinstance(config, dict):
+    if not isinstance(config, PaceConfig):
         raise ValueError("save_adapter: model has no PACE adapters (call pace.inject first)")
     tensors = {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if p.requires_grad}
     st_path, json_path = _paths(path)
-    meta = {"format_version": FORMAT_VERSION, "config": config, "tensors": sorted(tensors)}
+    meta = {"format_version": FORMAT_VERSION, "config": config.to_dict(), "tensors": sorted(tensors)}
     atomic_write(st_path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pace-adapter"}))
     atomic_write(json_path, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2, sort_keys=True)))
     return st_path
@@ -77,7 +79,7 @@ def load_adapter(model: nn.Module, path: PathLike) -> nn.Module:
             raise FileNotFoundError(f"load_adapter: {p} does not exist")
     try:
         meta = json.loads(json_path.read_text())
-        config = dict(meta["config"])
+        saved_config = meta["config"]
         version = meta.get("format_version")
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ValueError(f"load_adapter: {json_path} is not a PACE adapter config ({exc})") from exc
@@ -85,13 +87,16 @@ def load_adapter(model: nn.Module, path: PathLike) -> nn.Module:
         raise ValueError(
             f"load_adapter: {json_path} has format_version {version!r}; this pace reads {FORMAT_VERSION}"
         )
+    try:
+        config = PaceConfig.from_dict({"head": None, **saved_config})  # a saved head: the layers it names
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"load_adapter: {json_path} holds no valid PACE config ({exc})") from exc
     tensors = _read_adapter_tensors(st_path)
     if not any(isinstance(m, PaceLinear) for m in model.modules()):
-        head = config.pop("head", None)
         probe = copy.deepcopy(model)  # inject changes the model: try it on a copy first
-        inject(probe, head=head, **config)
+        inject(probe, config=config)
         _check_fits(probe, tensors, st_path)
-        inject(model, head=head, **config)
+        inject(model, config=config)
     _check_fits(model, tensors, st_path)
     params = dict(model.named_parameters())
     with torch.no_grad():

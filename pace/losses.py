@@ -1,11 +1,11 @@
-"""The PACE objectives of SPEC section 5 behind one object a training loop calls.
+"""The PACE objectives of docs/design.md section 5 behind one object a training loop calls.
 
 >>> crit = PaceCriterion(mode="pace", lam=1.0)
 >>> out = crit(model, x, y, index=idx, step=step)   # out.loss.backward()
 
 ``x`` may be a tensor or a mapping of keyword tensors (a Hugging Face batch: ``model(**x)``); the
 model may return logits, a tuple whose first element they are, or an object or mapping with
-``logits``. Labels are per sample ``[B]`` or per token ``[B, T]`` (SPEC section 5, token-level
+``logits``. Labels are per sample ``[B]`` or per token ``[B, T]`` (docs/design.md section 5, token-level
 outputs: positions labelled ``ignore_index`` count in neither the loss nor the consistency).
 """
 

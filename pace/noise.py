@@ -1,4 +1,4 @@
-"""PACE's perturbation noise (SPEC section 4) and the paper's ablation noises.
+"""PACE's perturbation noise (docs/design.md section 4) and the paper's ablation noises.
 
 Multiplicative noises (``"gaussian"``, ``"dropout"``) have mean 1 and standard deviation ``sigma``,
 so the fused kernels take them as the ``noise`` tensor. ``"additive"`` noise has mean 0 and is added

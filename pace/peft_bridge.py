@@ -1,4 +1,4 @@
-"""PACE adapters in and out of Hugging Face PEFT, exactly (SPEC section 2 tensors <-> PEFT keys).
+"""PACE adapters in and out of Hugging Face PEFT, exactly (docs/design.md section 2 tensors <-> PEFT keys).
 
 Each pace kind is written as the PEFT type that holds it without approximation:
 
@@ -33,6 +33,7 @@ targets, ...) is refused with a message that names it.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from pathlib import Path
@@ -42,12 +43,10 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from pace_kernels._checks import check_backend
-
-from .inject import SCHEDULES, inject
+from .config import PaceConfig
+from .inject import inject
 from .io import atomic_write
-from .layers import PaceLinear, SSFNorm, check_sigma
-from .noise import check_noise_kind
+from .layers import PaceHead, PaceLinear, SSFNorm
 
 __all__ = ["save_peft", "load_peft", "from_peft"]
 
@@ -119,7 +118,7 @@ def _shape(code: str, d: int, k: int, r: int) -> Tuple[int, ...]:
     return tuple(sizes[c] for c in code)
 
 
-def _glora_layer_keys(kind: str, modes: Sequence[str], d: int, k: int, r: int, has_bias: bool) -> dict:
+def _glora_layer_keys(kind: str, modes: Sequence[str], d: int, k: int, r: int, *, has_bias: bool) -> dict:
     """GLoRA key suffix -> (pace tensor name or None for a tensor that must be zero, shape)."""
     held = _GLORA_FORMS[kind][1] if kind in _GLORA_FORMS else {}
     a_b, c, d_e = modes
@@ -133,12 +132,12 @@ def _glora_layer_keys(kind: str, modes: Sequence[str], d: int, k: int, r: int, h
 
 
 def _layer_keys(
-    peft_type: str, kind: str, modes, layer_dims: Tuple[int, int, int], has_bias: bool, lora_bias
-):
+    peft_type: str, kind: str, modes, layer_dims: Tuple[int, int, int], *, has_bias: bool, lora_bias: bool
+) -> dict:
     """PEFT key suffix -> (pace tensor name, or None for a tensor that must be zero; shape) of one layer."""
     d, k, r = layer_dims
     if peft_type == "GLORA":
-        return _glora_layer_keys(kind, modes, d, k, r, has_bias)
+        return _glora_layer_keys(kind, modes, d, k, r, has_bias=has_bias)
     table = dict(_HIRA_KEYS if peft_type == "HIRA" else _LORA_KEYS)
     if peft_type == "LORA" and lora_bias:
         table.update(_LORA_BIAS_KEY)
@@ -179,13 +178,13 @@ def save_peft(model: nn.Module, directory: PathLike) -> Path:
     peft = _import_peft()
     if not isinstance(model, nn.Module):
         raise TypeError(f"save_peft: model must be an nn.Module, got {type(model).__name__}")
-    if not isinstance(getattr(model, "pace_config", None), dict):
+    if not isinstance(getattr(model, "pace_config", None), PaceConfig):
         raise ValueError("save_peft: model has no PACE adapters (call pace.inject or pace.load_peft first)")
     if any(isinstance(m, SSFNorm) for m in model.modules()):
         raise ValueError(f"save_peft: adapter 'rlrr' cannot be written to PEFT: {_NO_PEFT_FORM['rlrr']}")
     pace_layers = {n: m for n, m in model.named_modules() if isinstance(m, PaceLinear)}
-    layers = {n: m for n, m in pace_layers.items() if m.adapter != "head"}
-    heads = [n for n, m in pace_layers.items() if m.adapter == "head"]
+    layers = {n: m for n, m in pace_layers.items() if not isinstance(m, PaceHead)}
+    heads = [n for n, m in pace_layers.items() if isinstance(m, PaceHead)]
     kinds = sorted({m.adapter for m in layers.values()})
     if len(kinds) != 1:
         raise ValueError(f"save_peft: PEFT holds one adapter kind per model, the model has {kinds or 'none'}")
@@ -211,7 +210,7 @@ def save_peft(model: nn.Module, directory: PathLike) -> Path:
     for name, layer in layers.items():
         dims = (layer.out_features, layer.in_features, rank)
         for suffix, (pace_name, shape) in _layer_keys(
-            peft_type, kind, modes, dims, layer.bias is not None, lora_bias
+            peft_type, kind, modes, dims, has_bias=layer.bias is not None, lora_bias=lora_bias
         ).items():
             value = getattr(layer, pace_name) if pace_name is not None else None
             if value is None:
@@ -284,22 +283,6 @@ def _check_config(peft, config) -> Tuple[str, Optional[Tuple[str, str, str]]]:
             )
         return peft_type, modes
     return peft_type, None
-
-
-def _check_pace_args(pace_kw: dict) -> None:
-    """pace.inject's arguments, checked before the PeftModel is consumed."""
-    check_sigma(pace_kw["sigma"])
-    check_noise_kind(pace_kw["noise"])
-    check_backend(pace_kw["backend"])
-    if pace_kw["schedule"] not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {SCHEDULES}, got {pace_kw['schedule']!r}")
-    if pace_kw["noise_on"] not in ("delta", "output"):
-        raise ValueError(f"noise_on must be 'delta' or 'output', got {pace_kw['noise_on']!r}")
-    if pace_kw["noise_shape"] not in ("sample", "token"):
-        raise ValueError(f"noise_shape must be 'sample' or 'token', got {pace_kw['noise_shape']!r}")
-    blocks = pace_kw["noise_free_blocks"]
-    if blocks is not None and (isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 0):
-        raise ValueError(f"noise_free_blocks must be None or an int >= 0, got {blocks!r}")
 
 
 def _glora_kind(modes: Tuple[str, str, str], has_bias: Sequence[bool]) -> str:
@@ -381,7 +364,8 @@ def from_peft(
 
     if not isinstance(peft_model, peft.PeftModel):
         raise TypeError(f"from_peft: peft_model must be a peft.PeftModel, got {type(peft_model).__name__}")
-    pace_kw = dict(
+    # checked before the PeftModel is consumed; the adapter kind, rank, targets and head follow
+    pace_config = PaceConfig(
         sigma=sigma,
         schedule=schedule,
         noise_free_blocks=noise_free_blocks,
@@ -390,7 +374,6 @@ def from_peft(
         noise_shape=noise_shape,
         backend=backend,
     )
-    _check_pace_args(pace_kw)
     names = list(peft_model.peft_config)
     if len(names) != 1:
         raise ValueError(f"from_peft: the PeftModel holds several adapters {names}; pace takes one")
@@ -464,21 +447,21 @@ def from_peft(
         raise ValueError(f"from_peft: the PEFT adapter has tensors pace has no form for: {unknown[:5]}")
 
     model = peft_model.unload()
-    return _put_pace_layers(model, kind, rank, values, heads[0] if heads else None, pace_kw)
-
-
-def _put_pace_layers(
-    model: nn.Module, kind: str, rank: int, values: Dict[str, Dict[str, torch.Tensor]], head, pace_kw: dict
-) -> nn.Module:
     module_names = [n for n, _ in model.named_modules()]
-    inject(
-        model,
+    pace_config = dataclasses.replace(
+        pace_config,
         adapter=kind,
         rank=rank,
         targets=_targets_regex(module_names, list(values)),
-        head=head,
-        **pace_kw,
+        head=heads[0] if heads else None,
     )
+    return _put_pace_layers(model, values, pace_config)
+
+
+def _put_pace_layers(
+    model: nn.Module, values: Dict[str, Dict[str, torch.Tensor]], pace_config: PaceConfig
+) -> nn.Module:
+    inject(model, config=pace_config)
     with torch.no_grad():
         for name, tensors in values.items():
             layer = model.get_submodule(name)

@@ -12,8 +12,12 @@ import os
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Dict, Optional, Tuple
 
-ADAPTERS = ("lora_mul_vpt_add", "lora_add", "lora_mul", "vpt_add", "rlrr")
-PACE_MODES = ("none", "pace", "fast", "lazy", "fpa")
+from ..config import ADAPTER_KINDS, DEFAULT_ADAPTER
+from ..losses import MODES
+
+# the library's lists, the default adapter first
+ADAPTERS = (DEFAULT_ADAPTER, *(kind for kind in ADAPTER_KINDS if kind != DEFAULT_ADAPTER))
+PACE_MODES = MODES
 DEFAULT_OUT = os.path.join("runs", "pace-train")
 
 
@@ -35,7 +39,7 @@ class RunConfig:
     augment: str = "none"
     normalize: str = "imagenet"
     # adapter and objective; sigma / lam None: the objective's value in MODE_SIGMA_LAM
-    adapter: str = "lora_mul_vpt_add"
+    adapter: str = DEFAULT_ADAPTER
     rank: int = 10
     pace: Optional[str] = None
     lam: Optional[float] = None

@@ -111,7 +111,7 @@ def amp_context(amp: str, device: torch.device):
 
 
 def has_adapters(model: nn.Module) -> bool:
-    return isinstance(getattr(model, "pace_config", None), dict)
+    return isinstance(getattr(model, "pace_config", None), pace.PaceConfig)
 
 
 @torch.no_grad()

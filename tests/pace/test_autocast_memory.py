@@ -2,7 +2,7 @@
 for backward, with fp32 master weights and bf16 autocast as with plain fp32. Without a GPU the
 kernels run in Triton's interpreter under CPU autocast; on a CUDA machine, on the GPU.
 
-Counted with saved-tensor hooks, de-duplicated by storage, as SPEC section 8 counts. A storage of
+Counted with saved-tensor hooks, de-duplicated by storage, as docs/design.md section 8 counts. A storage of
 the model's own parameters costs nothing new (the parameter is alive anyway); every other saved
 storage is memory the step keeps from forward to backward, and none of it may have the shape of a
 layer's weight.

@@ -1,4 +1,4 @@
-"""Injection into timm ViT / Swin and any nn.Module, the depth schedule, and merge (SPEC 4, 6)."""
+"""Injection into timm ViT / Swin and any nn.Module, the depth schedule, merge (docs/design.md 4, 6)."""
 
 import pytest
 import timm

@@ -1,4 +1,4 @@
-"""PaceLinear, every adapter kind, against SPEC section 2's formulas computed independently in float64."""
+"""PaceLinear, every adapter kind, against docs/design.md section 2's formulas, independently in float64."""
 
 import math
 
@@ -10,7 +10,7 @@ import pace
 
 
 def _spec_dh(kind, p, w0, b0, x):
-    """``dh(x) = x dW^T + db`` of SPEC section 2, from the layer's tensors (float64)."""
+    """``dh(x) = x dW^T + db`` of docs/design.md section 2, from the layer's tensors (float64)."""
     if kind == "lora_add":
         return x @ (p["lora_b"] @ p["lora_a"]).T + p["delta_bias"]
     if kind == "lora_mul":

@@ -1,4 +1,4 @@
-"""The PACE objectives (SPEC section 5) pinned on hand-computed cases."""
+"""The PACE objectives (docs/design.md section 5) pinned on hand-computed cases."""
 
 import pytest
 import timm
