@@ -1,6 +1,6 @@
 """The PACE paper's diagnostics (Fig. 2-4), measured as the paper measures them: on held-out data.
 
-The paper's gradient norm is "evaluated on validation set" (docs/design.md, docs/design.md section 5): the
+The paper's gradient norm is "evaluated on validation set" (docs/design.md section 5): the
 norm of the gradient of the classification loss on held-out samples with respect to the trainable
 tensors, with the model as trained and no noise. It is *not* the training objective's gradient norm,
 which for a model fitted to a few shots is small by construction and says nothing about flatness.
