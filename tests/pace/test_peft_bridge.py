@@ -72,7 +72,7 @@ class Spec:
     head: Optional[str]
 
 
-SPECS = {
+TINY_MODELS = {
     "vit": Spec(
         _vit, lambda: torch.randn(2, 3, 32, 32), r"blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1)", "head"
     ),
@@ -179,7 +179,7 @@ PACE_CASES = [
 
 @pytest.mark.parametrize("model_name, kind, bias_scale, peft_type", PACE_CASES)
 def test_pace_to_peft_to_pace(tmp_path, model_name, kind, bias_scale, peft_type):
-    spec = SPECS[model_name]
+    spec = TINY_MODELS[model_name]
     model = _inject(spec, kind)
     _randomize(model, keep_zero=() if bias_scale else ("bias_scale",))
     assert pace.save_peft(model, tmp_path) == tmp_path
@@ -238,7 +238,7 @@ def _peft_model(spec: Spec, make_config, **kw) -> nn.Module:
 
 @pytest.mark.parametrize("model_name, make_config, kind", PEFT_CASES)
 def test_peft_to_pace_to_peft(tmp_path, model_name, make_config, kind):
-    spec = SPECS[model_name]
+    spec = TINY_MODELS[model_name]
     peft_model = _peft_model(spec, make_config)
     peft_type = str(peft_model.peft_config["default"].peft_type.value)
     peft_model.save_pretrained(tmp_path / "peft")
@@ -267,7 +267,7 @@ def test_peft_to_pace_to_peft(tmp_path, model_name, make_config, kind):
 
 def test_lora_scaling_is_folded_exactly(tmp_path):
     """lora_alpha != r and rsLoRA: the scale goes into lora_b (and the LoRA bias), outputs equal."""
-    spec = SPECS["bert"]
+    spec = TINY_MODELS["bert"]
     for config_kw in (dict(lora_alpha=6, lora_bias=True), dict(lora_alpha=5, use_rslora=True)):
         peft_model = _peft_model(spec, lambda _kw=config_kw, **kw: peft.LoraConfig(**kw, **_kw))
         x = spec.inputs()
@@ -280,7 +280,7 @@ def test_lora_scaling_is_folded_exactly(tmp_path):
 
 
 def test_from_peft_sets_the_pace_schedule_and_loads_back_with_pace_io(tmp_path):
-    spec = SPECS["vit"]
+    spec = TINY_MODELS["vit"]
     model = pace.from_peft(_peft_model(spec, lambda **kw: peft.HiraConfig(**kw)), sigma=0.4)
     assert model.blocks[0].attn.qkv.sigma == 0.0  # ViT: the first block is noise-free
     assert model.blocks[1].attn.qkv.sigma == pytest.approx(0.4)
@@ -299,11 +299,11 @@ def test_save_peft_refuses_what_peft_cannot_hold(tmp_path):
         pace.save_peft(_vit(), tmp_path)
     with pytest.raises(TypeError, match="model"):
         pace.save_peft("model", tmp_path)
-    llama = _inject(SPECS["llama"], "lora_mul_vpt_add")
+    llama = _inject(TINY_MODELS["llama"], "lora_mul_vpt_add")
     with pytest.raises(ValueError, match="without bias"):
         pace.save_peft(llama, tmp_path)
     with pytest.raises(ValueError, match="without bias"):
-        pace.save_peft(_inject(SPECS["llama"], "vpt_add"), tmp_path)
+        pace.save_peft(_inject(TINY_MODELS["llama"], "vpt_add"), tmp_path)
     assert not (tmp_path / "adapter_config.json").exists()
 
 
@@ -340,7 +340,7 @@ def test_from_peft_and_load_peft_refuse_settings_without_exact_form(tmp_path, ma
 
 
 def test_from_peft_refuses_other_states(tmp_path):
-    spec = SPECS["bert"]
+    spec = TINY_MODELS["bert"]
     with pytest.raises(TypeError, match="PeftModel"):
         pace.from_peft(_bert())
     two = _peft_model(spec, lambda **kw: peft.LoraConfig(**kw))
@@ -369,7 +369,7 @@ def test_from_peft_refuses_other_states(tmp_path):
 
 
 def test_bad_pace_arguments_leave_the_peft_model_and_the_model_untouched(tmp_path):
-    spec = SPECS["vit"]
+    spec = TINY_MODELS["vit"]
     peft_model = _peft_model(spec, lambda **kw: peft.HiraConfig(**kw))
     peft_model.save_pretrained(tmp_path)
     for bad in (dict(sigma=-1.0), dict(noise="uniform"), dict(schedule="linear"), dict(noise_shape="batch")):
@@ -395,15 +395,15 @@ def test_from_peft_refuses_fan_in_fan_out():
 def test_load_peft_needs_a_peft_directory(tmp_path):
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
         pace.load_peft(_vit(), tmp_path)
-    pace.save_peft(_inject(SPECS["vit"], "lora_add"), tmp_path)
+    pace.save_peft(_inject(TINY_MODELS["vit"], "lora_add"), tmp_path)
     with pytest.raises(ValueError, match="already holds PaceLinear"):
-        pace.load_peft(_inject(SPECS["vit"], "lora_add"), tmp_path)
+        pace.load_peft(_inject(TINY_MODELS["vit"], "lora_add"), tmp_path)
 
 
 def test_missing_peft_is_a_clear_import_error(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "peft", None)  # what `import peft` sees when it is not installed
     with pytest.raises(ImportError, match=r"pip install 'pace\[peft\]'"):
-        pace.save_peft(_inject(SPECS["vit"], "lora_add"), tmp_path)
+        pace.save_peft(_inject(TINY_MODELS["vit"], "lora_add"), tmp_path)
     with pytest.raises(ImportError, match=r"pace\[peft\]"):
         pace.load_peft(_vit(), tmp_path)
 
@@ -418,7 +418,7 @@ def test_import_pace_works_without_peft():
 def test_a_peft_model_runs_on_the_fused_kernels(device):
     """from_peft's layers take the Triton path (the interpreter without a GPU) with the reference's
     outputs and gradients."""
-    spec = SPECS["vit"]
+    spec = TINY_MODELS["vit"]
     model = pace.from_peft(
         _peft_model(spec, lambda **kw: _glora("lora", "lora", "vector", **kw)), backend="torch"
     )
@@ -466,7 +466,7 @@ def test_more_refusals(tmp_path):
         pace.from_peft(bias_free)
 
     llama = _peft_model(
-        SPECS["llama"], lambda **kw: peft.LoraConfig(lora_bias=True, **kw)
+        TINY_MODELS["llama"], lambda **kw: peft.LoraConfig(lora_bias=True, **kw)
     )  # biases randomised
     with pytest.raises(ValueError, match="lora_B is nonzero"):
         pace.from_peft(llama)
@@ -479,7 +479,7 @@ def test_more_refusals(tmp_path):
 
 def test_glora_on_bias_free_layers_is_lora_mul():
     """GLoRA has no C, D, E where a layer has no bias, so on a bias-free model it is exactly lora_mul."""
-    spec = SPECS["llama"]
+    spec = TINY_MODELS["llama"]
     peft_model = _peft_model(spec, lambda **kw: _glora("lora", "lora", "vector", **kw))
     x = spec.inputs()
     want = _eval_out(peft_model, x)
