@@ -5,7 +5,17 @@ reference (:mod:`pace_kernels.reference`, the executable spec); see :mod:`pace_k
 """
 
 from . import reference
-from ._checks import LinearShapes, check_linear_inputs
+from .checks import BACKENDS, LinearShapes, check_backend, check_linear_inputs
 from .dispatch import lora_add_linear, lora_mul_linear
+from .reference import expand_noise
 
-__all__ = ["lora_add_linear", "lora_mul_linear", "reference", "check_linear_inputs", "LinearShapes"]
+__all__ = [
+    "lora_add_linear",
+    "lora_mul_linear",
+    "reference",
+    "expand_noise",
+    "check_backend",
+    "check_linear_inputs",
+    "LinearShapes",
+    "BACKENDS",
+]

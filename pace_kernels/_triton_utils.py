@@ -12,7 +12,6 @@ Everything here is public to the kernel modules and stays backward compatible: a
 from __future__ import annotations
 
 import functools
-import math
 import os
 import re
 import subprocess
@@ -22,9 +21,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
-
-from . import reference
-from ._checks import check_linear_inputs
 
 try:  # the module must import (for is_interpreting, CompileSpec) even where triton is missing
     import triton
@@ -64,9 +60,6 @@ class CompileSpec:
 
 
 TRITON_DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-"""Operand dtypes the kernels take (float64 inputs go to the reference)."""
 
 
 def padded_rank(rank: int) -> int:
@@ -293,7 +286,7 @@ def register_op(qualname: str, fn: Callable, fake: Callable, *, mutates_args: Se
 
 
 # --------------------------------------------------------------------------------------------
-# Public entry points: the part every ``*_linear_triton`` function shares.
+# Operands as the kernels read them.
 
 def contiguous_or_none(t: torch.Tensor | None) -> torch.Tensor | None:
     """``t.contiguous()``, or None for None: for the operands a kernel reads with unit stride."""
@@ -311,34 +304,6 @@ def frozen_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     in ``dtype`` and contiguous is returned as is."""
     # .to(memory_format=contiguous_format) would keep a transposed view as it is.
     return weight.to(dtype).contiguous()
-
-
-def run_fused_linear(op: str, launch: Callable[..., torch.Tensor], max_rank: int, x: torch.Tensor,
-                     weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
-                     lora_b: torch.Tensor, delta_bias: torch.Tensor | None,
-                     noise: torch.Tensor | None, *, weight_any_dtype: bool = False) -> torch.Tensor:
-    """The reference's ``op`` (``"lora_add_linear"``, ...) with its checks and errors, run by
-    ``launch`` where the kernels take the inputs and by the reference otherwise (float64, ranks
-    above ``max_rank``).
-
-    ``launch(x2d, weight, bias, lora_a, lora_b, delta_bias, noise2d, rows_per_noise) -> y2d`` gets
-    ``x`` flattened to ``[N, K]`` (contiguous), the noise to ``[N / rows_per_noise, D]``, and the
-    frozen ``weight``/``bias`` and the noise detached (they never get gradients); its ``[N, D]``
-    output is viewed back to ``[..., D]``. Anything further a kernel needs of its operands (unit
-    strides, say) is ``launch``'s to arrange. ``weight_any_dtype``: ``weight`` may have another float
-    dtype than ``x`` (autocast's fp32 master weight), which the ops cast per call (:func:`frozen_weight`).
-    """
-    shapes = check_linear_inputs(op, x, weight, bias, lora_a, lora_b, delta_bias, noise,
-                                 weight_any_dtype=weight_any_dtype)
-    if x.dtype not in KERNEL_DTYPES or shapes.rank > max_rank:
-        return getattr(reference, op)(x, weight.to(x.dtype), bias, lora_a, lora_b, delta_bias, noise)
-    d_out, k_in = shapes.out_features, shapes.in_features
-    # Explicit row counts, not -1: a reshape cannot infer them when K or D is 0.
-    x2d = x.reshape(shapes.n_rows, k_in).contiguous()
-    noise2d = None if noise is None else noise.detach().reshape(math.prod(noise.shape[:-1]), d_out)
-    y = launch(x2d, weight.detach(), None if bias is None else bias.detach(), lora_a, lora_b, delta_bias,
-               noise2d, shapes.rows_per_noise)
-    return y.view(*x.shape[:-1], d_out)
 
 
 # --------------------------------------------------------------------------------------------

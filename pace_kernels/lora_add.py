@@ -53,11 +53,10 @@ from ._triton_utils import (
     jit_helper,
     padded_rank,
     register_op,
-    run_fused_linear,
     wrap_triton,
 )
 
-__all__ = ["lora_add_linear_triton", "LoraAddFunction", "compile_specs", "MAX_RANK"]
+__all__ = ["lora_add_fwd", "lora_add_bwd", "compile_specs", "MAX_RANK"]
 
 MAX_RANK = 64
 """Largest rank the kernels take; larger ranks run the reference path."""
@@ -561,95 +560,43 @@ def _backward_fake(grad_y, x, u, weight, lora_a, lora_b, noise, rows_per_noise, 
             lora_b.new_empty(lora_b.shape), x.new_empty((weight.shape[0],)))
 
 
-def _op_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
-                lora_b: torch.Tensor, delta_bias: torch.Tensor | None, noise: torch.Tensor | None,
-                rows_per_noise: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return _forward_impl(x, weight, bias, lora_a, lora_b, delta_bias, noise, rows_per_noise)
-
-
-def _op_backward(grad_y: torch.Tensor, x: torch.Tensor, u: torch.Tensor, weight: torch.Tensor,
-                 lora_a: torch.Tensor, lora_b: torch.Tensor, noise: torch.Tensor | None, rows_per_noise: int,
-                 need_dx: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _backward_impl(grad_y, x, u, weight, lora_a, lora_b, noise, rows_per_noise, need_dx)
-
-
 lora_add_fwd = register_op(
-    "pace::lora_add_fwd", _op_forward, _forward_fake,
+    "pace::lora_add_fwd", _forward_impl, _forward_fake,
     schema="(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, Tensor? delta_bias, "
            "Tensor? noise, SymInt rows_per_noise) -> (Tensor, Tensor)")
 lora_add_bwd = register_op(
-    "pace::lora_add_bwd", _op_backward, _backward_fake,
+    "pace::lora_add_bwd", _backward_impl, _backward_fake,
     schema="(Tensor grad_y, Tensor x, Tensor u, Tensor weight, Tensor lora_a, Tensor lora_b, Tensor? noise, "
            "SymInt rows_per_noise, bool need_dx) -> (Tensor, Tensor, Tensor, Tensor)")
 
 
 # --------------------------------------------------------------------------------------------
-# Autograd: one formula, used by the op (register_autograd) and by LoraAddFunction.
+# Autograd of pace::lora_add_fwd, registered on the op: calling torch.ops.pace.lora_add_fwd is
+# differentiable, and torch.compile traces it without a graph break.
 
 
-class LoraAddFunction(torch.autograd.Function):
-    """Autograd of ``pace::lora_add_fwd``: ``apply(x2d, weight, bias, lora_a, lora_b, delta_bias,
-    noise2d, rows_per_noise) -> (y, u)``. The same ``setup_context``/``backward`` are registered on
-    the op itself, so calling ``torch.ops.pace.lora_add_fwd`` is differentiable too (that is the
-    path torch.compile traces without a graph break)."""
-
-    @staticmethod
-    def forward(x, weight, bias, lora_a, lora_b, delta_bias, noise, rows_per_noise):
-        return torch.ops.pace.lora_add_fwd(x, weight, bias, lora_a, lora_b, delta_bias, noise, rows_per_noise)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, weight, bias, lora_a, lora_b, delta_bias, noise, rows_per_noise = inputs
-        _, u = output
-        ctx.mark_non_differentiable(u)
-        ctx.save_for_backward(x, u, weight, lora_a, lora_b, noise)
-        ctx.rows_per_noise = rows_per_noise
-        ctx.has_delta_bias = delta_bias is not None
-
-    @staticmethod
-    def backward(ctx, grad_y, grad_u):
-        x, u, weight, lora_a, lora_b, noise = ctx.saved_tensors
-        need_dx = ctx.needs_input_grad[0]
-        dx, d_a, d_b, d_db = torch.ops.pace.lora_add_bwd(
-            grad_y, x, u, weight, lora_a, lora_b, noise, ctx.rows_per_noise, need_dx)
-        return (dx if need_dx else None, None, None,
-                d_a if ctx.needs_input_grad[3] else None,
-                d_b if ctx.needs_input_grad[4] else None,
-                d_db if ctx.has_delta_bias and ctx.needs_input_grad[5] else None,
-                None, None)
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, bias, lora_a, lora_b, delta_bias, noise, rows_per_noise = inputs
+    _, u = output
+    ctx.mark_non_differentiable(u)
+    ctx.save_for_backward(x, u, weight, lora_a, lora_b, noise)
+    ctx.rows_per_noise = rows_per_noise
+    ctx.has_delta_bias = delta_bias is not None
 
 
-lora_add_fwd.register_autograd(LoraAddFunction.backward, setup_context=LoraAddFunction.setup_context)
+def _backward(ctx, grad_y: torch.Tensor, grad_u: torch.Tensor) -> tuple:
+    x, u, weight, lora_a, lora_b, noise = ctx.saved_tensors
+    need_dx = ctx.needs_input_grad[0]
+    dx, d_a, d_b, d_db = torch.ops.pace.lora_add_bwd(
+        grad_y, x, u, weight, lora_a, lora_b, noise, ctx.rows_per_noise, need_dx)
+    return (dx if need_dx else None, None, None,
+            d_a if ctx.needs_input_grad[3] else None,
+            d_b if ctx.needs_input_grad[4] else None,
+            d_db if ctx.has_delta_bias and ctx.needs_input_grad[5] else None,
+            None, None)
 
 
-# --------------------------------------------------------------------------------------------
-# Public entry point
-
-
-def _launch_2d(x2d, weight, bias, lora_a, lora_b, delta_bias, noise2d, rows_per_noise):
-    # The op makes its operands row-major and casts the frozen weight itself (_forward_impl).
-    # U is for backward only.
-    y, _ = torch.ops.pace.lora_add_fwd(x2d, weight, bias, lora_a, lora_b, delta_bias, noise2d, rows_per_noise)
-    return y
-
-
-def lora_add_linear_triton(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    lora_a: torch.Tensor,
-    lora_b: torch.Tensor,
-    delta_bias: torch.Tensor | None = None,
-    noise: torch.Tensor | None = None,
-    *,
-    weight_any_dtype: bool = False,
-) -> torch.Tensor:
-    """``Y = x W0^T + b0 + Z * ((x A^T) B^T + db)`` with the fused kernels; the reference's signature
-    and errors. float64 inputs and ranks above :data:`MAX_RANK` run the reference instead.
-    ``weight_any_dtype``: the frozen ``weight`` may be of another float dtype than ``x`` (autocast's
-    fp32 master weight); it is read cast to ``x``'s dtype, and the op saves it as given."""
-    return run_fused_linear("lora_add_linear", _launch_2d, MAX_RANK, x, weight, bias, lora_a, lora_b,
-                            delta_bias, noise, weight_any_dtype=weight_any_dtype)
+lora_add_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 # --------------------------------------------------------------------------------------------

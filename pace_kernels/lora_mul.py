@@ -125,12 +125,10 @@ from ._triton_utils import (
     jit_helper,
     padded_rank,
     register_op,
-    run_fused_linear,
     wrap_triton,
 )
 
-__all__ = ["lora_mul_linear_triton", "LoraMulFunction", "compile_specs", "sample_plan", "SamplePlan",
-           "MAX_RANK"]
+__all__ = ["lora_mul_fwd", "lora_mul_bwd", "compile_specs", "sample_plan", "SamplePlan", "MAX_RANK"]
 
 # ------------------------------------------------------------------------------------------------
 # Row tiles and samples.
@@ -825,99 +823,45 @@ def _backward_fake(grad_y, x, weight, lora_a, lora_b, noise, rows_per_noise, nee
             lora_b.new_empty(lora_b.shape), x.new_empty((weight.shape[0],)))
 
 
-def _op_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
-                lora_b: torch.Tensor, delta_bias: torch.Tensor | None, noise: torch.Tensor | None,
-                rows_per_noise: int) -> torch.Tensor:
-    return _forward_impl(x, weight, bias, lora_a, lora_b, delta_bias, noise, rows_per_noise)
-
-
-def _op_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor,
-                 lora_b: torch.Tensor, noise: torch.Tensor | None, rows_per_noise: int, need_dx: bool,
-                 need_factors: bool,
-                 need_db: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _backward_impl(grad_y, x, weight, lora_a, lora_b, noise, rows_per_noise, need_dx, need_factors,
-                          need_db)
-
-
 lora_mul_fwd = register_op(
-    "pace::lora_mul_fwd", _op_forward, _forward_fake,
+    "pace::lora_mul_fwd", _forward_impl, _forward_fake,
     schema="(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, Tensor? delta_bias, "
            "Tensor? noise, SymInt rows_per_noise) -> Tensor")
 lora_mul_bwd = register_op(
-    "pace::lora_mul_bwd", _op_backward, _backward_fake,
+    "pace::lora_mul_bwd", _backward_impl, _backward_fake,
     schema="(Tensor grad_y, Tensor x, Tensor weight, Tensor lora_a, Tensor lora_b, Tensor? noise, "
            "SymInt rows_per_noise, bool need_dx, bool need_factors, bool need_db) "
            "-> (Tensor, Tensor, Tensor, Tensor)")
 
 
 # ------------------------------------------------------------------------------------------------
-# Autograd: one formula, used by the op (register_autograd) and by LoraMulFunction.
+# Autograd of pace::lora_mul_fwd, registered on the op: calling torch.ops.pace.lora_mul_fwd is
+# differentiable, and torch.compile traces it without a graph break. Saved: x, weight (the frozen
+# parameter), the factors and the noise; nothing of size D x K or N x D is made for backward.
 
 
-class LoraMulFunction(torch.autograd.Function):
-    """Autograd of ``pace::lora_mul_fwd``: ``apply(x2d, weight, bias, lora_a, lora_b, delta_bias,
-    noise2d, rows_per_noise) -> y``. The same ``setup_context``/``backward`` are registered on the
-    op itself, so ``torch.ops.pace.lora_mul_fwd`` is differentiable too (the path torch.compile
-    traces without a graph break). Saved: ``x``, ``weight`` (the frozen parameter), the factors
-    and the noise; nothing of size ``D x K`` or ``N x D`` is made for backward."""
-
-    @staticmethod
-    def forward(x, weight, bias, lora_a, lora_b, delta_bias, noise, rows_per_noise):
-        return torch.ops.pace.lora_mul_fwd(x, weight, bias, lora_a, lora_b, delta_bias, noise, rows_per_noise)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, weight, bias, lora_a, lora_b, delta_bias, noise, rows_per_noise = inputs
-        ctx.save_for_backward(x, weight, lora_a, lora_b, noise)
-        ctx.rows_per_noise = rows_per_noise
-        ctx.has_delta_bias = delta_bias is not None
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        x, weight, lora_a, lora_b, noise = ctx.saved_tensors
-        need_dx = ctx.needs_input_grad[0]
-        need_factors = ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
-        need_db = ctx.has_delta_bias and ctx.needs_input_grad[5]
-        dx, d_a, d_b, d_db = torch.ops.pace.lora_mul_bwd(
-            grad_y, x, weight, lora_a, lora_b, noise, ctx.rows_per_noise, need_dx, need_factors, need_db)
-        return (dx if need_dx else None, None, None,
-                d_a if ctx.needs_input_grad[3] else None,
-                d_b if ctx.needs_input_grad[4] else None,
-                d_db if need_db else None,
-                None, None)
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, bias, lora_a, lora_b, delta_bias, noise, rows_per_noise = inputs
+    ctx.save_for_backward(x, weight, lora_a, lora_b, noise)
+    ctx.rows_per_noise = rows_per_noise
+    ctx.has_delta_bias = delta_bias is not None
 
 
-lora_mul_fwd.register_autograd(LoraMulFunction.backward, setup_context=LoraMulFunction.setup_context)
+def _backward(ctx, grad_y: torch.Tensor) -> tuple:
+    x, weight, lora_a, lora_b, noise = ctx.saved_tensors
+    need_dx = ctx.needs_input_grad[0]
+    need_factors = ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
+    need_db = ctx.has_delta_bias and ctx.needs_input_grad[5]
+    dx, d_a, d_b, d_db = torch.ops.pace.lora_mul_bwd(
+        grad_y, x, weight, lora_a, lora_b, noise, ctx.rows_per_noise, need_dx, need_factors, need_db)
+    return (dx if need_dx else None, None, None,
+            d_a if ctx.needs_input_grad[3] else None,
+            d_b if ctx.needs_input_grad[4] else None,
+            d_db if need_db else None,
+            None, None)
 
 
-# ------------------------------------------------------------------------------------------------
-# Public entry point
-
-
-def _launch_2d(x2d, weight, bias, lora_a, lora_b, delta_bias, noise2d, rows_per_noise):
-    # The op makes its operands row-major and casts the frozen weight itself (_forward_impl).
-    return torch.ops.pace.lora_mul_fwd(x2d, weight, bias, lora_a, lora_b, delta_bias, noise2d, rows_per_noise)
-
-
-def lora_mul_linear_triton(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    lora_a: torch.Tensor,
-    lora_b: torch.Tensor,
-    delta_bias: torch.Tensor | None = None,
-    noise: torch.Tensor | None = None,
-    *,
-    weight_any_dtype: bool = False,
-) -> torch.Tensor:
-    """``Y = x W0^T + b0 + Z * (x (W0 * (B A))^T + db)`` with the fused kernels; the reference's
-    signature and errors. RLRR is the rank-1 case (``lora_b = s_left [D, 1]``, ``lora_a =
-    s_right^T [1, K]``, ``delta_bias = shift``). float64 inputs and ranks above :data:`MAX_RANK`
-    run the reference instead. ``weight_any_dtype``: the frozen ``weight`` may be of another float
-    dtype than ``x`` (autocast's fp32 master weight); it is read cast to ``x``'s dtype, and the op
-    saves the weight as given, no cast copy."""
-    return run_fused_linear("lora_mul_linear", _launch_2d, MAX_RANK, x, weight, bias, lora_a, lora_b,
-                            delta_bias, noise, weight_any_dtype=weight_any_dtype)
+lora_mul_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._checks import check_linear_inputs
+from .checks import check_linear_inputs
 
 __all__ = ["lora_add_linear", "lora_mul_linear", "expand_noise"]
 
@@ -40,6 +40,11 @@ def lora_add_linear(
 ) -> torch.Tensor:
     """``Y = x W0^T + b0 + Z * ((x A^T) B^T + db)`` (SPEC section 3, ``lora_add``)."""
     check_linear_inputs("lora_add_linear", x, weight, bias, lora_a, lora_b, delta_bias, noise)
+    return lora_add_formula(x, weight, bias, lora_a, lora_b, delta_bias, noise)
+
+
+def lora_add_formula(x, weight, bias, lora_a, lora_b, delta_bias, noise) -> torch.Tensor:
+    """:func:`lora_add_linear` on inputs already validated (the dispatcher checks once)."""
     base = F.linear(x, weight.detach(), None if bias is None else bias.detach())
     delta = F.linear(F.linear(x, lora_a), lora_b, delta_bias)
     z = expand_noise(noise, x, delta.dtype)
@@ -57,6 +62,11 @@ def lora_mul_linear(
 ) -> torch.Tensor:
     """``Y = x W0^T + b0 + Z * (x (W0 * (B A))^T + db)`` (SPEC section 3, ``lora_mul``)."""
     check_linear_inputs("lora_mul_linear", x, weight, bias, lora_a, lora_b, delta_bias, noise)
+    return lora_mul_formula(x, weight, bias, lora_a, lora_b, delta_bias, noise)
+
+
+def lora_mul_formula(x, weight, bias, lora_a, lora_b, delta_bias, noise) -> torch.Tensor:
+    """:func:`lora_mul_linear` on inputs already validated (the dispatcher checks once)."""
     w0 = weight.detach()
     base = F.linear(x, w0, None if bias is None else bias.detach())
     delta = F.linear(x, w0 * (lora_b @ lora_a), delta_bias)
