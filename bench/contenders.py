@@ -293,7 +293,8 @@ def make_pass(
 
 
 def oracle_output(case: Case) -> torch.Tensor:
-    """The package's reference op (SPEC section 3) on the same tensors in fp32: what contenders must match."""
+    """The package's reference op (docs/design.md section 3) on the same tensors in fp32: what
+    contenders must match."""
     from pace_kernels import reference
 
     fn = reference.lora_add_linear if case.op.kind == "lora_add" else reference.lora_mul_linear

@@ -4,7 +4,7 @@ compile-check machinery.
 
 Each kernel module (``lora_add``, ``lora_mul``) exposes ``compile_specs() -> list[CompileSpec]``:
 one entry per kernel and shipped config, which ``python -m pace_kernels.compile_check`` compiles
-for a GPU target without a GPU (SPEC section 7) through :func:`compile_for_arch`.
+for a GPU target without a GPU (docs/design.md section 7) through :func:`compile_for_arch`.
 
 Everything here is public to the kernel modules and stays backward compatible: add, do not change.
 """
@@ -198,7 +198,7 @@ def autotune_for_device(fn: Callable, table: ConfigsByArch, interpreter_config: 
 
 def dot_upcast(dtype: torch.dtype) -> bool:
     """Whether dot operands must be upcast to fp32: in the interpreter ``tl.dot`` on bfloat16
-    operands returns garbage (SPEC section 7); fp16 and fp32 are right there."""
+    operands returns garbage (docs/design.md section 7); fp16 and fp32 are right there."""
     return is_interpreting() and dtype == torch.bfloat16
 
 

@@ -60,7 +60,7 @@ def check_linear_inputs(
     *,
     weight_any_dtype: bool = False,
 ) -> LinearShapes:
-    """Validate the arguments of ``lora_add_linear`` / ``lora_mul_linear`` (SPEC section 3).
+    """Validate the arguments of ``lora_add_linear`` / ``lora_mul_linear`` (docs/design.md section 3).
 
     ``x [..., K]``, ``weight [D, K]``, ``bias [D] | None``, ``lora_a [r, K]``, ``lora_b [D, r]``,
     ``delta_bias [D] | None``, ``noise [x.shape[0], D]`` (per sample) or ``[*x.shape[:-1], D]`` (per

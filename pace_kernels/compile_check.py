@@ -5,7 +5,7 @@
 For each kernel module that imports, every entry of its ``compile_specs()`` is compiled with
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``; the bundled
 ``ptxas -v`` gives registers and spill bytes, the compiler the shared memory a launch asks for, the
-PTX whether tensor cores are used (``wgmma`` on sm_90, ``mma.sync`` on sm_80/86/89; SPEC section 7).
+PTX whether tensor cores are used (``wgmma`` on sm_90, ``mma.sync`` on sm_80/86/89; docs/design.md section 7).
 Each module lists configs per GPU class and is checked with the list ``--arch`` runs. Exit status 1
 when an fp16/bf16 row lacks tensor cores, any row spills or needs more shared memory than the arch
 has (232,448 B sm_90, 166,912 B sm_80, 101,376 B sm_86/sm_89), or a config fails to compile; only
@@ -58,14 +58,14 @@ def _load_specs(
     return specs
 
 
-_SPECS: list = []  # the specs being checked, inherited by forked workers
+_specs_being_checked: list = []  # the specs being checked, inherited by forked workers
 
 
 def _compile_one(job: Tuple[int, int]) -> tuple:
     from ._triton_utils import compile_for_arch
 
     index, arch = job
-    r = compile_for_arch(_SPECS[index], arch)
+    r = compile_for_arch(_specs_being_checked[index], arch)
     return (r.registers, r.spill_stores, r.spill_loads, r.shared_bytes, r.tensor_cores, r.error)
 
 
@@ -73,7 +73,7 @@ def _compile_all(specs: list, arch: int, jobs: int) -> Iterator:
     """Reports in spec order; compiled by ``jobs`` forked processes (triton.compile is CPU-bound)."""
     from ._triton_utils import CompileReport
 
-    _SPECS[:] = specs
+    _specs_being_checked[:] = specs
     work = [(i, arch) for i in range(len(specs))]
     if jobs <= 1 or len(specs) <= 1:
         results = map(_compile_one, work)

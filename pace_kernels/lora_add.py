@@ -1,6 +1,6 @@
 """Fused ``lora_add`` linear layer: Triton kernels, autograd and the ``torch.library`` op.
 
-    Y = X W0^T + b0 + Zr * (U B^T + db),   U = X A^T        (SPEC section 3)
+    Y = X W0^T + b0 + Zr * (U B^T + db),   U = X A^T        (docs/design.md section 3)
 
 Forward, one kernel (``_fwd_kernel``): each program owns a ``[BLOCK_M, BLOCK_N]`` tile of ``Y``
 and, in the same K loop that accumulates ``X W0^T`` (seeded with ``b0``), accumulates
@@ -28,7 +28,7 @@ Backward, three launches, no ``N x D`` temporary besides ``G`` and no atomics:
   ``torch.sum`` in a fixed order: deterministic, bitwise identical run to run.
 
 All dots accumulate in fp32; ``U`` and ``P`` are rounded to the input dtype like the reference's
-intermediate results. In the interpreter bf16 dot operands are upcast (SPEC section 7).
+intermediate results. In the interpreter bf16 dot operands are upcast (docs/design.md section 7).
 """
 
 from __future__ import annotations
@@ -344,7 +344,7 @@ def _dx_cfg(bm: int, bk: int, bd: int, warps: int, stages: int) -> triton.Config
 
 
 # 16-bit lists: 128x128 tiles for the large GEMMs, 128x64 / 64x128 for narrow layers and few rows.
-# 8 warps for 128-row tiles: at 4 warps they spill (SPEC section 7; seen again here). sm_8x lists
+# 8 warps for 128-row tiles: at 4 warps they spill (docs/design.md section 7; seen again here). sm_8x lists
 # (mma.sync, 99 KiB on sm_86/89) take the Hopper tiles that fit, else halve BLOCK_D or the stages.
 # A100 (sm_80) runs the sm_8x lists too: they were chosen for its register file and fit its
 # 163 KiB; larger A100 tiles are a tuning question for when one can be benchmarked.

@@ -1,10 +1,10 @@
 """Fused ``lora_mul`` linear layer (and RLRR, its rank-1 case) with PACE noise: Triton kernels,
 autograd and the ``torch.library`` op.
 
-    Y = X W0^T + b0 + Zr * (X (W0*M)^T + db),   M = B A          (SPEC section 3)
+    Y = X W0^T + b0 + Zr * (X (W0*M)^T + db),   M = B A          (docs/design.md section 3)
 
 Per-sample noise (tokens of a sample share ``z_b``) makes sample b's layer an ordinary linear
-map, ``Y_b = X_b W_b^T + b0 + z_b db`` with ``W_b = W0 * (1 + z_b[:, None] * M)`` (SPEC section 3,
+map, ``Y_b = X_b W_b^T + b0 + z_b db`` with ``W_b = W0 * (1 + z_b[:, None] * M)`` (docs/design.md section 3,
 "Below five"). The kernels run one GEMM per sample against ``W_b`` built tile by tile:
 
 - forward (``_lora_mul_fwd_kernel``): a row tile never straddles two samples; per K step the
@@ -82,7 +82,8 @@ Bytes per output tile (bf16, L2 -> SM, the whole K loop plus the output store):
 brackets.) Inside the SM, per K step of 32 (bf16, 8 warps, 128x128; counted from the PTX of both
 drafts: every tile is staged by cp.async, read back by ld.shared where it is built, and read by
 wgmma): noise-free moves 40 KiB through shared memory; the ``W0*M``-buffer build 56 KiB (72 KiB
-when the built tile is the right operand and goes back to shared memory, as in SPEC's draft);
+when the built tile is the right operand and goes back to shared memory, as in the draft of docs/design.md
+section 9.3);
 the factor build 43 KiB. The buffer build is cheaper in instructions (one packed bf16x2 FMA per
 two elements against ~2.5 fp32 instructions per element) and costs no MMA, but these tiles are
 bound by shared-memory and L2 traffic before MMA, most of all the 64-row tiles T = 197 needs, so
@@ -741,11 +742,11 @@ def _backward_impl(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
     d_out, rank = lora_b.shape
     bits, upcast, precision = _kernel_flags(x.dtype)
     dx = torch.empty((n_rows, k_in) if need_dx else (0, k_in), device=x.device, dtype=x.dtype)
-    d_lora_a = torch.zeros_like(lora_a)
-    d_lora_b = torch.zeros_like(lora_b)
-    d_db = torch.zeros((d_out,), device=x.device, dtype=x.dtype)
     if n_rows == 0 or d_out == 0:
-        return dx.zero_(), d_lora_a, d_lora_b, d_db
+        return dx.zero_(), torch.zeros_like(lora_a), torch.zeros_like(lora_b), x.new_zeros((d_out,))
+    # The gradients are made below where they are needed; an output not asked for is zeros (the
+    # op's schema returns four tensors), and only then is anything filled.
+    d_lora_a = d_lora_b = d_db = None
 
     # dM (and d db) first: its fp32 D x K transients are freed before dX makes its own.
     if need_factors or need_db:
@@ -814,6 +815,10 @@ def _backward_impl(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
                 k_in,
                 dict(sample=dict(PER_SAMPLE=True, R=padded_rank(rank), **consts), two_gemm=consts),
             )
+    if d_lora_a is None:
+        d_lora_a, d_lora_b = torch.zeros_like(lora_a), torch.zeros_like(lora_b)
+    if d_db is None:
+        d_db = x.new_zeros((d_out,))
     return dx, d_lora_a, d_lora_b, d_db
 
 

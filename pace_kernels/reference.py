@@ -1,11 +1,11 @@
-"""The reference path: SPEC section 3 in plain PyTorch, autograd through ordinary ops.
+"""The reference path: docs/design.md section 3 in plain PyTorch, autograd through ordinary ops.
 
 This module is the executable specification every kernel is tested against, and the path that
 runs on CPU. It favours clarity over speed: the adapter weight of ``lora_mul`` is materialised and
 the noise is an ordinary elementwise multiply, exactly the costs the fused kernels remove.
 
-The frozen ``weight``/``bias`` and the ``noise`` are detached: SPEC says they never receive
-gradients, and the kernels do not produce any for them.
+The frozen ``weight``/``bias`` and the ``noise`` are detached: docs/design.md (section 3) says they
+never receive gradients, and the kernels do not produce any for them.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def lora_add_linear(
     delta_bias: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``Y = x W0^T + b0 + Z * ((x A^T) B^T + db)`` (SPEC section 3, ``lora_add``)."""
+    """``Y = x W0^T + b0 + Z * ((x A^T) B^T + db)`` (docs/design.md section 3, ``lora_add``)."""
     check_linear_inputs("lora_add_linear", x, weight, bias, lora_a, lora_b, delta_bias, noise)
     return lora_add_formula(x, weight, bias, lora_a, lora_b, delta_bias, noise)
 
@@ -60,7 +60,7 @@ def lora_mul_linear(
     delta_bias: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``Y = x W0^T + b0 + Z * (x (W0 * (B A))^T + db)`` (SPEC section 3, ``lora_mul``)."""
+    """``Y = x W0^T + b0 + Z * (x (W0 * (B A))^T + db)`` (docs/design.md section 3, ``lora_mul``)."""
     check_linear_inputs("lora_mul_linear", x, weight, bias, lora_a, lora_b, delta_bias, noise)
     return lora_mul_formula(x, weight, bias, lora_a, lora_b, delta_bias, noise)
 

@@ -1,4 +1,4 @@
-"""``python -m pace_kernels.compile_check``: sm_80/86/89/90 compiles without a GPU (SPEC section 7),
+"""``python -m pace_kernels.compile_check``: sm_80/86/89/90 compiles without a GPU (docs/design.md section 7),
 and the per-GPU-class config lists the launches are pruned to.
 
 The full check (every kernel, every shipped config, four archs) runs in CI as its own step; here a
@@ -90,7 +90,7 @@ def test_worst_case_configs_use_wgmma_without_spills() -> None:
 
 @needs_compiler
 def test_spilling_config_fails_the_check() -> None:
-    """SPEC section 7: 4 warps on a 128x128x64 tile spill; the check must exit 1 and say why."""
+    """docs/design.md section 7: 4 warps on a 128x128x64 tile spill; the check must exit 1 and say why."""
     code = (
         "import sys, pace_kernels.lora_add as la\n"
         "la.FWD_CONFIGS_16[90] = [la._cfg(128, 128, 64, 4, 3)]\n"

@@ -291,3 +291,22 @@ def test_shipped_configs_keep_two_samples_per_tile() -> None:
     assert configs
     for cfg in configs:
         lora_add.check_segment_tile(cfg.kwargs["BLOCK_M"], lora_add.SEGMENT_MIN_ROWS)
+
+
+@pytest.mark.parametrize("op", ["lora_add_bwd", "lora_mul_bwd"])
+def test_backward_fills_nothing(op: str, device: str) -> None:
+    """Issue 11 item 9: every gradient the backward op returns is written whole by a kernel or a
+    GEMM, so nothing is allocated with zeros and then replaced (144 fills per ViT-B step before)."""
+    x, w, bias, a, lb, db, z = _op_inputs(device)
+    g = torch.randn(x.shape[0], w.shape[0], device=device)
+    if op == "lora_add_bwd":
+        _, u = torch.ops.pace.lora_add_fwd(x, w, bias, a, lb, db, z, 5)
+        args = [g, x, u, w, a, lb, z, 5, True]
+    else:
+        args = [g, x, w, a, lb, z, 5, True, True, True]
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        getattr(torch.ops.pace, op)(*args)
+    # (aten::fill_ is left out: a CPU sum reduction initialises its output with it.)
+    fills = [e.name for e in prof.events()
+             if e.name in ("aten::zeros", "aten::zeros_like", "aten::zero_", "aten::new_zeros")]
+    assert fills == [], fills

@@ -1,4 +1,4 @@
-"""The fused ``lora_add`` kernels against the reference path (SPEC sections 3 and 4).
+"""The fused ``lora_add`` kernels against the reference path (docs/design.md sections 3 and 4).
 
 Without a GPU the kernels run in Triton's interpreter (tests/conftest.py), which is slow: shapes are
 small and the case list covers every pair of axis values (dtype, T, D, K, rank, noise kind, bias,
@@ -133,7 +133,8 @@ def test_gradients_bitwise_deterministic(device: str) -> None:
 
 
 def test_two_copy_batch_equals_two_calls(device: str) -> None:
-    """SPEC section 4: in ``[x; x]`` copy c of sample b is sample ``c*B + b`` with its own noise row."""
+    """docs/design.md section 4: in ``[x; x]`` copy c of sample b is sample ``c*B + b`` with its own
+    noise row."""
     case = Case("fp32", 197, 80, 48, 10, "sample", True, True, 3, True, samples=2)
     inputs = make_inputs(case, device)
     both, first, second, params = _cases.check_two_copy_batch(OP, inputs, case.samples, device)

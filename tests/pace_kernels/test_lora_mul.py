@@ -1,5 +1,5 @@
 """The fused ``lora_mul`` kernels (and RLRR, rank-1 ``lora_mul``) against the reference path
-(SPEC sections 2, 3 and 4).
+(docs/design.md sections 2, 3 and 4).
 
 Without a GPU the kernels run in Triton's interpreter (tests/conftest.py), which is slow: shapes are
 small, and the case list covers every pair of axis values (dtype, T, D, K, rank, noise kind, bias,
@@ -172,7 +172,7 @@ def test_split_dm_matches_reference_and_is_deterministic(noise: str, device: str
 @pytest.mark.parametrize("noise", ["sample", "token", None])
 def test_memory_contract(noise: str | None, device: str) -> None:
     """Saved for backward: only the op's inputs (x, W0 itself, the factors, the noise), never a
-    ``D x K`` tensor of its own nor an ``N x D`` one (SPEC section 3, issue 5 item 4)."""
+    ``D x K`` tensor of its own nor an ``N x D`` one (docs/design.md section 3, issue 5 item 4)."""
     case = Case("fp32", 50, 24, 40, 3, noise, True, True, 3, True)  # N = 150, D = 24, K = 40
     inputs = make_inputs(case, device)
     n_rows = case.samples * case.tokens
@@ -199,7 +199,7 @@ def test_memory_contract(noise: str | None, device: str) -> None:
 
 
 def test_rlrr_is_rank_one_lora_mul(device: str) -> None:
-    """RLRR (SPEC section 2): ``W = W0 * (1 + s_left s_right^T)``, ``db = shift``, through the
+    """RLRR (docs/design.md section 2): ``W = W0 * (1 + s_left s_right^T)``, ``db = shift``, through the
     kernels as rank-1 lora_mul, against the formula written out, with per-sample noise."""
     g = torch.Generator().manual_seed(3)
     b, t, k, d = 3, 50, 48, 80
@@ -300,7 +300,8 @@ def test_compile_specs_cover_every_kernel_and_argument() -> None:
 
 
 def test_two_copy_batch_equals_two_calls(device: str) -> None:
-    """SPEC section 4: in ``[x; x]`` copy c of sample b is sample ``c*B + b`` with its own noise row."""
+    """docs/design.md section 4: in ``[x; x]`` copy c of sample b is sample ``c*B + b`` with its own
+    noise row."""
     case = Case("fp32", 50, 80, 48, 10, "sample", True, True, 3, True, samples=2)
     _cases.check_two_copy_batch(OP, make_inputs(case, device), case.samples, device)
 
