@@ -226,7 +226,7 @@ def test_weight_offsets_past_2_to_31_elements(module, device: str, monkeypatch) 
     weight = _far_apart_rows(d_out, k_in, device)
     if weight is None:
         pytest.skip("cannot reserve 8 GiB of address space here")
-    monkeypatch.setattr(module, "frozen_weight", lambda w, dtype: w, raising=False)
+    monkeypatch.setattr(module.op, "frozen_weight", lambda w, dtype: w)
     g = torch.Generator().manual_seed(0)
 
     def rnd(*shape):
@@ -272,13 +272,13 @@ def test_two_segment_path_refuses_tiles_taller_than_a_sample_plus_one(device: st
     tall_dx = triton.Config(
         {"BLOCK_M": 2 * tokens, "BLOCK_K": 16, "BLOCK_D": 16, "GROUP_M": 8}, num_warps=4, num_stages=1
     )
-    monkeypatch.setattr(lora_add._fwd_32, "configs", [tall])
+    monkeypatch.setattr(lora_add.op._fwd_32, "configs", [tall])
     with pytest.raises(RuntimeError, match=r"BLOCK_M=256 rows can span three samples of 128 rows"):
         pace_kernels.lora_add_linear(*args, backend="triton")
     monkeypatch.undo()
 
     y = pace_kernels.lora_add_linear(*args, backend="triton")
-    monkeypatch.setattr(lora_add._dx_32, "configs", [tall_dx])
+    monkeypatch.setattr(lora_add.op._dx_32, "configs", [tall_dx])
     with pytest.raises(RuntimeError, match="two-segment noise path"):
         y.backward(inputs["grad"])
 

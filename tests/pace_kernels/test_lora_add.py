@@ -68,7 +68,8 @@ def test_pairwise_cases_cover_every_value() -> None:
 def test_per_sample_noise_paths(rank: int, delta_bias: bool, mode: int, device: str) -> None:
     """Samples of >= 128 rows take the two-segment path (db folded into a spare rank slot); a full
     padded rank with db falls back to the gathered noise tile. Both must match the reference."""
-    from pace_kernels.lora_add import _noise_mode, padded_rank
+    from pace_kernels._triton_utils import padded_rank
+    from pace_kernels.lora_add.op import _noise_mode
 
     fold = delta_bias and rank < padded_rank(rank)
     assert _noise_mode(torch.ones(1), 130, fold, delta_bias) == mode

@@ -23,7 +23,18 @@ import subprocess
 import sys
 from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
-KERNEL_MODULES = ["pace_kernels.lora_add", "pace_kernels.lora_mul"]
+SPEC_MODULES = {
+    "pace_kernels.lora_add": "pace_kernels.compile_check.lora_add_specs",
+    "pace_kernels.lora_mul": "pace_kernels.compile_check.lora_mul_specs",
+}
+"""Each kernel package and the module whose ``compile_specs(arch)`` lists what the check compiles."""
+KERNEL_MODULES = list(SPEC_MODULES)
+
+
+def _spec_module(name: str) -> str:
+    # A kernel package ("pace_kernels.lora_add", or "lora_add") names its spec module; any other
+    # name is taken as a module with compile_specs() itself.
+    return SPEC_MODULES.get(name, SPEC_MODULES.get(f"pace_kernels.{name}", name))
 
 
 def _load_specs(
@@ -34,14 +45,14 @@ def _load_specs(
 ) -> list:
     """Specs of every importable module; ``only``: keep those whose ``"name config"`` contains one of
     these substrings; ``dtype``: keep one operand dtype (``"bf16"``, ``"fp16"``, ``"fp32"``)."""
-    from ._triton_utils import TRITON_DTYPE_NAMES
+    from .machinery import TRITON_DTYPE_NAMES
 
     if isinstance(only, str):
         only = [only]
     specs = []
     for name in modules:
         try:
-            module = importlib.import_module(name)
+            module = importlib.import_module(_spec_module(name))
         except ImportError as exc:
             print(f"# {name}: not imported ({exc}); skipped")
             continue
@@ -62,7 +73,7 @@ _specs_being_checked: list = []  # the specs being checked, inherited by forked 
 
 
 def _compile_one(job: Tuple[int, int]) -> tuple:
-    from ._triton_utils import compile_for_arch
+    from .machinery import compile_for_arch
 
     index, arch = job
     r = compile_for_arch(_specs_being_checked[index], arch)
@@ -71,7 +82,7 @@ def _compile_one(job: Tuple[int, int]) -> tuple:
 
 def _compile_all(specs: list, arch: int, jobs: int) -> Iterator:
     """Reports in spec order; compiled by ``jobs`` forked processes (triton.compile is CPU-bound)."""
-    from ._triton_utils import CompileReport
+    from .machinery import CompileReport
 
     _specs_being_checked[:] = specs
     work = [(i, arch) for i in range(len(specs))]
@@ -99,7 +110,8 @@ def run_check(
     dtype: Optional[str] = None,
 ) -> int:
     """Compile and print the table; return the process exit status (0 all good, 1 otherwise)."""
-    from ._triton_utils import MAX_SHARED_BYTES, TRITON_DTYPE_NAMES
+    from .._triton_utils import MAX_SHARED_BYTES
+    from .machinery import TRITON_DTYPE_NAMES
 
     if arch not in MAX_SHARED_BYTES:
         raise ValueError(f"arch must be one of {sorted(MAX_SHARED_BYTES)}, got {arch}")
@@ -166,6 +178,3 @@ def main(argv: Optional[List[str]] = None) -> int:
         return subprocess.call(cmd, env=env)
     return run_check(args.arch, args.module or KERNEL_MODULES, args.only, args.limit, args.jobs, args.dtype)
 
-
-if __name__ == "__main__":
-    sys.exit(main())
