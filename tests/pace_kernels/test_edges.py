@@ -238,13 +238,13 @@ def test_weight_offsets_past_2_to_31_elements(module, device: str, monkeypatch) 
     leaves = [t.double().requires_grad_() for t in (x, a, b)]
     z_rows = noise.double().repeat_interleave(tokens, 0)
     if module is lora_add:
-        y, _ = module._forward_impl(x, weight, None, a, b, None, noise, tokens)
+        y, _ = module.op._forward_impl(x, weight, None, a, b, None, noise, tokens)
         want = reference.lora_add_linear(leaves[0], weight.double(), None, leaves[1], leaves[2], None, z_rows)
         results = [("y", y, want)]
     else:
         assert module.sample_plan(tokens, module.SAMPLE_BLOCK_MS).tail_rows == 0
-        y = module._forward_impl(x, weight, None, a, b, None, noise, tokens)
-        grads = module._backward_impl(grad, x, weight, a, b, noise, tokens, True, True, False)[:3]
+        y = module.op._forward_impl(x, weight, None, a, b, None, noise, tokens)
+        grads = module.op._backward_impl(grad, x, weight, a, b, noise, tokens, True, True, False)[:3]
         want = reference.lora_mul_linear(leaves[0], weight.double(), None, leaves[1], leaves[2], None, z_rows)
         want_grads = torch.autograd.grad(want, leaves, grad.double())
         results = [("y", y, want)] + list(zip(("dx", "d_lora_a", "d_lora_b"), grads, want_grads))
