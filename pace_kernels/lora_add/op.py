@@ -69,13 +69,22 @@ def _unit_stride(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
     return [contiguous_or_none(t) for t in tensors]
 
 
-def _noise_mode(noise: torch.Tensor | None, rows_per_noise: int, folds_db: bool, has_db: bool) -> int:
-    """0: no noise; 1: gather a noise row per output row; 2: per-sample segments (see _fwd_kernel)."""
+NOISE_NONE = 0
+"""The kernels' ``NOISE`` constexpr: no noise."""
+NOISE_GATHER = 1
+"""``NOISE``: gather the noise row of every output row (any noise layout)."""
+NOISE_SEGMENTS = 2
+"""``NOISE``: per-sample noise, at most two samples per row tile (see ``kernels._fwd_kernel``)."""
+
+
+def _noise_mode(noise: torch.Tensor | None, rows_per_noise: int, *, folds_db: bool, has_db: bool) -> int:
+    """The ``NOISE`` constexpr of a launch. The segment path needs samples of at least
+    :data:`SEGMENT_MIN_ROWS` rows, and a delta bias only when it rides in a spare rank slot."""
     if noise is None:
-        return 0
+        return NOISE_NONE
     if rows_per_noise >= SEGMENT_MIN_ROWS and (folds_db or not has_db):
-        return 2
-    return 1
+        return NOISE_SEGMENTS
+    return NOISE_GATHER
 
 
 def _num_splits(n_rows: int, n_cols: int) -> int:
@@ -131,10 +140,10 @@ def _forward_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     z = noise if noise is not None else x
     r_pad = padded_rank(rank)
     fold_db = delta_bias is not None and rank < r_pad
-    noise_mode = _noise_mode(noise, rows_per_noise, fold_db, delta_bias is not None)
+    noise_mode = _noise_mode(noise, rows_per_noise, folds_db=fold_db, has_db=delta_bias is not None)
 
     def grid(meta):
-        if noise_mode == 2:
+        if noise_mode == NOISE_SEGMENTS:
             check_segment_tile(meta["BLOCK_M"], rows_per_noise)
         return (triton.cdiv(n_rows, meta["BLOCK_M"]) * triton.cdiv(d_out, meta["BLOCK_N"]),)
 
@@ -180,10 +189,11 @@ def _backward_impl(grad_y: torch.Tensor, x: torch.Tensor, u: torch.Tensor, weigh
     kernel = _dx_32 if x.dtype == torch.float32 else _dx_16
     z = noise if noise is not None else g
     dx_arg = dx if need_dx else p  # never written when COMPUTE_DX is off
-    noise_mode = _noise_mode(noise, rows_per_noise, True, False)
+    # The backward never adds db, so nothing keeps it off the segment path.
+    noise_mode = _noise_mode(noise, rows_per_noise, folds_db=True, has_db=False)
 
     def grid(meta):
-        if noise_mode == 2:
+        if noise_mode == NOISE_SEGMENTS:
             check_segment_tile(meta["BLOCK_M"], rows_per_noise)
         # Without dX only P = Gz B is computed: one program per row tile.
         col_tiles = triton.cdiv(k_in, meta["BLOCK_K"]) if need_dx else 1

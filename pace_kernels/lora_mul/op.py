@@ -111,10 +111,10 @@ _dx_plain = {16: _tune(_lora_mul_dx_kernel, PLAIN_CONFIGS_16, _SEG_KEY),
 _fwd_sample = {}
 _dx_sample = {}
 for _bm in SAMPLE_BLOCK_MS:
-    for _bits, _table in ((16, SAMPLE_CONFIGS_16), (32, SAMPLE_CONFIGS_32)):
+    for _operand_bits, _table in ((16, SAMPLE_CONFIGS_16), (32, SAMPLE_CONFIGS_32)):
         _by_arch = _table.get(_bm, {90: [_INTERP_CONFIG]})
-        _fwd_sample[_bits, _bm] = _tune(_lora_mul_fwd_kernel, _by_arch, _SEG_KEY)
-        _dx_sample[_bits, _bm] = _tune(_lora_mul_dx_kernel, _by_arch, _SEG_KEY)
+        _fwd_sample[_operand_bits, _bm] = _tune(_lora_mul_fwd_kernel, _by_arch, _SEG_KEY)
+        _dx_sample[_operand_bits, _bm] = _tune(_lora_mul_dx_kernel, _by_arch, _SEG_KEY)
 _fwd_two_gemm = {16: _tune(_lora_mul_fwd_two_gemm_kernel, TWO_GEMM_FWD_CONFIGS_16, _ROWS_KEY),
                  32: _tune(_lora_mul_fwd_two_gemm_kernel, TWO_GEMM_FWD_CONFIGS_32, _ROWS_KEY)}
 _dx_two_gemm = {16: _tune(_lora_mul_dx_two_gemm_kernel, TWO_GEMM_DX_CONFIGS_16, _ROWS_KEY),
@@ -128,8 +128,9 @@ _dm = {16: _tune(_lora_mul_dm_kernel, DM_CONFIGS_16, ("N", "D", "K")),
 
 
 def _kernel_flags(dtype: torch.dtype) -> tuple[int, bool, str]:
-    bits = 32 if dtype == torch.float32 else 16
-    return (bits, *dot_flags(dtype))
+    # The autotuners are kept per operand width: fp32 (tf32 dots) and fp16/bf16 have their own lists.
+    operand_bits = 32 if dtype == torch.float32 else 16
+    return (operand_bits, *dot_flags(dtype))
 
 
 def _adapter_weight(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
@@ -168,12 +169,12 @@ def dm_splits(n_rows: int, d_out: int, k_in: int) -> tuple[int, int]:
     return triton.cdiv(n_rows, rows_per_split), rows_per_split
 
 
-def _launch_rows_kernels(kind: str, bits: int, plan: SamplePlan, n_seg: int, seg_len: int, per_sample_args,
-                         two_gemm_args, out_cols: int, consts: dict) -> None:
+def _launch_rows_kernels(kind: str, operand_bits: int, plan: SamplePlan, n_seg: int, seg_len: int,
+                         per_sample_args, two_gemm_args, out_cols: int, consts: dict) -> None:
     """Launch the per-sample kernel over the plan's main rows and the two-GEMM kernel over the
     tails (``kind`` is ``"fwd"`` or ``"dx"``)."""
     if plan.main_rows:
-        tuned = (_fwd_sample if kind == "fwd" else _dx_sample)[bits, plan.block_m]
+        tuned = (_fwd_sample if kind == "fwd" else _dx_sample)[operand_bits, plan.block_m]
 
         def grid(meta):
             tiles_per_sample = triton.cdiv(plan.main_rows, meta["BLOCK_M"])
@@ -181,7 +182,7 @@ def _launch_rows_kernels(kind: str, bits: int, plan: SamplePlan, n_seg: int, seg
 
         wrap_triton(tuned)[grid](*per_sample_args, **consts["sample"])
     if plan.tail_rows:
-        tuned = (_fwd_two_gemm if kind == "fwd" else _dx_two_gemm)[bits]
+        tuned = (_fwd_two_gemm if kind == "fwd" else _dx_two_gemm)[operand_bits]
         n_rows = n_seg * plan.tail_rows
 
         def grid2(meta):
@@ -200,7 +201,7 @@ def _forward_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     y = torch.empty((n_rows, d_out), device=x.device, dtype=x.dtype)
     if n_rows == 0 or d_out == 0:
         return y
-    bits, upcast, precision = _kernel_flags(x.dtype)
+    operand_bits, upcast, precision = _kernel_flags(x.dtype)
     bias_arg = bias if bias is not None else y
     db_arg = delta_bias if delta_bias is not None else y
     flags = dict(HAS_BIAS=bias is not None, HAS_DB=delta_bias is not None, UPCAST=upcast, PRECISION=precision)
@@ -211,7 +212,7 @@ def _forward_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         def grid(meta):
             return (triton.cdiv(n_rows, meta["BLOCK_M"]) * triton.cdiv(d_out, meta["BLOCK_N"]),)
 
-        wrap_triton(_fwd_plain[bits])[grid](
+        wrap_triton(_fwd_plain[operand_bits])[grid](
             x, w, w, w, y, bias_arg, db_arg, y,
             d_out, k_in, rank, 1, n_rows, n_rows,
             x.stride(0), w.stride(0), 0, 0, 0, y.stride(0),
@@ -224,7 +225,7 @@ def _forward_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     plan = sample_plan(seg_len, SAMPLE_BLOCK_MS)
     wm = _adapter_weight(weight, lora_a, lora_b, merged=False) if plan.tail_rows else weight
     _launch_rows_kernels(
-        "fwd", bits, plan, n_seg, seg_len,
+        "fwd", operand_bits, plan, n_seg, seg_len,
         (x, weight, lora_a, lora_b, noise, bias_arg, db_arg, y,
          d_out, k_in, rank, n_seg, seg_len, plan.main_rows,
          x.stride(0), weight.stride(0), lora_a.stride(0), lora_b.stride(0), noise.stride(0), y.stride(0)),
@@ -254,7 +255,7 @@ def _backward_impl(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
     weight = frozen_weight(weight, x.dtype)
     n_rows, k_in = x.shape
     d_out, rank = lora_b.shape
-    bits, upcast, precision = _kernel_flags(x.dtype)
+    operand_bits, upcast, precision = _kernel_flags(x.dtype)
     dx = torch.empty((n_rows, k_in) if need_dx else (0, k_in), device=x.device, dtype=x.dtype)
     if n_rows == 0 or d_out == 0:
         return dx.zero_(), torch.zeros_like(lora_a), torch.zeros_like(lora_b), x.new_zeros((d_out,))
@@ -274,7 +275,7 @@ def _backward_impl(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
             # at least one column tile, so d db is summed even when K == 0
             return (triton.cdiv(d_out, meta["BLOCK_M"]) * triton.cdiv(max(k_in, 1), meta["BLOCK_N"]), splits)
 
-        wrap_triton(_dm[bits])[grid_dm](
+        wrap_triton(_dm[operand_bits])[grid_dm](
             g, x, z, weight, dm, db32,
             n_rows, d_out, k_in, max(rows_per_noise, 1), rows_per_split,
             g.stride(0), x.stride(0), z.stride(0), weight.stride(0), dm.stride(0), dm.stride(1),
@@ -306,7 +307,7 @@ def _backward_impl(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
             def grid(meta):
                 return (triton.cdiv(n_rows, meta["BLOCK_M"]) * triton.cdiv(k_in, meta["BLOCK_N"]),)
 
-            wrap_triton(_dx_plain[bits])[grid](
+            wrap_triton(_dx_plain[operand_bits])[grid](
                 g, w, w, w, g, dx,
                 d_out, k_in, rank, 1, n_rows, n_rows,
                 g.stride(0), w.stride(0), 0, 0, 0, dx.stride(0),
@@ -318,7 +319,7 @@ def _backward_impl(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
             plan = sample_plan(seg_len, SAMPLE_BLOCK_MS)
             wm = _adapter_weight(weight, lora_a, lora_b, merged=False) if plan.tail_rows else weight
             _launch_rows_kernels(
-                "dx", bits, plan, n_seg, seg_len,
+                "dx", operand_bits, plan, n_seg, seg_len,
                 (g, weight, lora_a, lora_b, noise, dx,
                  d_out, k_in, rank, n_seg, seg_len, plan.main_rows,
                  g.stride(0), weight.stride(0), lora_a.stride(0), lora_b.stride(0), noise.stride(0),

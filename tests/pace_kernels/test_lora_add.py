@@ -72,7 +72,7 @@ def test_per_sample_noise_paths(rank: int, delta_bias: bool, mode: int, device: 
     from pace_kernels.lora_add.op import _noise_mode
 
     fold = delta_bias and rank < padded_rank(rank)
-    assert _noise_mode(torch.ones(1), 130, fold, delta_bias) == mode
+    assert _noise_mode(torch.ones(1), 130, folds_db=fold, has_db=delta_bias) == mode
     case = Case("fp16", 130, 48, 40, rank, "sample", True, delta_bias, 3, True, samples=3)
     assert_matches_reference(make_inputs(case, device), f"mode {mode}")
 
