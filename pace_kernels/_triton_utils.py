@@ -45,15 +45,6 @@ def autotune_enabled() -> bool:
     return os.environ.get("PACE_KERNELS_AUTOTUNE", "1") not in ("", "0")
 
 
-def pick_configs(gpu_configs: Sequence[Any], interpreter_config: Any) -> list[Any]:
-    """The configs an autotuner gets: ``gpu_configs`` when autotuning, else one fixed config
-    (``interpreter_config`` when interpreting, the first GPU config otherwise). An autotuner with
-    a single config launches it without benchmarking."""
-    if autotune_enabled():
-        return list(gpu_configs)
-    return [interpreter_config if is_interpreting() else gpu_configs[0]]
-
-
 MAX_SHARED_BYTES = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 """Shared memory one block may use, per compute capability (a config over it fails at launch)."""
 

@@ -32,10 +32,10 @@ def compile_specs(arch: int = 90) -> list[CompileSpec]:
     common = dict(N="i32", D="i32", K="i32", RANK="i32", rows_per_noise="i32")
     for dtype, precision in DOT_VARIANTS:
         t = TRITON_DTYPE_NAMES[dtype]
-        wide = dtype == torch.float32
-        suffix = f" {precision}" if wide else ""
+        fp32 = dtype == torch.float32
+        suffix = f" {precision}" if fp32 else ""
         for r in (16, 64):
-            fwd_configs = configs_for_arch(FWD_CONFIGS_32 if wide else FWD_CONFIGS_16, arch)
+            fwd_configs = configs_for_arch(FWD_CONFIGS_32 if fp32 else FWD_CONFIGS_16, arch)
             for cfg, (noise, fold) in itertools.product(fwd_configs, ((1, False), (2, True))):
                 consts = dict(cfg.kwargs, HAS_BIAS=True, HAS_DB=True, FOLD_DB=fold, NOISE=noise, R=r,
                               UPCAST=False, PRECISION=precision, stride_xk=1, stride_wk=1, stride_ak=1,
@@ -50,7 +50,7 @@ def compile_specs(arch: int = 90) -> list[CompileSpec]:
                     note=config_label(consts, ("BLOCK_M", "BLOCK_N", "BLOCK_K"), cfg.num_warps,
                                       cfg.num_stages),
                     divisible=("D", "K", "stride_xm", "stride_wd", "stride_ar", "stride_zm", "stride_ym")))
-            dx_configs = configs_for_arch(DX_CONFIGS_32 if wide else DX_CONFIGS_16, arch)
+            dx_configs = configs_for_arch(DX_CONFIGS_32 if fp32 else DX_CONFIGS_16, arch)
             for cfg, noise in itertools.product(dx_configs, (1, 2)):
                 consts = dict(cfg.kwargs, NOISE=noise, COMPUTE_DX=True, R=r, UPCAST=False,
                               PRECISION=precision, stride_gd=1, stride_wk=1, stride_ak=1, stride_br=1,
@@ -64,7 +64,7 @@ def compile_specs(arch: int = 90) -> list[CompileSpec]:
                     cfg.num_warps, cfg.num_stages,
                     dtype, note=config_label(consts, _DX_NAMES, cfg.num_warps, cfg.num_stages),
                     divisible=("D", "K", "stride_gm", "stride_wd", "stride_ar", "stride_zm", "stride_dxm")))
-            for cfg in configs_for_arch(RANK_GRAD_CONFIGS_32 if wide else RANK_GRAD_CONFIGS_16, arch):
+            for cfg in configs_for_arch(RANK_GRAD_CONFIGS_32 if fp32 else RANK_GRAD_CONFIGS_16, arch):
                 consts = dict(cfg.kwargs, HAS_NOISE=True, HAS_COLSUM=True, R=r, UPCAST=False,
                               PRECISION=precision, stride_lf=1, stride_zf=1, stride_rr=1, stride_or=1,
                               stride_cf=1)

@@ -47,7 +47,7 @@ def compile_specs(arch: int = 90) -> list[CompileSpec]:
     specs: list[CompileSpec] = []
     for dtype, precision in DOT_VARIANTS:
         t = TRITON_DTYPE_NAMES[dtype]
-        wide = dtype == torch.float32
+        fp32 = dtype == torch.float32
         common = dict(UPCAST=False, PRECISION=precision)
         fwd_sig = dict(x_ptr=f"*{t}", w_ptr=f"*{t}", a_ptr=f"*{t}", b_ptr=f"*{t}", z_ptr="*fp32",
                        bias_ptr=f"*{t}", db_ptr=f"*{t}", y_ptr=f"*{t}", D="i32", K="i32", RANK="i32",
@@ -61,13 +61,13 @@ def compile_specs(arch: int = 90) -> list[CompileSpec]:
         dx_div = ("D", "K", "stride_gm", "stride_wd", "stride_ar", "stride_zs", "stride_dxm")
         rows_args = dict(D="i32", K="i32", n_rows="i32", row_chunk="i32", row_stride="i32", row_off="i32",
                          rows_per_z="i32")
-        for cfg in configs_for_arch(PLAIN_CONFIGS_32 if wide else PLAIN_CONFIGS_16, arch):
+        for cfg in configs_for_arch(PLAIN_CONFIGS_32 if fp32 else PLAIN_CONFIGS_16, arch):
             specs.append(_spec("lora_mul_fwd noise-free", _lora_mul_fwd_kernel, fwd_sig,
                                dict(PER_SAMPLE=False, HAS_BIAS=True, HAS_DB=True, R=16, **common), cfg, dtype,
                                fwd_div))
             specs.append(_spec("lora_mul_dx noise-free", _lora_mul_dx_kernel, dx_sig,
                                dict(PER_SAMPLE=False, R=16, **common), cfg, dtype, dx_div))
-        for by_arch in (SAMPLE_CONFIGS_32 if wide else SAMPLE_CONFIGS_16).values():
+        for by_arch in (SAMPLE_CONFIGS_32 if fp32 else SAMPLE_CONFIGS_16).values():
             for cfg in configs_for_arch(by_arch, arch):
                 for r in (16, 64):
                     specs.append(_spec(f"lora_mul_fwd per-sample r{r}", _lora_mul_fwd_kernel, fwd_sig,
@@ -75,20 +75,20 @@ def compile_specs(arch: int = 90) -> list[CompileSpec]:
                                        cfg, dtype, fwd_div))
                     specs.append(_spec(f"lora_mul_dx per-sample r{r}", _lora_mul_dx_kernel, dx_sig,
                                        dict(PER_SAMPLE=True, R=r, **common), cfg, dtype, dx_div))
-        for cfg in configs_for_arch(TWO_GEMM_FWD_CONFIGS_32 if wide else TWO_GEMM_FWD_CONFIGS_16, arch):
+        for cfg in configs_for_arch(TWO_GEMM_FWD_CONFIGS_32 if fp32 else TWO_GEMM_FWD_CONFIGS_16, arch):
             sig = dict(x_ptr=f"*{t}", w_ptr=f"*{t}", wm_ptr=f"*{t}", z_ptr="*fp32", bias_ptr=f"*{t}",
                        db_ptr=f"*{t}", y_ptr=f"*{t}", **rows_args, stride_xm="i32", stride_wd="i32",
                        stride_zr="i32", stride_ym="i32")
             specs.append(_spec("lora_mul_fwd two-GEMM", _lora_mul_fwd_two_gemm_kernel, sig,
                                dict(HAS_BIAS=True, HAS_DB=True, **common), cfg, dtype,
                                ("D", "K", "stride_xm", "stride_wd", "stride_zr", "stride_ym")))
-        for cfg in configs_for_arch(TWO_GEMM_DX_CONFIGS_32 if wide else TWO_GEMM_DX_CONFIGS_16, arch):
+        for cfg in configs_for_arch(TWO_GEMM_DX_CONFIGS_32 if fp32 else TWO_GEMM_DX_CONFIGS_16, arch):
             sig = dict(g_ptr=f"*{t}", w_ptr=f"*{t}", wm_ptr=f"*{t}", z_ptr="*fp32", dx_ptr=f"*{t}",
                        **rows_args, stride_gm="i32", stride_wd="i32", stride_zr="i32", stride_dxm="i32")
             specs.append(_spec("lora_mul_dx two-GEMM", _lora_mul_dx_two_gemm_kernel, sig, dict(common), cfg,
                                dtype,
                                ("D", "K", "stride_gm", "stride_wd", "stride_zr", "stride_dxm")))
-        for cfg in configs_for_arch(DM_CONFIGS_32 if wide else DM_CONFIGS_16, arch):
+        for cfg in configs_for_arch(DM_CONFIGS_32 if fp32 else DM_CONFIGS_16, arch):
             sig = dict(g_ptr=f"*{t}", x_ptr=f"*{t}", z_ptr="*fp32", w_ptr=f"*{t}", dm_ptr="*fp32",
                        ddb_ptr="*fp32", N="i32", D="i32", K="i32", rows_per_z="i32", rows_per_split="i32",
                        stride_gm="i32", stride_xm="i32", stride_zr="i32", stride_wd="i32",
