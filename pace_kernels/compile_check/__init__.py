@@ -23,18 +23,18 @@ import subprocess
 import sys
 from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
-SPEC_MODULES = {
+SIGNATURE_MODULES = {
     "pace_kernels.lora_add": "pace_kernels.compile_check.lora_add_specs",
     "pace_kernels.lora_mul": "pace_kernels.compile_check.lora_mul_specs",
 }
 """Each kernel package and the module whose ``compile_specs(arch)`` lists what the check compiles."""
-KERNEL_MODULES = list(SPEC_MODULES)
+KERNEL_MODULES = list(SIGNATURE_MODULES)
 
 
-def _spec_module(name: str) -> str:
+def _signature_module(name: str) -> str:
     # A kernel package ("pace_kernels.lora_add", or "lora_add") names its spec module; any other
     # name is taken as a module with compile_specs() itself.
-    return SPEC_MODULES.get(name, SPEC_MODULES.get(f"pace_kernels.{name}", name))
+    return SIGNATURE_MODULES.get(name, SIGNATURE_MODULES.get(f"pace_kernels.{name}", name))
 
 
 def _load_specs(
@@ -52,7 +52,7 @@ def _load_specs(
     specs = []
     for name in modules:
         try:
-            module = importlib.import_module(_spec_module(name))
+            module = importlib.import_module(_signature_module(name))
         except ImportError as exc:
             print(f"# {name}: not imported ({exc}); skipped")
             continue
