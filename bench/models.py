@@ -105,7 +105,7 @@ class GloraNoise:
 
     def _apply_noise(self, module: nn.Module, inputs: Any, out: torch.Tensor) -> torch.Tensor:
         from pace import draw_noise
-        from pace_kernels.reference import expand_noise
+        from pace_kernels import expand_noise
 
         h, self._frozen_output = self._frozen_output, None
         x = inputs[0]
