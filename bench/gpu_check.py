@@ -45,7 +45,7 @@ from typing import Any
 
 import torch
 
-if not torch.cuda.is_available():  # must precede the first import of triton (SPEC section 7)
+if not torch.cuda.is_available():  # must precede the first import of triton (docs/design.md section 7)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

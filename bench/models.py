@@ -105,7 +105,7 @@ class GloraNoise:
 
     def _apply_noise(self, module: nn.Module, inputs: Any, out: torch.Tensor) -> torch.Tensor:
         from pace import draw_noise
-        from pace_kernels.reference import expand_noise
+        from pace_kernels import expand_noise
 
         h, self._frozen_output = self._frozen_output, None
         x = inputs[0]
@@ -240,7 +240,7 @@ def lm_step_loss(
 ) -> torch.Tensor:
     """Next-token cross-entropy; with ``pace_copies`` PACE's loss on the two copies ``[ids; ids]``:
     CE on copy 1 plus ``lam`` times the mean over the scored positions of ``sum_c (f1 - f2)^2``
-    (SPEC section 5, token-level outputs; every position but the last is scored)."""
+    (docs/design.md section 5, token-level outputs; every position but the last is scored)."""
     # TODO: use pace.PaceCriterion(..., shift_labels=True) once it takes Hugging Face outputs (issue 14).
     import pace
 

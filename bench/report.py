@@ -24,7 +24,7 @@ MODE_ORDER = ("baseline", "pace", "fast", "lazy")
 MiB = 1024.0**2
 GiB = 1024.0**3
 
-# Targets of issue 7 (SPEC section 3 floors).
+# Targets of issue 7 (docs/design.md section 3 floors).
 TARGET_ADD_FLOOR = 1.15
 TARGET_MUL_CLEAN_FLOOR = 1.15
 TARGET_MUL_NOISY_VS_CLEAN = 1.3
@@ -326,7 +326,7 @@ def render_headline(groups: OrderedDict[tuple, LayerGroup], mrows: list[dict[str
         rows.append(row)
     if rows:
         lines += [
-            "Geometric means over shapes. `× floor`: time over the SPEC section 3 floor (lower is "
+            "Geometric means over shapes. `× floor`: time over the docs/design.md section 3 floor (lower is "
             "better, 1.00× is the bound); `fused vs X`: X's time over fused's (higher is better).",
             "",
         ]
@@ -470,9 +470,9 @@ def render(
         *[f"- {note}" for note in notes],
         "",
         "Floor = frozen `nn.Linear` time (fwd, or fwd + input gradient) scaled to the op's GEMM-equivalent "
-        "count (SPEC section 3: `lora_add` 1 + r(1/D+1/K) fwd, 2 + 3r(1/D+1/K) fwd+bwd; `lora_mul` 1 fwd, "
-        "3 fwd+bwd — for noisy `lora_mul` the per-sample-weight floor; the two-GEMM count, 2 / 5, is shown "
-        "beside it).",
+        "count (docs/design.md section 3: `lora_add` 1 + r(1/D+1/K) fwd, 2 + 3r(1/D+1/K) fwd+bwd; "
+        "`lora_mul` 1 fwd, 3 fwd+bwd — for noisy `lora_mul` the per-sample-weight floor; the two-GEMM "
+        "count, 2 / 5, is shown beside it).",
     ]
 
     lines += ["", "## Headline", ""]

@@ -110,7 +110,7 @@ def linear_gemm_equiv(pass_: str) -> float:
 
 
 def gemm_equiv(op: Op, shape: Shape, pass_: str) -> float:
-    """The floor of SPEC section 3, in units of one ``N x K x D`` GEMM.
+    """The floor of docs/design.md section 3, in units of one ``N x K x D`` GEMM.
 
     lora_add: fwd ``1 + r(1/D + 1/K)`` (U = X A^T, U B^T), fwd+bwd ``2 + 3r(1/D + 1/K)`` (adds
     Gz B, (Gz B) A, dB, dA). lora_mul: 1 (fwd) and 3 (fwd+bwd), noisy or not: the noisy layer reaches
@@ -126,7 +126,8 @@ def gemm_equiv(op: Op, shape: Shape, pass_: str) -> float:
 
 
 def two_gemm_equiv(op: Op, shape: Shape, pass_: str) -> float | None:
-    """Noisy lora_mul written as two GEMMs per pass (SPEC section 3): fwd 2, fwd+bwd 5; else None."""
+    """Noisy lora_mul written as two GEMMs per pass (docs/design.md section 3): fwd 2, fwd+bwd 5;
+    else None."""
     if op.kind == "lora_mul" and op.noise != "none":
         return 2.0 if pass_ == "fwd" else 5.0
     return None

@@ -3,7 +3,7 @@
 ViT (:func:`bench.models.build_vit`): on CUDA timm ViT-B/16 (random weights, drop_path 0.1 as the
 public PACE code), batch 64, 224 px, ``lora_mul_vpt_add`` rank 10 in every linear layer, at bf16
 autocast and at fp32 (the public code's precision); on CPU a tiny ViT (32 px, depth 2, batch 8,
-fp32). Modes (SPEC section 5): ``baseline`` (sigma 0, cross-entropy only), ``pace`` (two copies, 2B
+fp32). Modes (docs/design.md section 5): ``baseline`` (sigma 0, cross-entropy only), ``pace`` (two copies, 2B
 rows), ``fast`` (one copy, history bank), ``lazy`` (lazy_half, N = 2). Contenders: ``reference``
 (``backend="torch"``), ``fused`` (``backend="triton"``, CUDA only), ``compiled`` (``torch.compile`` of
 the reference model) and ``peft`` (PEFT's GLoRA layers in ``lora_mul_vpt_add`` form with PACE's noise

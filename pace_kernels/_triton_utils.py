@@ -1,30 +1,16 @@
-"""Pieces every Triton kernel module shares: interpreter detection, autotune switch, dot helper,
-torch.library registration, the body of the public ``*_linear_triton`` entry points and the
-compile-check machinery.
-
-Each kernel module (``lora_add``, ``lora_mul``) exposes ``compile_specs() -> list[CompileSpec]``:
-one entry per kernel and shipped config, which ``python -m pace_kernels.compile_check`` compiles
-for a GPU target without a GPU (SPEC section 7) through :func:`compile_for_arch`.
-
-Everything here is public to the kernel modules and stays backward compatible: add, do not change.
+"""Runtime pieces both kernel families share: interpreter detection, per-arch configs and the
+autotuner, the dot helper, torch.library registration and operand preparation (docs/design.md
+section 9.1). The compile machinery is in :mod:`pace_kernels.compile_check`.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 import os
-import re
-import subprocess
-import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
-
-from . import reference
-from ._checks import check_linear_inputs
 
 try:  # the module must import (for is_interpreting, CompileSpec) even where triton is missing
     import triton
@@ -37,36 +23,6 @@ except ImportError:  # pragma: no cover - triton ships with torch on Linux
 def is_interpreting() -> bool:
     """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-@dataclass(frozen=True)
-class CompileSpec:
-    """One kernel in one config, as ``triton.compile(ASTSource(...))`` needs it.
-
-    ``signature`` maps every non-constexpr argument name to its Triton type string (``"*bf16"``,
-    ``"i32"``, ``"fp32"``); ``constexprs`` maps the constexpr argument names to their values
-    (an argument the runtime specialises, such as a stride equal to 1, may be listed here too).
-    ``dtype`` is the operand dtype the row stands for (fp16/bf16 rows must use tensor cores).
-    ``divisible`` names the integer arguments the real launches see as multiples of 16 (the
-    runtime specialises on that, and it changes vectorisation); pointer arguments are always
-    taken as 16-byte aligned, as every torch allocation is.
-    """
-
-    name: str
-    fn: Callable
-    signature: dict[str, str]
-    constexprs: dict[str, Any]
-    num_warps: int
-    num_stages: int
-    dtype: torch.dtype
-    note: str = field(default="")
-    divisible: tuple[str, ...] = field(default=())
-
-
-TRITON_DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-"""Operand dtypes the kernels take (float64 inputs go to the reference)."""
 
 
 def padded_rank(rank: int) -> int:
@@ -89,13 +45,8 @@ def autotune_enabled() -> bool:
     return os.environ.get("PACE_KERNELS_AUTOTUNE", "1") not in ("", "0")
 
 
-def pick_configs(gpu_configs: Sequence[Any], interpreter_config: Any) -> list[Any]:
-    """The configs an autotuner gets: ``gpu_configs`` when autotuning, else one fixed config
-    (``interpreter_config`` when interpreting, the first GPU config otherwise). An autotuner with
-    a single config launches it without benchmarking."""
-    if autotune_enabled():
-        return list(gpu_configs)
-    return [interpreter_config if is_interpreting() else gpu_configs[0]]
+MAX_SHARED_BYTES = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+"""Shared memory one block may use, per compute capability (a config over it fails at launch)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -205,7 +156,7 @@ def autotune_for_device(fn: Callable, table: ConfigsByArch, interpreter_config: 
 
 def dot_upcast(dtype: torch.dtype) -> bool:
     """Whether dot operands must be upcast to fp32: in the interpreter ``tl.dot`` on bfloat16
-    operands returns garbage (SPEC section 7); fp16 and fp32 are right there."""
+    operands returns garbage (docs/design.md section 7); fp16 and fp32 are right there."""
     return is_interpreting() and dtype == torch.bfloat16
 
 
@@ -220,11 +171,6 @@ def dot_flags(dtype: torch.dtype) -> tuple[bool, str]:
     """``(UPCAST, PRECISION)`` constexprs for dots on ``dtype`` operands: :func:`dot_upcast`, and
     :func:`fp32_dot_precision` for fp32 (fp16/bf16 dots ignore the precision; they get ``"tf32"``)."""
     return dot_upcast(dtype), fp32_dot_precision() if dtype == torch.float32 else "tf32"
-
-
-DOT_VARIANTS: tuple[tuple[torch.dtype, str], ...] = (
-    (torch.bfloat16, "tf32"), (torch.float16, "tf32"), (torch.float32, "tf32x3"), (torch.float32, "tf32"))
-"""Every ``(operand dtype, PRECISION)`` pair :func:`dot_flags` can give: the rows a compile check needs."""
 
 
 def jit_helper(fn: Callable) -> Callable:
@@ -293,7 +239,7 @@ def register_op(qualname: str, fn: Callable, fake: Callable, *, mutates_args: Se
 
 
 # --------------------------------------------------------------------------------------------
-# Public entry points: the part every ``*_linear_triton`` function shares.
+# Operands as the kernels read them.
 
 def contiguous_or_none(t: torch.Tensor | None) -> torch.Tensor | None:
     """``t.contiguous()``, or None for None: for the operands a kernel reads with unit stride."""
@@ -313,175 +259,3 @@ def frozen_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return weight.to(dtype).contiguous()
 
 
-def run_fused_linear(op: str, launch: Callable[..., torch.Tensor], max_rank: int, x: torch.Tensor,
-                     weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
-                     lora_b: torch.Tensor, delta_bias: torch.Tensor | None,
-                     noise: torch.Tensor | None, *, weight_any_dtype: bool = False) -> torch.Tensor:
-    """The reference's ``op`` (``"lora_add_linear"``, ...) with its checks and errors, run by
-    ``launch`` where the kernels take the inputs and by the reference otherwise (float64, ranks
-    above ``max_rank``).
-
-    ``launch(x2d, weight, bias, lora_a, lora_b, delta_bias, noise2d, rows_per_noise) -> y2d`` gets
-    ``x`` flattened to ``[N, K]`` (contiguous), the noise to ``[N / rows_per_noise, D]``, and the
-    frozen ``weight``/``bias`` and the noise detached (they never get gradients); its ``[N, D]``
-    output is viewed back to ``[..., D]``. Anything further a kernel needs of its operands (unit
-    strides, say) is ``launch``'s to arrange. ``weight_any_dtype``: ``weight`` may have another float
-    dtype than ``x`` (autocast's fp32 master weight), which the ops cast per call (:func:`frozen_weight`).
-    """
-    shapes = check_linear_inputs(op, x, weight, bias, lora_a, lora_b, delta_bias, noise,
-                                 weight_any_dtype=weight_any_dtype)
-    if x.dtype not in KERNEL_DTYPES or shapes.rank > max_rank:
-        return getattr(reference, op)(x, weight.to(x.dtype), bias, lora_a, lora_b, delta_bias, noise)
-    d_out, k_in = shapes.out_features, shapes.in_features
-    # Explicit row counts, not -1: a reshape cannot infer them when K or D is 0.
-    x2d = x.reshape(shapes.n_rows, k_in).contiguous()
-    noise2d = None if noise is None else noise.detach().reshape(math.prod(noise.shape[:-1]), d_out)
-    y = launch(x2d, weight.detach(), None if bias is None else bias.detach(), lora_a, lora_b, delta_bias,
-               noise2d, shapes.rows_per_noise)
-    return y.view(*x.shape[:-1], d_out)
-
-
-# --------------------------------------------------------------------------------------------
-# Compile check: compile a CompileSpec for a GPU target without a GPU, read ptxas -v.
-
-def tensor_core_instruction(arch: int) -> str:
-    """The PTX instruction a 16-bit dot must compile to on ``sm_<arch>``: Hopper's ``wgmma``; the
-    warp-level ``mma.sync.aligned`` on Ampere and Ada (wgmma exists only on sm_90)."""
-    return "wgmma" if arch >= 90 else "mma.sync.aligned"
-
-
-@dataclass(frozen=True)
-class CompileReport:
-    """What compiling one :class:`CompileSpec` for a CUDA arch gave. ``tensor_cores``: the PTX has
-    the arch's tensor-core instruction (:func:`tensor_core_instruction`)."""
-
-    spec: CompileSpec
-    registers: int = -1
-    spill_stores: int = -1
-    spill_loads: int = -1
-    shared_bytes: int = -1
-    tensor_cores: bool = False
-    error: str = ""
-    arch: int = 90
-
-    @property
-    def spill_bytes(self) -> int:
-        return max(self.spill_stores, 0) + max(self.spill_loads, 0)
-
-    @property
-    def needs_tensor_cores(self) -> bool:
-        return self.spec.dtype in (torch.float16, torch.bfloat16)
-
-    @property
-    def shared_over_limit(self) -> bool:
-        limit = MAX_SHARED_BYTES.get(self.arch)
-        return limit is not None and self.shared_bytes > limit
-
-    @property
-    def problems(self) -> list[str]:
-        """Why the config may not ship for this arch (empty when it may)."""
-        if self.error:
-            return [self.error]
-        why = []
-        if self.spill_bytes:
-            why.append("spills")
-        if self.needs_tensor_cores and not self.tensor_cores:
-            why.append(f"no {tensor_core_instruction(self.arch)}")
-        if self.shared_over_limit:
-            why.append(f"shared memory over the sm_{self.arch} limit ({MAX_SHARED_BYTES[self.arch]} B)")
-        return why
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-
-MAX_SHARED_BYTES = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
-"""Shared memory one block may use, per compute capability (a config over it fails at launch)."""
-
-
-def ptxas_path() -> str:
-    """The ptxas bundled with triton (``TRITON_PTXAS_PATH`` overrides)."""
-    env = os.environ.get("TRITON_PTXAS_PATH")
-    if env:
-        return env
-    if triton is None:
-        raise RuntimeError("triton is not installed")
-    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-
-
-_PTXAS_SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
-_PTXAS_REGS = re.compile(r"Used (\d+) registers")
-
-
-def parse_ptxas(text: str) -> tuple[int, int, int]:
-    """``(registers, spill store bytes, spill load bytes)`` from ``ptxas -v`` output (one kernel)."""
-    regs = _PTXAS_REGS.search(text)
-    spill = _PTXAS_SPILL.search(text)
-    if regs is None or spill is None:
-        raise ValueError(f"could not parse ptxas -v output:\n{text}")
-    return int(regs.group(1)), int(spill.group(1)), int(spill.group(2))
-
-
-def _raw_jit_function(fn: Any) -> Any:
-    from triton.runtime.autotuner import Autotuner, Heuristics
-
-    while isinstance(fn, (Autotuner, Heuristics)):
-        fn = fn.fn
-    return fn
-
-
-def compile_for_arch(spec: CompileSpec, arch: int = 90) -> CompileReport:
-    """Compile ``spec`` for ``sm_<arch>`` (no GPU needed) and report registers, spills, shared
-    memory and whether the PTX uses the arch's tensor cores. Needs the real compiler: not under the
-    interpreter."""
-    if is_interpreting():
-        raise RuntimeError("compile_for_arch needs TRITON_INTERPRET unset (the interpreter compiles nothing)")
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    fn = _raw_jit_function(spec.fn)
-    try:
-        signature = {}
-        for name in fn.arg_names:
-            if name in spec.constexprs:
-                signature[name] = "constexpr"
-            elif name in spec.signature:
-                signature[name] = spec.signature[name]
-            else:
-                raise KeyError(f"{spec.name}: argument {name!r} is in neither signature nor constexprs")
-        attrs = {}
-        for i, name in enumerate(fn.arg_names):
-            ty = signature[name]
-            if ty.startswith("*") or name in spec.divisible:
-                attrs[(i,)] = [["tt.divisibility", 16]]
-        src = ASTSource(fn=fn, signature=signature, constexprs=dict(spec.constexprs), attrs=attrs)
-        arch_name = f"{arch}a" if arch >= 90 else str(arch)
-        kernel = triton.compile(
-            src,
-            target=GPUTarget("cuda", arch, 32),
-            options=dict(num_warps=spec.num_warps, num_stages=spec.num_stages),
-        )
-        ptx = kernel.asm["ptx"]
-        with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, "kernel.ptx")
-            with open(path, "w") as f:
-                f.write(ptx)
-            out = subprocess.run(
-                [ptxas_path(), "-v", f"--gpu-name=sm_{arch_name}", path, "-o", os.path.join(tmp, "k.cubin")],
-                capture_output=True, text=True, check=True,
-            )
-        regs, st, ld = parse_ptxas(out.stdout + out.stderr)
-        return CompileReport(spec, regs, st, ld, int(kernel.metadata.shared),
-                             tensor_core_instruction(arch) in ptx, arch=arch)
-    except Exception as exc:  # reported as a failed row, not a crash of the whole check
-        return CompileReport(spec, error=f"{type(exc).__name__}: {exc}".splitlines()[0][:200], arch=arch)
-
-
-def config_label(constexprs: dict[str, Any], keys: Sequence[str], num_warps: int, num_stages: int) -> str:
-    """Short label for a config row, e.g. ``BM128 BN128 BK64 w8 s3``."""
-    parts = []
-    for k in keys:
-        short = k.replace("BLOCK_", "B")
-        parts.append(f"{short}{constexprs[k]}")
-    return " ".join(parts + [f"w{num_warps}", f"s{num_stages}"])

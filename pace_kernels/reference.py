@@ -1,11 +1,11 @@
-"""The reference path: SPEC section 3 in plain PyTorch, autograd through ordinary ops.
+"""The reference path: docs/design.md section 3 in plain PyTorch, autograd through ordinary ops.
 
 This module is the executable specification every kernel is tested against, and the path that
 runs on CPU. It favours clarity over speed: the adapter weight of ``lora_mul`` is materialised and
 the noise is an ordinary elementwise multiply, exactly the costs the fused kernels remove.
 
-The frozen ``weight``/``bias`` and the ``noise`` are detached: SPEC says they never receive
-gradients, and the kernels do not produce any for them.
+The frozen ``weight``/``bias`` and the ``noise`` are detached: docs/design.md (section 3) says they
+never receive gradients, and the kernels do not produce any for them.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._checks import check_linear_inputs
+from .checks import check_linear_inputs
 
 __all__ = ["lora_add_linear", "lora_mul_linear", "expand_noise"]
 
@@ -38,8 +38,13 @@ def lora_add_linear(
     delta_bias: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``Y = x W0^T + b0 + Z * ((x A^T) B^T + db)`` (SPEC section 3, ``lora_add``)."""
+    """``Y = x W0^T + b0 + Z * ((x A^T) B^T + db)`` (docs/design.md section 3, ``lora_add``)."""
     check_linear_inputs("lora_add_linear", x, weight, bias, lora_a, lora_b, delta_bias, noise)
+    return lora_add_formula(x, weight, bias, lora_a, lora_b, delta_bias, noise)
+
+
+def lora_add_formula(x, weight, bias, lora_a, lora_b, delta_bias, noise) -> torch.Tensor:
+    """:func:`lora_add_linear` on inputs already validated (the dispatcher checks once)."""
     base = F.linear(x, weight.detach(), None if bias is None else bias.detach())
     delta = F.linear(F.linear(x, lora_a), lora_b, delta_bias)
     z = expand_noise(noise, x, delta.dtype)
@@ -55,8 +60,13 @@ def lora_mul_linear(
     delta_bias: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``Y = x W0^T + b0 + Z * (x (W0 * (B A))^T + db)`` (SPEC section 3, ``lora_mul``)."""
+    """``Y = x W0^T + b0 + Z * (x (W0 * (B A))^T + db)`` (docs/design.md section 3, ``lora_mul``)."""
     check_linear_inputs("lora_mul_linear", x, weight, bias, lora_a, lora_b, delta_bias, noise)
+    return lora_mul_formula(x, weight, bias, lora_a, lora_b, delta_bias, noise)
+
+
+def lora_mul_formula(x, weight, bias, lora_a, lora_b, delta_bias, noise) -> torch.Tensor:
+    """:func:`lora_mul_linear` on inputs already validated (the dispatcher checks once)."""
     w0 = weight.detach()
     base = F.linear(x, w0, None if bias is None else bias.detach())
     delta = F.linear(x, w0 * (lora_b @ lora_a), delta_bias)

@@ -200,8 +200,8 @@ def assert_compiled_matches_eager(model: torch.nn.Module, x: torch.Tensor) -> No
 
 
 def check_two_copy_batch(op: str, inputs: Inputs, samples: int, device: str):
-    """SPEC section 4: in ``[x; x]`` copy c of sample b is sample ``c*B + b`` with its own noise row.
-    One call on the two-copy batch equals two calls, and the copies differ. Returns ``(both, first,
+    """docs/design.md section 4: in ``[x; x]`` copy c of sample b is sample ``c*B + b`` with its own
+    noise row. One call on the two-copy batch equals two calls, and the copies differ. Returns ``(both, first,
     second, params)`` (the adapter in ``params`` requires grad) for the caller's further checks."""
     x = inputs["x"].detach()
     noise = 1.0 + 0.5 * torch.randn(2 * samples, inputs["weight"].shape[0], device=device)

@@ -1,4 +1,4 @@
-"""``python -m pace_kernels.compile_check``: sm_80/86/89/90 compiles without a GPU (SPEC section 7),
+"""``python -m pace_kernels.compile_check``: sm_80/86/89/90 compiles without a GPU (docs/design.md section 7),
 and the per-GPU-class config lists the launches are pruned to.
 
 The full check (every kernel, every shipped config, four archs) runs in CI as its own step; here a
@@ -18,16 +18,14 @@ import torch
 from pace_kernels import _triton_utils, lora_add, lora_mul
 from pace_kernels._triton_utils import (
     MAX_SHARED_BYTES,
-    CompileReport,
-    CompileSpec,
     all_configs,
     autotune_for_device,
     config_arch_for_shared_memory,
     configs_for_arch,
-    parse_ptxas,
     prune_configs,
-    ptxas_path,
 )
+from pace_kernels.compile_check import lora_add_specs, lora_mul_specs, machinery
+from pace_kernels.compile_check.machinery import CompileReport, CompileSpec, parse_ptxas, ptxas_path
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -90,12 +88,13 @@ def test_worst_case_configs_use_wgmma_without_spills() -> None:
 
 @needs_compiler
 def test_spilling_config_fails_the_check() -> None:
-    """SPEC section 7: 4 warps on a 128x128x64 tile spill; the check must exit 1 and say why."""
+    """docs/design.md section 7: 4 warps on a 128x128x64 tile spill; the check must exit 1 and say why."""
     code = (
         "import sys, pace_kernels.lora_add as la\n"
-        "la.FWD_CONFIGS_16[90] = [la._cfg(128, 128, 64, 4, 3)]\n"
+        "la.FWD_CONFIGS_16[90] = [la.configs._cfg(128, 128, 64, 4, 3)]\n"
         "from pace_kernels.compile_check import run_check\n"
-        "sys.exit(run_check(90, ['pace_kernels.lora_add'], only='lora_add_fwd gather r64', dtype='bf16'))\n"
+        "sys.exit(run_check(90, ['pace_kernels.compile_check.lora_add_specs'],\n"
+        "                   only='lora_add_fwd gather r64', dtype='bf16'))\n"
     )
     proc = _run([], code=code)
     assert proc.returncode == 1, proc.stdout + proc.stderr
@@ -105,9 +104,7 @@ def test_spilling_config_fails_the_check() -> None:
 
 def test_specs_name_every_kernel_argument() -> None:
     """Each spec types every argument of its kernel, so compile_check compiles what launches run."""
-    from pace_kernels import lora_add
-
-    specs = lora_add.compile_specs()
+    specs = lora_add_specs.compile_specs()
     assert {s.name.split()[0] for s in specs} == {"lora_add_fwd", "lora_add_bwd_dx", "lora_add_rank_grad"}
     assert {s.dtype for s in specs} == {torch.float16, torch.bfloat16, torch.float32}
     for spec in specs:
@@ -154,9 +151,9 @@ def test_shared_memory_verdict_follows_the_arch(arch: int, fits: bool) -> None:
 
 def test_tensor_cores_are_named_per_arch() -> None:
     """wgmma exists only on sm_90; sm_8x tensor cores are mma.sync: the report says which is missing."""
-    assert _triton_utils.tensor_core_instruction(90) == "wgmma"
+    assert machinery.tensor_core_instruction(90) == "wgmma"
     for arch in (80, 86, 89):
-        assert _triton_utils.tensor_core_instruction(arch) == "mma.sync.aligned"
+        assert machinery.tensor_core_instruction(arch) == "mma.sync.aligned"
         report = CompileReport(
             CompileSpec("k", lambda: None, {}, {}, 8, 3, torch.float16), 100, 0, 0, 1000, False, arch=arch
         )
@@ -166,13 +163,13 @@ def test_tensor_cores_are_named_per_arch() -> None:
 def _config_tables():
     """Every (name, table) of configs the kernel modules autotune over: {arch: [Config]}."""
     tables = {
-        f"lora_add.{n}": getattr(lora_add, n)
-        for n in dir(lora_add)
+        f"lora_add.{n}": getattr(lora_add.configs, n)
+        for n in dir(lora_add.configs)
         if n.endswith("_CONFIGS_16") or n.endswith("_CONFIGS_32")
     }
-    for n in dir(lora_mul):
+    for n in dir(lora_mul.configs):
         if n.endswith("_CONFIGS_16") or n.endswith("_CONFIGS_32"):
-            table = getattr(lora_mul, n)
+            table = getattr(lora_mul.configs, n)
             if n.startswith("SAMPLE_"):
                 tables.update({f"lora_mul.{n}[{bm}]": t for bm, t in table.items()})
             else:
@@ -221,7 +218,10 @@ def test_the_autotuner_prunes_to_the_launching_device(monkeypatch) -> None:
     monkeypatch.delenv("PACE_KERNELS_AUTOTUNE", raising=False)
     table = lora_mul.TWO_GEMM_DX_CONFIGS_16
     tuner = autotune_for_device(
-        lora_mul._lora_mul_dx_two_gemm_kernel, table, lora_mul._INTERP_CONFIG, ("n_rows", "D", "K")
+        lora_mul.kernels._lora_mul_dx_two_gemm_kernel,
+        table,
+        lora_mul.configs._INTERP_CONFIG,
+        ("n_rows", "D", "K"),
     )
     key = _triton_utils._config_key
     assert [key(c) for c in tuner.configs] == [key(c) for c in all_configs(table)]
@@ -236,10 +236,13 @@ def test_the_autotuner_prunes_to_the_launching_device(monkeypatch) -> None:
 @pytest.mark.parametrize("arch", [80, 86, 89, 90])
 def test_compile_specs_follow_the_arch(arch: int) -> None:
     """compile_check --arch N compiles exactly the configs sm_N runs, for every kernel and dtype."""
-    for module, table in ((lora_add, lora_add.DX_CONFIGS_16), (lora_mul, lora_mul.TWO_GEMM_DX_CONFIGS_16)):
+    for module, table in (
+        (lora_add_specs, lora_add.DX_CONFIGS_16),
+        (lora_mul_specs, lora_mul.TWO_GEMM_DX_CONFIGS_16),
+    ):
         specs = module.compile_specs(arch)
         assert {s.dtype for s in specs} == {torch.float16, torch.bfloat16, torch.float32}
-        name = "lora_add_bwd_dx gather r16" if module is lora_add else "lora_mul_dx two-GEMM"
+        name = "lora_add_bwd_dx gather r16" if module is lora_add_specs else "lora_mul_dx two-GEMM"
         rows = [s for s in specs if s.name == name and s.dtype == torch.bfloat16]
         assert [(s.num_warps, s.num_stages) for s in rows] == [
             (c.num_warps, c.num_stages) for c in configs_for_arch(table, arch)
@@ -279,9 +282,10 @@ def test_config_over_the_shared_memory_of_sm86_fails_the_check() -> None:
     """A config that fits Hopper but not a 99 KiB part (172,032 B on sm_86) fails --arch 86."""
     code = (
         "import sys, pace_kernels.lora_mul as lm\n"
-        "lm.TWO_GEMM_DX_CONFIGS_16[86] = [lm._cfg(64, 128, 64, 4, 4)]\n"
+        "lm.TWO_GEMM_DX_CONFIGS_16[86] = [lm.configs._cfg(64, 128, 64, 4, 4)]\n"
         "from pace_kernels.compile_check import run_check\n"
-        "sys.exit(run_check(86, ['pace_kernels.lora_mul'], only='lora_mul_dx two-GEMM', dtype='fp16'))\n"
+        "sys.exit(run_check(86, ['pace_kernels.compile_check.lora_mul_specs'],\n"
+        "                   only='lora_mul_dx two-GEMM', dtype='fp16'))\n"
     )
     proc = _run([], code=code)
     assert proc.returncode == 1, proc.stdout + proc.stderr

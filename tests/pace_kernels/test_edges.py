@@ -226,7 +226,7 @@ def test_weight_offsets_past_2_to_31_elements(module, device: str, monkeypatch) 
     weight = _far_apart_rows(d_out, k_in, device)
     if weight is None:
         pytest.skip("cannot reserve 8 GiB of address space here")
-    monkeypatch.setattr(module, "frozen_weight", lambda w, dtype: w, raising=False)
+    monkeypatch.setattr(module.op, "frozen_weight", lambda w, dtype: w)
     g = torch.Generator().manual_seed(0)
 
     def rnd(*shape):
@@ -238,13 +238,13 @@ def test_weight_offsets_past_2_to_31_elements(module, device: str, monkeypatch) 
     leaves = [t.double().requires_grad_() for t in (x, a, b)]
     z_rows = noise.double().repeat_interleave(tokens, 0)
     if module is lora_add:
-        y, _ = module._forward_impl(x, weight, None, a, b, None, noise, tokens)
+        y, _ = module.op._forward_impl(x, weight, None, a, b, None, noise, tokens)
         want = reference.lora_add_linear(leaves[0], weight.double(), None, leaves[1], leaves[2], None, z_rows)
         results = [("y", y, want)]
     else:
         assert module.sample_plan(tokens, module.SAMPLE_BLOCK_MS).tail_rows == 0
-        y = module._forward_impl(x, weight, None, a, b, None, noise, tokens)
-        grads = module._backward_impl(grad, x, weight, a, b, noise, tokens, True, True, False)[:3]
+        y = module.op._forward_impl(x, weight, None, a, b, None, noise, tokens)
+        grads = module.op._backward_impl(grad, x, weight, a, b, noise, tokens, True, True, False)[:3]
         want = reference.lora_mul_linear(leaves[0], weight.double(), None, leaves[1], leaves[2], None, z_rows)
         want_grads = torch.autograd.grad(want, leaves, grad.double())
         results = [("y", y, want)] + list(zip(("dx", "d_lora_a", "d_lora_b"), grads, want_grads))
@@ -272,13 +272,13 @@ def test_two_segment_path_refuses_tiles_taller_than_a_sample_plus_one(device: st
     tall_dx = triton.Config(
         {"BLOCK_M": 2 * tokens, "BLOCK_K": 16, "BLOCK_D": 16, "GROUP_M": 8}, num_warps=4, num_stages=1
     )
-    monkeypatch.setattr(lora_add._fwd_32, "configs", [tall])
+    monkeypatch.setattr(lora_add.op._fwd_32, "configs", [tall])
     with pytest.raises(RuntimeError, match=r"BLOCK_M=256 rows can span three samples of 128 rows"):
         pace_kernels.lora_add_linear(*args, backend="triton")
     monkeypatch.undo()
 
     y = pace_kernels.lora_add_linear(*args, backend="triton")
-    monkeypatch.setattr(lora_add._dx_32, "configs", [tall_dx])
+    monkeypatch.setattr(lora_add.op._dx_32, "configs", [tall_dx])
     with pytest.raises(RuntimeError, match="two-segment noise path"):
         y.backward(inputs["grad"])
 
@@ -291,3 +291,22 @@ def test_shipped_configs_keep_two_samples_per_tile() -> None:
     assert configs
     for cfg in configs:
         lora_add.check_segment_tile(cfg.kwargs["BLOCK_M"], lora_add.SEGMENT_MIN_ROWS)
+
+
+@pytest.mark.parametrize("op", ["lora_add_bwd", "lora_mul_bwd"])
+def test_backward_fills_nothing(op: str, device: str) -> None:
+    """Issue 11 item 9: every gradient the backward op returns is written whole by a kernel or a
+    GEMM, so nothing is allocated with zeros and then replaced (144 fills per ViT-B step before)."""
+    x, w, bias, a, lb, db, z = _op_inputs(device)
+    g = torch.randn(x.shape[0], w.shape[0], device=device)
+    if op == "lora_add_bwd":
+        _, u = torch.ops.pace.lora_add_fwd(x, w, bias, a, lb, db, z, 5)
+        args = [g, x, u, w, a, lb, z, 5, True]
+    else:
+        args = [g, x, w, a, lb, z, 5, True, True, True]
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        getattr(torch.ops.pace, op)(*args)
+    # (aten::fill_ is left out: a CPU sum reduction initialises its output with it.)
+    fills = [e.name for e in prof.events()
+             if e.name in ("aten::zeros", "aten::zeros_like", "aten::zero_", "aten::new_zeros")]
+    assert fills == [], fills

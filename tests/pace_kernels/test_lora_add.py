@@ -1,4 +1,4 @@
-"""The fused ``lora_add`` kernels against the reference path (SPEC sections 3 and 4).
+"""The fused ``lora_add`` kernels against the reference path (docs/design.md sections 3 and 4).
 
 Without a GPU the kernels run in Triton's interpreter (tests/conftest.py), which is slow: shapes are
 small and the case list covers every pair of axis values (dtype, T, D, K, rank, noise kind, bias,
@@ -68,10 +68,11 @@ def test_pairwise_cases_cover_every_value() -> None:
 def test_per_sample_noise_paths(rank: int, delta_bias: bool, mode: int, device: str) -> None:
     """Samples of >= 128 rows take the two-segment path (db folded into a spare rank slot); a full
     padded rank with db falls back to the gathered noise tile. Both must match the reference."""
-    from pace_kernels.lora_add import _noise_mode, padded_rank
+    from pace_kernels._triton_utils import padded_rank
+    from pace_kernels.lora_add.op import _noise_mode
 
     fold = delta_bias and rank < padded_rank(rank)
-    assert _noise_mode(torch.ones(1), 130, fold, delta_bias) == mode
+    assert _noise_mode(torch.ones(1), 130, folds_db=fold, has_db=delta_bias) == mode
     case = Case("fp16", 130, 48, 40, rank, "sample", True, delta_bias, 3, True, samples=3)
     assert_matches_reference(make_inputs(case, device), f"mode {mode}")
 
@@ -133,7 +134,8 @@ def test_gradients_bitwise_deterministic(device: str) -> None:
 
 
 def test_two_copy_batch_equals_two_calls(device: str) -> None:
-    """SPEC section 4: in ``[x; x]`` copy c of sample b is sample ``c*B + b`` with its own noise row."""
+    """docs/design.md section 4: in ``[x; x]`` copy c of sample b is sample ``c*B + b`` with its own
+    noise row."""
     case = Case("fp32", 197, 80, 48, 10, "sample", True, True, 3, True, samples=2)
     inputs = make_inputs(case, device)
     both, first, second, params = _cases.check_two_copy_batch(OP, inputs, case.samples, device)

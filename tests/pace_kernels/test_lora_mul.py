@@ -1,5 +1,5 @@
 """The fused ``lora_mul`` kernels (and RLRR, rank-1 ``lora_mul``) against the reference path
-(SPEC sections 2, 3 and 4).
+(docs/design.md sections 2, 3 and 4).
 
 Without a GPU the kernels run in Triton's interpreter (tests/conftest.py), which is slow: shapes are
 small, and the case list covers every pair of axis values (dtype, T, D, K, rank, noise kind, bias,
@@ -15,6 +15,7 @@ The accuracy criterion is in tests/pace_kernels/_cases.py.
 from __future__ import annotations
 
 import math
+import os
 import re
 import time
 from functools import partial
@@ -30,6 +31,7 @@ from tests.pace_kernels import _cases
 from tests.pace_kernels._cases import ARGS, GRAD_NAMES, Case, cuda_only
 
 OP = "lora_mul_linear"
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 forward_backward = partial(_cases.forward_backward, OP)
 assert_matches_reference = partial(_cases.assert_matches_reference, OP)
 
@@ -145,7 +147,7 @@ def test_dm_splits(shape: tuple[int, int, int], want: int) -> None:
     splits, rows = lora_mul.dm_splits(n_rows, d_out, k_in)
     assert splits == want
     if splits > 1:
-        assert rows % 128 == 0 and rows >= lora_mul.DM_SPLIT_MIN_ROWS
+        assert rows % 128 == 0 and rows >= lora_mul.op.DM_SPLIT_MIN_ROWS
         assert (splits - 1) * rows < n_rows <= splits * rows
     else:
         assert rows == n_rows
@@ -159,7 +161,7 @@ def test_split_dm_matches_reference_and_is_deterministic(noise: str, device: str
     case = Case("fp32", 197, 80, 70, 10, noise, True, True, 3, True)
     inputs = make_inputs(case, device)
     _, unsplit = forward_backward(inputs, "triton")
-    monkeypatch.setattr(lora_mul, "DM_SPLIT_MIN_ROWS", 128)
+    monkeypatch.setattr(lora_mul.op, "DM_SPLIT_MIN_ROWS", 128)
     assert lora_mul.dm_splits(591, 80, 70) == (3, 256)
     assert_matches_reference(inputs, f"split dM, {noise} noise")
     _, first = forward_backward(inputs, "triton")
@@ -172,7 +174,7 @@ def test_split_dm_matches_reference_and_is_deterministic(noise: str, device: str
 @pytest.mark.parametrize("noise", ["sample", "token", None])
 def test_memory_contract(noise: str | None, device: str) -> None:
     """Saved for backward: only the op's inputs (x, W0 itself, the factors, the noise), never a
-    ``D x K`` tensor of its own nor an ``N x D`` one (SPEC section 3, issue 5 item 4)."""
+    ``D x K`` tensor of its own nor an ``N x D`` one (docs/design.md section 3, issue 5 item 4)."""
     case = Case("fp32", 50, 24, 40, 3, noise, True, True, 3, True)  # N = 150, D = 24, K = 40
     inputs = make_inputs(case, device)
     n_rows = case.samples * case.tokens
@@ -199,7 +201,7 @@ def test_memory_contract(noise: str | None, device: str) -> None:
 
 
 def test_rlrr_is_rank_one_lora_mul(device: str) -> None:
-    """RLRR (SPEC section 2): ``W = W0 * (1 + s_left s_right^T)``, ``db = shift``, through the
+    """RLRR (docs/design.md section 2): ``W = W0 * (1 + s_left s_right^T)``, ``db = shift``, through the
     kernels as rank-1 lora_mul, against the formula written out, with per-sample noise."""
     g = torch.Generator().manual_seed(3)
     b, t, k, d = 3, 50, 48, 80
@@ -244,8 +246,8 @@ def test_pace_linear_rlrr_and_lora_mul_vpt_add_use_the_kernels(device: str) -> N
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
-def test_sample_plan_rule_and_docstring_counts() -> None:
-    """The row-tile rule and the wasted-work table of the module docstring, recounted here."""
+def test_sample_plan_rule_and_design_doc_counts() -> None:
+    """The row-tile rule and the wasted-work table of docs/design.md section 9.3, recounted here."""
 
     def straddle(t: int, bm: int, samples: int = 64) -> float:
         n = samples * t
@@ -266,7 +268,8 @@ def test_sample_plan_rule_and_docstring_counts() -> None:
     assert table[2048] == (1.0, 1.0, 1.0, 1.0, 128, 1.0)
     assert table[1][4:] == (128, 2.0) and lora_mul.sample_plan(1, (128, 64)).main_rows == 0
     assert lora_mul.sample_plan(197, (128, 64)) == lora_mul.SamplePlan(64, 192, 5, 202)
-    doc = lora_mul.__doc__
+    with open(os.path.join(REPO, "docs", "design.md")) as f:
+        doc = f.read()
     assert re.search(r"197\s+1\.299 \(23%\)\s+1\.299\s+1\.320 \(24%\)\s+1\.645 \(39%\)", doc)
     assert "bm 64, 1.025 (2.4%) 3.05" in doc and "bm 64, 1.280 (22%)  3.56" in doc
 
@@ -283,8 +286,10 @@ def test_sample_config_tables_match_their_tile_height() -> None:
 def test_compile_specs_cover_every_kernel_and_argument() -> None:
     """compile_check compiles what launches run: every kernel, every config list, every argument
     typed (the compiling itself runs in ``python -m pace_kernels.compile_check``)."""
-    specs = lora_mul.compile_specs()
-    m = lora_mul
+    from pace_kernels.compile_check import lora_mul_specs
+
+    specs = lora_mul_specs.compile_specs()
+    m = lora_mul.kernels
     kernels = {m._lora_mul_fwd_kernel, m._lora_mul_fwd_two_gemm_kernel, m._lora_mul_dx_kernel,
                m._lora_mul_dx_two_gemm_kernel, m._lora_mul_dm_kernel}
     assert {s.fn for s in specs} == kernels
@@ -300,7 +305,8 @@ def test_compile_specs_cover_every_kernel_and_argument() -> None:
 
 
 def test_two_copy_batch_equals_two_calls(device: str) -> None:
-    """SPEC section 4: in ``[x; x]`` copy c of sample b is sample ``c*B + b`` with its own noise row."""
+    """docs/design.md section 4: in ``[x; x]`` copy c of sample b is sample ``c*B + b`` with its own
+    noise row."""
     case = Case("fp32", 50, 80, 48, 10, "sample", True, True, 3, True, samples=2)
     _cases.check_two_copy_batch(OP, make_inputs(case, device), case.samples, device)
 

@@ -1,7 +1,7 @@
-"""The reference ops against an independent float64 computation of SPEC section 3.
+"""The reference ops against an independent float64 computation of docs/design.md section 3.
 
-Forward: SPEC's formula written with einsum. Gradients: SPEC's hand-derived backward formulas
-(``dX = G W0 + (Gz B) A`` and so on), not autograd, so a mistake in either side shows.
+Forward: the formula of docs/design.md section 3 written with einsum. Gradients: the hand-derived
+backward formulas (``dX = G W0 + (Gz B) A`` and so on), not autograd, so a mistake in either side shows.
 """
 
 import pytest
@@ -21,7 +21,7 @@ CASES = [
 
 
 def _spec_forward_and_grads(op, x, w0, b0, a, b, db, z, g):
-    """SPEC section 3 in float64: returns Y and (dX, dA, dB, d db)."""
+    """docs/design.md section 3 in float64: returns Y and (dX, dA, dB, d db)."""
     S, T, K = x.shape
     D = w0.shape[0]
     X = x.reshape(S * T, K)

@@ -5,7 +5,7 @@
 For each kernel module that imports, every entry of its ``compile_specs()`` is compiled with
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``; the bundled
 ``ptxas -v`` gives registers and spill bytes, the compiler the shared memory a launch asks for, the
-PTX whether tensor cores are used (``wgmma`` on sm_90, ``mma.sync`` on sm_80/86/89; SPEC section 7).
+PTX whether tensor cores are used (``wgmma`` on sm_90, ``mma.sync`` on sm_80/86/89; docs/design.md section 7).
 Each module lists configs per GPU class and is checked with the list ``--arch`` runs. Exit status 1
 when an fp16/bf16 row lacks tensor cores, any row spills or needs more shared memory than the arch
 has (232,448 B sm_90, 166,912 B sm_80, 101,376 B sm_86/sm_89), or a config fails to compile; only
@@ -23,7 +23,18 @@ import subprocess
 import sys
 from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
-KERNEL_MODULES = ["pace_kernels.lora_add", "pace_kernels.lora_mul"]
+SIGNATURE_MODULES = {
+    "pace_kernels.lora_add": "pace_kernels.compile_check.lora_add_specs",
+    "pace_kernels.lora_mul": "pace_kernels.compile_check.lora_mul_specs",
+}
+"""Each kernel package and the module whose ``compile_specs(arch)`` lists what the check compiles."""
+KERNEL_MODULES = list(SIGNATURE_MODULES)
+
+
+def _signature_module(name: str) -> str:
+    # A kernel package ("pace_kernels.lora_add", or "lora_add") names its spec module; any other
+    # name is taken as a module with compile_specs() itself.
+    return SIGNATURE_MODULES.get(name, SIGNATURE_MODULES.get(f"pace_kernels.{name}", name))
 
 
 def _load_specs(
@@ -34,14 +45,14 @@ def _load_specs(
 ) -> list:
     """Specs of every importable module; ``only``: keep those whose ``"name config"`` contains one of
     these substrings; ``dtype``: keep one operand dtype (``"bf16"``, ``"fp16"``, ``"fp32"``)."""
-    from ._triton_utils import TRITON_DTYPE_NAMES
+    from .machinery import TRITON_DTYPE_NAMES
 
     if isinstance(only, str):
         only = [only]
     specs = []
     for name in modules:
         try:
-            module = importlib.import_module(name)
+            module = importlib.import_module(_signature_module(name))
         except ImportError as exc:
             print(f"# {name}: not imported ({exc}); skipped")
             continue
@@ -58,22 +69,22 @@ def _load_specs(
     return specs
 
 
-_SPECS: list = []  # the specs being checked, inherited by forked workers
+_specs_being_checked: list = []  # the specs being checked, inherited by forked workers
 
 
 def _compile_one(job: Tuple[int, int]) -> tuple:
-    from ._triton_utils import compile_for_arch
+    from .machinery import compile_for_arch
 
     index, arch = job
-    r = compile_for_arch(_SPECS[index], arch)
+    r = compile_for_arch(_specs_being_checked[index], arch)
     return (r.registers, r.spill_stores, r.spill_loads, r.shared_bytes, r.tensor_cores, r.error)
 
 
 def _compile_all(specs: list, arch: int, jobs: int) -> Iterator:
     """Reports in spec order; compiled by ``jobs`` forked processes (triton.compile is CPU-bound)."""
-    from ._triton_utils import CompileReport
+    from .machinery import CompileReport
 
-    _SPECS[:] = specs
+    _specs_being_checked[:] = specs
     work = [(i, arch) for i in range(len(specs))]
     if jobs <= 1 or len(specs) <= 1:
         results = map(_compile_one, work)
@@ -99,7 +110,8 @@ def run_check(
     dtype: Optional[str] = None,
 ) -> int:
     """Compile and print the table; return the process exit status (0 all good, 1 otherwise)."""
-    from ._triton_utils import MAX_SHARED_BYTES, TRITON_DTYPE_NAMES
+    from .._triton_utils import MAX_SHARED_BYTES
+    from .machinery import TRITON_DTYPE_NAMES
 
     if arch not in MAX_SHARED_BYTES:
         raise ValueError(f"arch must be one of {sorted(MAX_SHARED_BYTES)}, got {arch}")
@@ -166,6 +178,3 @@ def main(argv: Optional[List[str]] = None) -> int:
         return subprocess.call(cmd, env=env)
     return run_check(args.arch, args.module or KERNEL_MODULES, args.only, args.limit, args.jobs, args.dtype)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,63 @@
+"""Config lists of the ``lora_mul`` kernels, per GPU class (docs/design.md section 9.1)."""
+
+from __future__ import annotations
+
+import triton
+
+# Configs, per GPU class (``autotune_for_device``): 90 Hopper (227 KiB of shared memory per block,
+# wgmma), 80 A100 (163 KiB), 86 the 99 KiB parts (sm_86/sm_89: RTX 30xx/40xx, A10, L4, L40S).
+# Every entry compiles for its archs with tensor cores, no spills and within the shared memory at
+# rank <= 64 (``python -m pace_kernels.compile_check --arch N``); the first of each list is what
+# runs with autotuning off. Tiles are (BLOCK_M rows of X, BLOCK_N output features, BLOCK_K
+# reduction). The interpreter runs one small config instead (autotuning there would run every
+# config, slowly).
+
+
+def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+                         num_warps=warps, num_stages=stages)
+
+
+# sm_8x lists (mma.sync; 99 KiB on sm_86/89) serve A100 (sm_80) too: chosen for its register file,
+# they fit its 163 KiB; larger A100 tiles are a tuning question for when one can be benchmarked.
+# fp32 on sm_8x: tf32x3 holds its split operands in registers, so BLOCK_K 16 (64x64x32 spills).
+_SM8X_32 = [_cfg(64, 64, 16, 8, 3), _cfg(64, 32, 16, 4, 3)]
+
+# Noise-free GEMM against the merged weight (forward and dX).
+_PLAIN_16 = [_cfg(128, 128, 64, 8, 3), _cfg(128, 256, 64, 8, 3), _cfg(64, 128, 64, 4, 4)]
+PLAIN_CONFIGS_16 = {90: _PLAIN_16, 80: _PLAIN_16, 86: _PLAIN_16}
+PLAIN_CONFIGS_32 = {90: [_cfg(64, 64, 32, 4, 3)], 80: _SM8X_32, 86: _SM8X_32}
+# Per-sample tiles, by the tile height sample_plan chose (forward and dX). On sm_8x the dX kernel
+# spills at rank 64 with 64x128x64 and 64x256 tiles (and on sm_80 with 128x128x32 and 64x64x32 w4),
+# the forward (8 B) with 128x64x64.
+_SAMPLE_128_SM8X_16 = [_cfg(128, 64, 32, 8, 4)]
+_SAMPLE_64_SM8X_16 = [_cfg(64, 128, 32, 8, 4), _cfg(64, 128, 32, 8, 3)]
+SAMPLE_CONFIGS_16 = {
+    128: {90: [_cfg(128, 128, 32, 8, 4), _cfg(128, 128, 64, 8, 3)], 80: _SAMPLE_128_SM8X_16,
+          86: [_cfg(128, 128, 32, 8, 4)] + _SAMPLE_128_SM8X_16},
+    64: {90: [_cfg(64, 256, 32, 8, 4), _cfg(64, 128, 32, 4, 4)], 80: _SAMPLE_64_SM8X_16,
+         86: _SAMPLE_64_SM8X_16},
+}
+_SAMPLE_128_SM8X_32 = [_cfg(128, 32, 16, 8, 3), _cfg(128, 32, 32, 8, 3)]
+SAMPLE_CONFIGS_32 = {
+    128: {90: [_cfg(128, 64, 16, 8, 3)], 80: _SAMPLE_128_SM8X_32, 86: _SAMPLE_128_SM8X_32},
+    64: {90: [_cfg(64, 64, 32, 4, 3)], 80: _SM8X_32, 86: _SM8X_32},
+}
+# Two-GEMM form: two accumulators in the forward (so half the width), one in dX. The Hopper dX
+# configs need 122,880 and 172,032 bytes of shared memory on sm_86: three stages of 32-wide K there
+# (64x128x32 with 4 warps spills 12 B on sm_80).
+_TWO_GEMM_FWD_16 = [_cfg(128, 64, 64, 8, 3), _cfg(64, 64, 64, 4, 4)]
+TWO_GEMM_FWD_CONFIGS_16 = {90: _TWO_GEMM_FWD_16, 80: _TWO_GEMM_FWD_16, 86: _TWO_GEMM_FWD_16}
+TWO_GEMM_FWD_CONFIGS_32 = {90: [_cfg(64, 64, 32, 4, 3)], 80: _SM8X_32, 86: _SM8X_32}
+_TWO_GEMM_DX_SM8X_16 = [_cfg(128, 128, 32, 8, 3), _cfg(128, 64, 32, 8, 4)]
+TWO_GEMM_DX_CONFIGS_16 = {90: [_cfg(128, 128, 32, 8, 4), _cfg(64, 128, 64, 4, 4)], 80: _TWO_GEMM_DX_SM8X_16,
+                          86: _TWO_GEMM_DX_SM8X_16}
+TWO_GEMM_DX_CONFIGS_32 = {90: [_cfg(64, 64, 32, 4, 3)], 80: _SM8X_32, 86: _SM8X_32}
+# dM = (Gz^T X) * W0: tiles of [D, K], reduction over the rows (every BLOCK_K divides 128).
+_DM_SM8X_16 = [_cfg(128, 128, 32, 8, 4), _cfg(128, 128, 64, 8, 2), _cfg(64, 128, 32, 4, 4)]
+DM_CONFIGS_16 = {90: [_cfg(128, 128, 64, 8, 3), _cfg(128, 128, 32, 8, 4), _cfg(64, 128, 64, 4, 4)],
+                 80: _DM_SM8X_16, 86: _DM_SM8X_16}
+_DM_32 = [_cfg(64, 64, 32, 4, 3)]
+DM_CONFIGS_32 = {90: _DM_32, 80: _DM_32, 86: _DM_32}
+
+_INTERP_CONFIG = _cfg(64, 64, 64, 4, 1)
