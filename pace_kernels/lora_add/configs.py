@@ -57,7 +57,8 @@ FWD_CONFIGS_32[80] = FWD_CONFIGS_32[86] = [_cfg(32, 64, 32, 4, 3)]
 # sm_90 dX, tf32x3 at rank 64: 4 warps spill (104 B); with Triton 3.6 so do 128-row tiles (128x64x32:
 # 24 B, 128x64x16: 8 B), with the two-segment noise.
 DX_CONFIGS_32 = {90: [_dx_cfg(64, 64, 32, 8, 3)]}
-DX_CONFIGS_32[80] = DX_CONFIGS_32[86] = [_dx_cfg(64, 64, 16, 8, 3)]  # 64x32x16 w4: 16 B spill, sm_80
+# sm_8x: 64x32x16 w4 spills 16 B on sm_80; 64x64x16 w8 20 B on sm_86 with Triton 3.6 (segments, r64).
+DX_CONFIGS_32[80] = DX_CONFIGS_32[86] = [_dx_cfg(32, 64, 16, 4, 3), _dx_cfg(64, 32, 16, 8, 3)]
 RANK_GRAD_CONFIGS_32 = {90: [_rg_cfg(64, 64, 4, 3)]}
 RANK_GRAD_CONFIGS_32[80] = RANK_GRAD_CONFIGS_32[86] = [_rg_cfg(64, 32, 8, 3), _rg_cfg(64, 32, 4, 3)]
 

@@ -25,7 +25,9 @@ _SM8X_32 = [_cfg(64, 64, 16, 8, 3), _cfg(64, 32, 16, 4, 3)]
 
 # Noise-free GEMM against the merged weight (forward and dX).
 _PLAIN_16 = [_cfg(128, 128, 64, 8, 3), _cfg(128, 256, 64, 8, 3), _cfg(64, 128, 64, 4, 4)]
-PLAIN_CONFIGS_16 = {90: _PLAIN_16, 80: _PLAIN_16, 86: _PLAIN_16}
+# sm_8x: 128x256x64 spills on sm_86 with Triton 3.6.
+_PLAIN_SM8X_16 = [_cfg(128, 128, 64, 8, 3), _cfg(64, 128, 64, 4, 4)]
+PLAIN_CONFIGS_16 = {90: _PLAIN_16, 80: _PLAIN_SM8X_16, 86: _PLAIN_SM8X_16}
 PLAIN_CONFIGS_32 = {90: [_cfg(64, 64, 32, 4, 3)], 80: _SM8X_32, 86: _SM8X_32}
 # Per-sample tiles, by the tile height sample_plan chose (forward and dX). On sm_8x the dX kernel
 # spills at rank 64 with 64x128x64 and 64x256 tiles (and on sm_80 with 128x128x32 and 64x64x32 w4),
@@ -34,14 +36,17 @@ _SAMPLE_128_SM8X_16 = [_cfg(128, 64, 32, 8, 4)]
 _SAMPLE_64_SM8X_16 = [_cfg(64, 128, 32, 8, 4), _cfg(64, 128, 32, 8, 3)]
 SAMPLE_CONFIGS_16 = {
     128: {90: [_cfg(128, 128, 32, 8, 4), _cfg(128, 128, 64, 8, 3)], 80: _SAMPLE_128_SM8X_16,
-          86: [_cfg(128, 128, 32, 8, 4)] + _SAMPLE_128_SM8X_16},
+          86: _SAMPLE_128_SM8X_16},  # 128x128x32 spills 12 B in dX at r64 on sm_86 with Triton 3.6
     64: {90: [_cfg(64, 256, 32, 8, 4), _cfg(64, 128, 32, 4, 4)], 80: _SAMPLE_64_SM8X_16,
          86: _SAMPLE_64_SM8X_16},
 }
-_SAMPLE_128_SM8X_32 = [_cfg(128, 32, 16, 8, 3), _cfg(128, 32, 32, 8, 3)]
+_SAMPLE_64_SM8X_32 = [_cfg(64, 32, 16, 8, 3), _cfg(64, 16, 16, 4, 3)]
+# Triton 3.6 on sm_86 spills with 128x32x16 in three stages and 128x32x32.
+_SAMPLE_128_SM8X_32 = [_cfg(128, 32, 16, 8, 2), _cfg(128, 16, 32, 8, 3)]
 SAMPLE_CONFIGS_32 = {
     128: {90: [_cfg(128, 64, 16, 8, 3)], 80: _SAMPLE_128_SM8X_32, 86: _SAMPLE_128_SM8X_32},
-    64: {90: [_cfg(64, 64, 32, 4, 3)], 80: _SM8X_32, 86: _SM8X_32},
+    # sm_8x: 64x64x16 w8 (dX r64, sm_86) and 64x32x16 w4 (fwd r64, sm_80) spill 8 B with Triton 3.6.
+    64: {90: [_cfg(64, 64, 32, 4, 3)], 80: _SAMPLE_64_SM8X_32, 86: _SAMPLE_64_SM8X_32},
 }
 # Two-GEMM form: two accumulators in the forward (so half the width), one in dX. The Hopper dX
 # configs need 122,880 and 172,032 bytes of shared memory on sm_86: three stages of 32-wide K there
@@ -54,10 +59,13 @@ TWO_GEMM_DX_CONFIGS_16 = {90: [_cfg(128, 128, 32, 8, 4), _cfg(64, 128, 64, 4, 4)
                           86: _TWO_GEMM_DX_SM8X_16}
 TWO_GEMM_DX_CONFIGS_32 = {90: [_cfg(64, 64, 32, 4, 3)], 80: _SM8X_32, 86: _SM8X_32}
 # dM = (Gz^T X) * W0: tiles of [D, K], reduction over the rows (every BLOCK_K divides 128).
-_DM_SM8X_16 = [_cfg(128, 128, 32, 8, 4), _cfg(128, 128, 64, 8, 2), _cfg(64, 128, 32, 4, 4)]
+# sm_8x: 128x128x32 in four stages needs 102,400 B with Triton 3.6 (sm_86 has 101,376); 64x128x32 w4 s4
+# spills 12 B on sm_80 with Triton 3.6; fp32 64x64x32 w4 spills 52 B on sm_86.
+_DM_SM8X_16 = [_cfg(128, 128, 32, 8, 3), _cfg(128, 128, 64, 8, 2), _cfg(64, 128, 32, 4, 3)]
 DM_CONFIGS_16 = {90: [_cfg(128, 128, 64, 8, 3), _cfg(128, 128, 32, 8, 4), _cfg(64, 128, 64, 4, 4)],
                  80: _DM_SM8X_16, 86: _DM_SM8X_16}
 _DM_32 = [_cfg(64, 64, 32, 4, 3)]
-DM_CONFIGS_32 = {90: _DM_32, 80: _DM_32, 86: _DM_32}
+_DM_SM8X_32 = [_cfg(64, 64, 32, 8, 3), _cfg(64, 64, 16, 4, 3)]
+DM_CONFIGS_32 = {90: _DM_32, 80: _DM_SM8X_32, 86: _DM_SM8X_32}
 
 _INTERP_CONFIG = _cfg(64, 64, 64, 4, 1)
