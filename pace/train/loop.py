@@ -52,18 +52,13 @@ from .runfolder import RunFolderError, claim
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 SYNC_EVERY = 10  # steps between reads of the step statistics (and progress-bar updates)
+STEP_MEANS = ("loss", "cls_loss", "consistency", "train_objective_grad_norm")  # means over ranks
 
 
 # RunResult's measured values, in its field order (NaN until measured).
-LAST_VALUES = (
-    "val_acc",
-    "train_acc",
-    "val_loss",
-    "val_grad_norm",
-    "val_grad_norm_mean",
-    "val_fp_distance",
-    "train_objective_grad_norm",
-    "test_acc",
+MEASURED = tuple(
+    "val_acc train_acc val_loss val_grad_norm val_grad_norm_mean val_fp_distance train_objective_grad_norm "
+    "test_acc".split()
 )
 
 
@@ -105,9 +100,7 @@ def log(msg: str, enabled: bool = True) -> None:
 
 
 def amp_context(amp: str, device: torch.device):
-    if amp not in AMP_DTYPES:
-        return contextlib.nullcontext
-    return lambda: torch.autocast(device.type, dtype=AMP_DTYPES[amp])
+    return lambda: torch.autocast(device.type, dtype=AMP_DTYPES.get(amp), enabled=amp in AMP_DTYPES)
 
 
 def has_adapters(model: nn.Module) -> bool:
@@ -161,23 +154,11 @@ class _StepStats:
         if not self.pending:
             return []
         summed = dist.all_reduce_sum(torch.stack([row[-1] for row in self.pending]), env).tolist()
-        records = []
-        for (epoch, step, lr, count, _), values in zip(self.pending, summed):
-            loss, cls_loss, consistency, grad_norm = (v / env.world_size for v in values[:4])
-            records.append(
-                dict(
-                    type="step",
-                    epoch=epoch,
-                    step=step,
-                    lr=lr,
-                    loss=loss,
-                    cls_loss=cls_loss,
-                    consistency=consistency,
-                    train_objective_grad_norm=grad_norm,
-                    correct=values[4],
-                    count=count * env.world_size,
-                )
-            )
+        records = [
+            dict(type="step", epoch=epoch, step=step, lr=lr, correct=values[4], count=count * env.world_size)
+            | {key: v / env.world_size for key, v in zip(STEP_MEANS, values)}
+            for (epoch, step, lr, count, _), values in zip(self.pending, summed)
+        ]
         self.pending.clear()
         return records
 
@@ -195,8 +176,7 @@ class _Training:
             test_ds,
             cfg,
         )
-        self.out_dir, self.env, self.device = out_dir, env, device
-        self.main = env.is_main
+        self.out_dir, self.env, self.device, self.main = out_dir, env, device, env.is_main
         model.to(device)
         self.names = [n for n, p in model.named_parameters() if p.requires_grad]
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -224,22 +204,22 @@ class _Training:
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.wd)
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
         fast = cfg.pace == "fast"
+        bank = dict(num_samples=len(train_ds), num_classes=num_classes) if fast else {}
         self.crit = pace.PaceCriterion(
-            mode=cfg.pace,
-            lam=cfg.lam,
-            copies=cfg.copies,
-            lazy_interval=cfg.lazy_interval,
-            num_samples=len(train_ds) if fast else None,
-            num_classes=num_classes if fast else None,
-        ).to(device)
+            cfg.pace, cfg.lam, copies=cfg.copies, lazy_interval=cfg.lazy_interval, **bank
+        )
+        self.crit.to(device)
         self.amp = amp_context(cfg.amp, device)
         self.forward_model = torch.compile(model) if cfg.compile else model
         self.checkpoint_path = out_dir / "checkpoint.pt"
         self.epoch, self.step = 0, 0
         self.metrics_bytes: Optional[int] = None
-        self.last = {key: float("nan") for key in LAST_VALUES}
+        self.last = dict.fromkeys(MEASURED, float("nan"))
         self.val_grad_norms: List[float] = []
         self.peak = 0.0
+
+    def log(self, message: str) -> None:
+        log(f"[{self.cfg.label}] {message}", self.main)
 
     def schedule(self) -> CosineLRScheduler:
         total = self.steps_per_epoch * self.cfg.epochs
@@ -261,11 +241,7 @@ class _Training:
     def resume(self) -> None:
         cfg, env = self.cfg, self.env
         if not self.checkpoint_path.exists():
-            log(
-                f"[{cfg.label}] resume: no checkpoint in {self.out_dir}, starting from the beginning",
-                self.main,
-            )
-            return
+            return self.log(f"resume: no checkpoint in {self.out_dir}, starting from the beginning")
         ck = load_training_checkpoint(self.checkpoint_path)
         check_fingerprint(ck["fingerprint"], self.fingerprint, self.checkpoint_path, cfg.resume_new_optim)
         if ck["epoch"] > cfg.epochs:
@@ -280,32 +256,19 @@ class _Training:
             self.scaler.load_state_dict(ck["scaler"])
         self.crit.load_state_dict(ck["criterion"])
         self.epoch, self.step, self.metrics_bytes = ck["epoch"], ck["step"], ck["metrics_bytes"]
-        if cfg.resume_new_optim:
-            # A new run from these weights: fresh random streams, so a NaN is not replayed.
-            random_seed(cfg.seed + 7919 * self.epoch, env.rank)
-            log(
-                f"[{cfg.label}] note: continuing with new optimisation settings; random streams re-seeded",
-                self.main,
-            )
-        elif len(ck["rng"]) == env.world_size:
+        if len(ck["rng"]) == env.world_size and not cfg.resume_new_optim:
             restore_rng(ck["rng"][env.rank])
-        else:
+        else:  # a new run from these weights, or another world size: fresh streams (a NaN is not replayed)
             random_seed(cfg.seed + 7919 * self.epoch, env.rank)
-            log(
-                f"[{cfg.label}] note: checkpoint from {len(ck['rng'])} process(es), now {env.world_size}: "
-                "random streams are re-seeded",
-                self.main,
-            )
+            why = f"checkpoint from {len(ck['rng'])} process(es), now {env.world_size}"
+            why = "new optimisation settings" if cfg.resume_new_optim else why
+            self.log(f"note: {why}: random streams are re-seeded")
         if ck["epochs"] != cfg.epochs and not cfg.resume_new_optim:
-            log(
-                f"[{cfg.label}] note: checkpoint planned {ck['epochs']} epochs, now {cfg.epochs}: the cosine "
-                "schedule is recomputed, so the result will differ from an uninterrupted run",
-                self.main,
+            self.log(
+                f"note: checkpoint planned {ck['epochs']} epochs, now {cfg.epochs}: the cosine schedule is "
+                "recomputed, so the result will differ from an uninterrupted run"
             )
-        log(
-            f"[{cfg.label}] resumed from {self.checkpoint_path} at epoch {self.epoch}, step {self.step}",
-            self.main,
-        )
+        self.log(f"resumed from {self.checkpoint_path} at epoch {self.epoch}, step {self.step}")
 
     def train_epoch(self, sched, stats: _StepStats, metrics: MetricsLog, bar) -> Dict[str, Any]:
         cfg, env, device = self.cfg, self.env, self.device
@@ -325,10 +288,7 @@ class _Training:
             self.scaler.scale(out.loss).backward()
             dist.average_gradients(self.params, env)
             self.scaler.unscale_(self.opt)
-            grads = [p.grad.detach().float().norm() for p in self.params if p.grad is not None]
-            grad_norm = (
-                torch.linalg.vector_norm(torch.stack(grads)) if grads else torch.zeros((), device=device)
-            )
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
             lr = self.opt.param_groups[0]["lr"]
             self.scaler.step(self.opt)
             self.scaler.update()
@@ -347,14 +307,14 @@ class _Training:
         seconds = time.perf_counter() - started
         self.peak = max(self.peak, peak_memory_mb(device))
         count = max(sum(r["count"] for r in records), 1)
+        steps = max(len(records), 1)
         epoch_record = dict(
             type="epoch",
             epoch=self.epoch + 1,
             step=self.step,
-            train_loss=sum(r["loss"] for r in records) / max(len(records), 1),
+            train_loss=sum(r["loss"] for r in records) / steps,
             train_acc=sum(r["correct"] for r in records) / count,
-            train_objective_grad_norm_mean=sum(r["train_objective_grad_norm"] for r in records)
-            / max(len(records), 1),
+            train_objective_grad_norm_mean=sum(r["train_objective_grad_norm"] for r in records) / steps,
             seconds=seconds,
             img_per_s=images * env.world_size / max(seconds, 1e-9),
             peak_mem_mb=self.peak,
@@ -444,24 +404,17 @@ class _Training:
         start_epoch = self.epoch
         metrics = MetricsLog(self.out_dir / "metrics.jsonl" if main else None, self.metrics_bytes)
         if main and metrics.missing_bytes:
-            log(
-                f"[{cfg.label}] note: {metrics.path} lacks {metrics.missing_bytes} bytes of records the "
-                "checkpoint had written (deleted or cut short); those records are lost, training goes on",
-                main,
+            self.log(
+                f"note: {metrics.path} lacks {metrics.missing_bytes} bytes of records the checkpoint had "
+                "written (deleted or cut short); those records are lost, training goes on"
             )
         sched = self.schedule()
         stats = _StepStats()
         from tqdm import tqdm
 
-        bar = tqdm(
-            total=self.steps_per_epoch * max(0, cfg.epochs - start_epoch),
-            desc=cfg.label,
-            unit="step",
-            disable=not (main and cfg.progress),
-            file=sys.stderr,
-            dynamic_ncols=True,
-            mininterval=0.5,
-        )
+        total = self.steps_per_epoch * max(0, cfg.epochs - start_epoch)
+        shown = dict(desc=cfg.label, unit="step", file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
+        bar = tqdm(total=total, disable=not (main and cfg.progress), **shown)
         reset_peak_memory(self.device)
         started = time.perf_counter()
         try:
@@ -483,10 +436,7 @@ class _Training:
                     self.score_test_set(metrics)
                 self.save_checkpoint(metrics)
                 if cfg.stop_after_epoch is not None and self.epoch >= cfg.stop_after_epoch < cfg.epochs:
-                    log(
-                        f"[{cfg.label}] stopping after epoch {self.epoch} as asked; continue with resume",
-                        main,
-                    )
+                    self.log(f"stopping after epoch {self.epoch} as asked; continue with resume")
                     break
         finally:
             bar.close()
@@ -494,15 +444,16 @@ class _Training:
         finished = self.epoch >= cfg.epochs
         if finished and start_epoch >= cfg.epochs:  # a resumed run that had already finished
             self._last_from_records()
+        seconds = time.perf_counter() - started
         return RunResult(
             cfg.label,
-            *(self.last[key] for key in LAST_VALUES),
-            time.perf_counter() - started,
-            self.peak,
-            self.step,
-            self.epoch,
-            finished,
-            str(self.out_dir),
+            **self.last,
+            seconds=seconds,
+            peak_mem_mb=self.peak,
+            steps=self.step,
+            epochs_done=self.epoch,
+            finished=finished,
+            out_dir=str(self.out_dir),
         )
 
     def _last_from_records(self) -> None:
@@ -512,8 +463,7 @@ class _Training:
             epochs = [r for r in records if r.get("type") == "epoch"]
             tests = [r for r in records if r.get("type") == "test"]
             if evals:
-                keys = ("val_acc", "train_acc", "val_loss", "val_grad_norm", "val_fp_distance")
-                self.last.update({k: evals[-1][k] for k in keys})
+                self.last.update({k: evals[-1][k] for k in MEASURED if k in evals[-1]})
                 norms = [r["val_grad_norm"] for r in evals]
                 self.last["val_grad_norm_mean"] = sum(norms) / len(norms)
             if epochs:
@@ -570,10 +520,9 @@ def run_training(
         message = dist.broadcast_object(None if refusal is None else str(refusal), env)
         if message is not None:  # every rank stops, not only the one that found the folder taken
             raise refusal or RunFolderError(message)
-        training = _Training(
+        result = _Training(
             model, train_ds, eval_ds, test_ds, num_classes, cfg, out_dir, env, device, fingerprint or {}
-        )
-        result = training.run()
+        ).run()
         if env.is_main:
             _write_outputs(model, result, cfg, out_dir, export_meta or {})
         dist.barrier(env)
