@@ -22,7 +22,7 @@ from ..io import atomic_write
 PathLike = Union[str, os.PathLike]
 
 CHECKPOINT_FORMAT = "pace-train-checkpoint"
-CHECKPOINT_VERSION = 2  # 2: the data order is a function of (seed, epoch); metrics_bytes
+CHECKPOINT_VERSION = 3  # 2: the data order is a function of (seed, epoch); 3: measured values
 
 
 class ResumeError(ValueError):

@@ -107,23 +107,6 @@ def has_adapters(model: nn.Module) -> bool:
     return isinstance(getattr(model, "pace_config", None), dict)
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, ds: Dataset, cfg: RunConfig, env: dist.DistEnv, device: torch.device) -> float:
-    """Top-1 accuracy over the whole set; each rank scores its share and the counts are summed."""
-    model.eval()
-    loader = _eval_loader(Subset(ds, shard_indices(len(ds), env.rank, env.world_size)), cfg)
-    correct = torch.zeros((), dtype=torch.float64, device=device)
-    total = 0
-    amp = amp_context(cfg.amp, device)
-    for x, y, _ in loader:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with amp():
-            correct += (model(x).argmax(-1) == y).sum()
-        total += y.numel()
-    correct, total = dist.all_reduce_sum(torch.stack([correct, correct.new_tensor(total)]), env).tolist()
-    return correct / max(total, 1)
-
-
 def _eval_loader(part: Dataset, cfg: RunConfig) -> DataLoader:
     # A loader without a generator draws its workers' base seed from the global torch stream, which
     # the PACE noise uses: evaluating would shift the noise of every later step.
@@ -256,6 +239,7 @@ class _Training:
             self.scaler.load_state_dict(ck["scaler"])
         self.crit.load_state_dict(ck["criterion"])
         self.epoch, self.step, self.metrics_bytes = ck["epoch"], ck["step"], ck["metrics_bytes"]
+        self.last, self.val_grad_norms = ck["measured"], ck["val_grad_norms"]
         if len(ck["rng"]) == env.world_size and not cfg.resume_new_optim:
             restore_rng(ck["rng"][env.rank])
         else:  # a new run from these weights, or another world size: fresh streams (a NaN is not replayed)
@@ -344,15 +328,18 @@ class _Training:
             )
         return records
 
-    def evaluate(self, epoch_record: Dict[str, Any], metrics: MetricsLog) -> None:
-        """The paper's diagnostics on the evaluation set, in one pass that also scores it: accuracy,
-        loss, gradient norm of the loss and (with adapters) the FP-distance."""
-        part = Subset(self.eval_ds, shard_indices(len(self.eval_ds), self.env.rank, self.env.world_size))
-        loader = _eval_loader(part, self.cfg)
+    def diagnose(self, ds: Dataset, fp_distance: bool):
+        """Accuracy, loss, gradient norm of the loss and (optionally) FP-distance on ``ds`` in eval
+        mode without noise (:func:`pace.heldout_diagnostics`); each rank measures its share."""
+        part = Subset(ds, shard_indices(len(ds), self.env.rank, self.env.world_size))
         with self.amp():
-            measured = pace.heldout_diagnostics(
-                self.model, loader, fp_distance=has_adapters(self.model), all_reduce=self.env.enabled
+            return pace.heldout_diagnostics(
+                self.model, _eval_loader(part, self.cfg), fp_distance=fp_distance, all_reduce=self.env.enabled
             )
+
+    def evaluate(self, epoch_record: Dict[str, Any], metrics: MetricsLog) -> None:
+        """The paper's diagnostics on the evaluation set, in one pass that also scores it."""
+        measured = self.diagnose(self.eval_ds, fp_distance=has_adapters(self.model))
         record = dict(
             val_acc=measured.accuracy,
             val_loss=measured.loss,
@@ -360,20 +347,16 @@ class _Training:
             val_fp_distance=measured.fp_distance,
         )
         self.val_grad_norms.append(measured.grad_norm)
-        self.last.update(
-            record,
-            train_acc=epoch_record["train_acc"],
-            val_grad_norm_mean=sum(self.val_grad_norms) / len(self.val_grad_norms),
-        )
+        mean = sum(self.val_grad_norms) / len(self.val_grad_norms)
+        self.last.update(record, train_acc=epoch_record["train_acc"], val_grad_norm_mean=mean)
         metrics.write(
             dict(type="eval", epoch=self.epoch, step=self.step, train_acc=self.last["train_acc"], **record)
         )
 
     def score_test_set(self, metrics: MetricsLog) -> None:
         """The test set, scored once when training is over (never used to choose anything)."""
-        test_acc = evaluate(self.model, self.test_ds, self.cfg, self.env, self.device)
-        self.last["test_acc"] = test_acc
-        metrics.write(dict(type="test", epoch=self.epoch, step=self.step, test_acc=test_acc))
+        self.last["test_acc"] = self.diagnose(self.test_ds, fp_distance=False).accuracy
+        metrics.write(dict(type="test", epoch=self.epoch, step=self.step, test_acc=self.last["test_acc"]))
 
     def save_checkpoint(self, metrics: MetricsLog) -> None:
         rngs = dist.all_gather_object(capture_rng(), self.env)  # every rank's streams, saved by rank 0
@@ -393,6 +376,8 @@ class _Training:
                 "rng": rngs,
                 "metrics_bytes": metrics.bytes,
                 "fingerprint": self.fingerprint,
+                "measured": self.last,
+                "val_grad_norms": self.val_grad_norms,
             }
             atomic_save(state, self.checkpoint_path)
         dist.barrier(self.env)
@@ -442,8 +427,6 @@ class _Training:
             bar.close()
             metrics.close()
         finished = self.epoch >= cfg.epochs
-        if finished and start_epoch >= cfg.epochs:  # a resumed run that had already finished
-            self._last_from_records()
         seconds = time.perf_counter() - started
         return RunResult(
             cfg.label,
@@ -455,22 +438,6 @@ class _Training:
             finished=finished,
             out_dir=str(self.out_dir),
         )
-
-    def _last_from_records(self) -> None:
-        if self.main and (self.out_dir / "metrics.jsonl").exists():
-            records = read_metrics(self.out_dir / "metrics.jsonl")
-            evals = [r for r in records if r.get("type") == "eval"]
-            epochs = [r for r in records if r.get("type") == "epoch"]
-            tests = [r for r in records if r.get("type") == "test"]
-            if evals:
-                self.last.update({k: evals[-1][k] for k in MEASURED if k in evals[-1]})
-                norms = [r["val_grad_norm"] for r in evals]
-                self.last["val_grad_norm_mean"] = sum(norms) / len(norms)
-            if epochs:
-                self.last["train_objective_grad_norm"] = epochs[-1]["train_objective_grad_norm_mean"]
-            if tests:
-                self.last["test_acc"] = tests[-1]["test_acc"]
-        self.last = dist.broadcast_object(self.last, self.env)
 
 
 def check_fingerprint(
