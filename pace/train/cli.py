@@ -27,22 +27,14 @@ examples:
   pace-train                                   # built-in digits experiment, a few minutes on 2 CPU cores
   pace-train --pace fast --repeats 1           # one variant of it, one draw of the shots
   pace-train --data data/vtab-1k/cifar --checkpoint ViT-B_16.npz --pace pace --lam 1 --sigma 1.2
-  pace-train --data data/few-shot/oxford-flowers102 --split train_meta.list.num_shot_1.seed_0 \\
-             --augment flip-crop --lr 5e-3 --rank 18 --pace pace --sigma 1.5
   torchrun --nproc_per_node=8 -m pace.train --data ... --pace fast   # data-parallel
 
-outputs (under --out): metrics.jsonl (append-only; per step: loss, lr, train_objective_grad_norm;
-per evaluation, on the evaluation set in eval mode without noise: train_acc, val_acc, val_loss,
-val_grad_norm (the PACE paper's gradient norm), val_fp_distance; for the built-in default a test
-record with test_acc at the end), checkpoint.pt (every epoch, atomic), adapter.safetensors +
-adapter.json (pace.save_adapter), curves.png, result.json. The built-in default writes one such
-folder per method and draw (DIR/<method>/seed<k>/) plus summary.txt / summary.json / curves.png
-comparing them, and caches the pre-trained backbone in DIR/pretrain/.
-one run per folder: a folder another pace-train run is using is refused; one that holds a run's
-records is refused too unless --resume continues that run or --overwrite deletes its records first.
-a run's result depends on its flags, not on --workers or on where it was interrupted and resumed.
-exit status: {EXIT_NON_FINITE} stopped on a NaN/inf loss (the last good checkpoint stays), {EXIT_USAGE} bad
-input, {EXIT_IO} a file could not be written (files written before stay intact); always one line on stderr.
+outputs in --out: metrics.jsonl (per step, per evaluation: val_acc, val_loss, val_grad_norm (the paper's),
+val_fp_distance), checkpoint.pt, adapter.safetensors/.json, curves.png, result.json; built-in: one such
+folder per method and draw (<method>/seed<k>/), summary.txt/.json, curves.png, the backbone in pretrain/.
+one run per folder: a folder in use, or holding a run's records, is refused (see --resume, --overwrite).
+exit status: {EXIT_NON_FINITE} NaN/inf loss (the last good checkpoint stays), {EXIT_USAGE} bad input, \
+{EXIT_IO} a file could not be written (earlier files stay); always one line on stderr.
 """
 
 
@@ -375,10 +367,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     import torch
 
     from . import distributed as dist
-    from .checkpoint import ResumeError
+    from .checkpoint import ResumeError, RunFolderError
     from .data import UnreadableImageError
     from .loop import NonFiniteLossError
-    from .runfolder import RunFolderError
 
     if not torch.cuda.is_available() and getattr(args, "backend", "auto") == "triton":
         os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first triton import

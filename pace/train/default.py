@@ -25,14 +25,13 @@ import torch.nn.functional as F
 from timm.utils import random_seed
 
 from . import distributed as dist
-from .checkpoint import atomic_write_file, atomic_write_text, load_training_checkpoint
+from .checkpoint import atomic_write_file, atomic_write_text, load_training_checkpoint, refuse_existing
 from .config import DIGITS_MODEL_KWARGS, DIGITS_PRESET, RunConfig, for_objective
 from .data import TensorImages
 from .loop import RunResult, check_fingerprint, log, run_training
 from .metrics import read_metrics
 from .model import add_adapters, count_parameters, create_timm_model
 from .plots import plot_runs
-from .runfolder import refuse_existing
 from .studies import TABLE_NOTES, MethodRuns, format_table, paired_summary
 
 # (table name, --pace mode) in the order of the table.

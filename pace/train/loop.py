@@ -31,24 +31,13 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 import pace
 
+from . import checkpoint as ckpt
 from . import distributed as dist
-from .checkpoint import (
-    CHECKPOINT_FORMAT,
-    CHECKPOINT_VERSION,
-    ResumeError,
-    atomic_save,
-    atomic_write_file,
-    atomic_write_text,
-    capture_rng,
-    load_training_checkpoint,
-    restore_rng,
-    with_run_file_mode,
-)
+from .checkpoint import atomic_write_text
 from .config import OPTIMISATION_SETTINGS, RunConfig
 from .data import shard_indices, train_batch_sampler
 from .metrics import MetricsLog, peak_memory_mb, read_metrics, reset_peak_memory
 from .plots import plot_runs
-from .runfolder import RunFolderError, claim
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 SYNC_EVERY = 10  # steps between reads of the step statistics (and progress-bar updates)
@@ -225,10 +214,10 @@ class _Training:
         cfg, env = self.cfg, self.env
         if not self.checkpoint_path.exists():
             return self.log(f"resume: no checkpoint in {self.out_dir}, starting from the beginning")
-        ck = load_training_checkpoint(self.checkpoint_path)
+        ck = ckpt.load_training_checkpoint(self.checkpoint_path)
         check_fingerprint(ck["fingerprint"], self.fingerprint, self.checkpoint_path, cfg.resume_new_optim)
         if ck["epoch"] > cfg.epochs:
-            raise ResumeError(
+            raise ckpt.ResumeError(
                 f"{self.checkpoint_path} is at epoch {ck['epoch']}, past the {cfg.epochs} epoch(s) asked for"
             )
         with torch.no_grad():
@@ -241,7 +230,7 @@ class _Training:
         self.epoch, self.step, self.metrics_bytes = ck["epoch"], ck["step"], ck["metrics_bytes"]
         self.last, self.val_grad_norms = ck["measured"], ck["val_grad_norms"]
         if len(ck["rng"]) == env.world_size and not cfg.resume_new_optim:
-            restore_rng(ck["rng"][env.rank])
+            ckpt.restore_rng(ck["rng"][env.rank])
         else:  # a new run from these weights, or another world size: fresh streams (a NaN is not replayed)
             random_seed(cfg.seed + 7919 * self.epoch, env.rank)
             why = f"checkpoint from {len(ck['rng'])} process(es), now {env.world_size}"
@@ -359,12 +348,10 @@ class _Training:
         metrics.write(dict(type="test", epoch=self.epoch, step=self.step, test_acc=self.last["test_acc"]))
 
     def save_checkpoint(self, metrics: MetricsLog) -> None:
-        rngs = dist.all_gather_object(capture_rng(), self.env)  # every rank's streams, saved by rank 0
+        rngs = dist.all_gather_object(ckpt.capture_rng(), self.env)  # every rank's streams, saved by rank 0
         if self.main:
             metrics.flush()
             state = {
-                "format": CHECKPOINT_FORMAT,
-                "version": CHECKPOINT_VERSION,
                 "epoch": self.epoch,
                 "epochs": self.cfg.epochs,
                 "step": self.step,
@@ -379,7 +366,7 @@ class _Training:
                 "measured": self.last,
                 "val_grad_norms": self.val_grad_norms,
             }
-            atomic_save(state, self.checkpoint_path)
+            ckpt.save_training_checkpoint(state, self.checkpoint_path)
         dist.barrier(self.env)
 
     def run(self) -> RunResult:
@@ -450,7 +437,9 @@ def check_fingerprint(
         was, is_now = saved.get(key), now.get(key)
         if was != is_now and key not in ignored:
             what = "class-count mismatch: " if key == "num_classes" else ""
-            raise ResumeError(f"{what}{path} was written with {key}={was!r}, this run has {key}={is_now!r}")
+            raise ckpt.ResumeError(
+                f"{what}{path} was written with {key}={was!r}, this run has {key}={is_now!r}"
+            )
 
 
 def _finite(value: Any) -> bool:
@@ -478,15 +467,15 @@ def run_training(
     ``fingerprint`` adds settings a resume must find unchanged to the config's own."""
     out_dir = Path(out_dir)
     with contextlib.ExitStack() as held:
-        refusal: Optional[RunFolderError] = None
+        refusal: Optional[ckpt.RunFolderError] = None
         if env.is_main:
             try:
-                held.enter_context(claim(out_dir, cfg.resume, cfg.overwrite))
-            except RunFolderError as exc:
+                held.enter_context(ckpt.claim(out_dir, cfg.resume, cfg.overwrite))
+            except ckpt.RunFolderError as exc:
                 refusal = exc
         message = dist.broadcast_object(None if refusal is None else str(refusal), env)
         if message is not None:  # every rank stops, not only the one that found the folder taken
-            raise refusal or RunFolderError(message)
+            raise refusal or ckpt.RunFolderError(message)
         result = _Training(
             model, train_ds, eval_ds, test_ds, num_classes, cfg, out_dir, env, device, fingerprint or {}
         ).run()
@@ -500,7 +489,7 @@ def _write_outputs(model, result: RunResult, cfg: RunConfig, out_dir: Path, expo
     if result.finished and has_adapters(model):
         pace.save_adapter(model, out_dir / "adapter")
         for name in ("adapter.safetensors", "adapter.json"):
-            with_run_file_mode(out_dir / name)
+            ckpt.with_run_file_mode(out_dir / name)
     atomic_write_text(out_dir / "result.json", json.dumps(result.as_dict(), indent=2) + "\n")
     records = read_metrics(out_dir / "metrics.jsonl")
     plot_runs({cfg.label: records}, out_dir / "curves.png", title=cfg.label)
@@ -516,4 +505,4 @@ def export_merged(model: nn.Module, path: str, meta: Dict[str, Any]) -> Path:
     pace.merge(model)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     metadata = {"format": "pace-merged", **{k: str(v) for k, v in meta.items()}}
-    return atomic_write_file(path, lambda tmp: save_file(state, tmp, metadata=metadata))
+    return ckpt.atomic_write_file(path, lambda tmp: save_file(state, tmp, metadata=metadata))
