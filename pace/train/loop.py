@@ -107,34 +107,6 @@ def _eval_loader(part: Dataset, cfg: RunConfig) -> DataLoader:
     )
 
 
-class _StepStats:
-    """Per-step statistics kept on the device, read back in one transfer by :meth:`flush`."""
-
-    def __init__(self) -> None:
-        self.pending: List[tuple] = []
-
-    def add(self, epoch: int, step: int, lr: float, out, grad_norm: torch.Tensor) -> None:
-        with torch.no_grad():
-            correct = (out.logits.argmax(-1) == out.targets).sum()
-            values = torch.stack(
-                [t.detach().double() for t in (out.loss, out.cls_loss, out.consistency, grad_norm, correct)]
-            )
-        self.pending.append((epoch, step, lr, out.targets.numel(), values))
-
-    def flush(self, env: dist.DistEnv) -> List[Dict[str, Any]]:
-        """The pending steps as records (means over ranks; sample counts summed)."""
-        if not self.pending:
-            return []
-        summed = dist.all_reduce_sum(torch.stack([row[-1] for row in self.pending]), env).tolist()
-        records = [
-            dict(type="step", epoch=epoch, step=step, lr=lr, correct=values[4], count=count * env.world_size)
-            | {key: v / env.world_size for key, v in zip(STEP_MEANS, values)}
-            for (epoch, step, lr, count, _), values in zip(self.pending, summed)
-        ]
-        self.pending.clear()
-        return records
-
-
 class _Training:
     """One run of the loop over a model whose trainable tensors are the ones to fit."""
 
@@ -189,6 +161,9 @@ class _Training:
         self.last = dict.fromkeys(MEASURED, float("nan"))
         self.val_grad_norms: List[float] = []
         self.peak = 0.0
+        self.pending: List[
+            tuple
+        ] = []  # step statistics still on the device, read back every SYNC_EVERY steps
 
     def log(self, message: str) -> None:
         log(f"[{self.cfg.label}] {message}", self.main)
@@ -243,7 +218,7 @@ class _Training:
             )
         self.log(f"resumed from {self.checkpoint_path} at epoch {self.epoch}, step {self.step}")
 
-    def train_epoch(self, sched, stats: _StepStats, metrics: MetricsLog, bar) -> Dict[str, Any]:
+    def train_epoch(self, sched, metrics: MetricsLog, bar) -> Dict[str, Any]:
         cfg, env, device = self.cfg, self.env, self.device
         self.model.train()
         self.batches.sampler.set_epoch(self.epoch)
@@ -270,11 +245,15 @@ class _Training:
                 self.crit.update_bank(*dist.all_gather_rows(idx.to(device), out.logits, env))
             self.step += 1
             sched.step_update(self.step)
-            stats.add(self.epoch + 1, self.step, lr, out, grad_norm)
+            with torch.no_grad():
+                correct = (out.logits.argmax(-1) == out.targets).sum()
+                values = [out.loss, out.cls_loss, out.consistency, grad_norm, correct]
+                values = torch.stack([t.detach().double() for t in values])
+            self.pending.append((self.epoch + 1, self.step, lr, out.targets.numel(), values))
             images += x.shape[0]
-            if len(stats.pending) >= SYNC_EVERY:
-                records += self._write_steps(stats, metrics, bar)
-        records += self._write_steps(stats, metrics, bar)
+            if len(self.pending) >= SYNC_EVERY:
+                records += self._write_steps(metrics, bar)
+        records += self._write_steps(metrics, bar)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - started
@@ -295,8 +274,19 @@ class _Training:
         metrics.write(epoch_record)
         return epoch_record
 
-    def _write_steps(self, stats: _StepStats, metrics: MetricsLog, bar) -> List[Dict[str, Any]]:
-        records = stats.flush(self.env)
+    def _write_steps(self, metrics: MetricsLog, bar) -> List[Dict[str, Any]]:
+        """The pending steps read back in one transfer (means over ranks, sample counts summed),
+        checked and written; a NaN/inf loss stops the run here, before any checkpoint."""
+        if not self.pending:
+            return []
+        world = self.env.world_size
+        summed = dist.all_reduce_sum(torch.stack([row[-1] for row in self.pending]), self.env).tolist()
+        records = [
+            dict(type="step", epoch=epoch, step=step, lr=lr, correct=values[4], count=count * world)
+            | {key: v / world for key, v in zip(STEP_MEANS, values)}
+            for (epoch, step, lr, count, _), values in zip(self.pending, summed)
+        ]
+        self.pending.clear()
         for r in records:
             if not all(map(_finite, (r["loss"], r["cls_loss"], r["consistency"]))):
                 kept = (
@@ -308,13 +298,12 @@ class _Training:
                     f"non-finite loss ({r['loss']}) at epoch {r['epoch']}, step {r['step']}: stopping; {kept}"
                 )
             metrics.write({k: v for k, v in r.items() if k not in ("correct", "count")})
-        if records:
-            bar.update(len(records))
-            bar.set_postfix(
-                loss=f"{records[-1]['loss']:.3f}",
-                gnorm=f"{records[-1]['train_objective_grad_norm']:.3g}",
-                refresh=False,
-            )
+        bar.update(len(records))
+        bar.set_postfix(
+            loss=f"{records[-1]['loss']:.3f}",
+            gnorm=f"{records[-1]['train_objective_grad_norm']:.3g}",
+            refresh=False,
+        )
         return records
 
     def diagnose(self, ds: Dataset, fp_distance: bool):
@@ -381,7 +370,6 @@ class _Training:
                 "written (deleted or cut short); those records are lost, training goes on"
             )
         sched = self.schedule()
-        stats = _StepStats()
         from tqdm import tqdm
 
         total = self.steps_per_epoch * max(0, cfg.epochs - start_epoch)
@@ -391,7 +379,7 @@ class _Training:
         started = time.perf_counter()
         try:
             while self.epoch < cfg.epochs:
-                epoch_record = self.train_epoch(sched, stats, metrics, bar)
+                epoch_record = self.train_epoch(sched, metrics, bar)
                 self.epoch += 1
                 self.last["train_objective_grad_norm"] = epoch_record["train_objective_grad_norm_mean"]
                 evaluated = self.epoch % cfg.eval_every == 0 or self.epoch == cfg.epochs
