@@ -295,25 +295,12 @@ def _run_data(cfg: RunConfig, env, device) -> int:
     cfg = for_objective(cfg, cfg.pace or "none")
     cfg = replace(cfg, label=cfg.pace if cfg.pace != "none" else "baseline")
     with _from_flag("--data"):
-        bundle = load_folder_data(
-            cfg.data,
-            cfg.split,
-            cfg.eval_split,
-            cfg.img_size,
-            cfg.augment,
-            num_classes=cfg.num_classes,
-            seed=cfg.seed,
-        )
+        split = (cfg.data, cfg.split, cfg.eval_split, cfg.img_size, cfg.augment)
+        bundle = load_folder_data(*split, num_classes=cfg.num_classes, seed=cfg.seed)
     notes = [f"data: {bundle.description}"]  # printed once the inputs have all been accepted
     with _from_flag("--model"):
-        model = create_timm_model(
-            cfg.model,
-            bundle.num_classes,
-            pretrained=cfg.pretrained,
-            drop_path=cfg.drop_path,
-            img_size=cfg.img_size,
-            kwargs=cfg.model_kwargs,
-        )
+        shape = dict(drop_path=cfg.drop_path, img_size=cfg.img_size, kwargs=cfg.model_kwargs)
+        model = create_timm_model(cfg.model, bundle.num_classes, pretrained=cfg.pretrained, **shape)
     if cfg.normalize == "model":
         data_cfg = timm.data.resolve_model_data_config(model)
         tr, ev = build_transforms(cfg.img_size, cfg.augment, data_cfg["mean"], data_cfg["std"])
