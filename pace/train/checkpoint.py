@@ -1,4 +1,5 @@
-"""Checkpoints: atomic writes, random-state capture, and reading weight files.
+"""A run folder's files: one run per folder (a lock, no stale temporary files, no silent
+overwriting of records), checkpoints, atomic writes, random-state capture, reading weight files.
 
 A training checkpoint is one ``torch.save`` file written to a temporary name in the same directory
 and renamed over the old one (:func:`pace.io.atomic_write`), so a run killed mid-write keeps the
@@ -8,11 +9,13 @@ loads with ``torch.load(weights_only=True)``: no pickled code runs when a checkp
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import pickle
 import random
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Iterator, List, Optional, Union
 
 import numpy as np
 import torch
@@ -22,7 +25,7 @@ from ..io import atomic_write
 PathLike = Union[str, os.PathLike]
 
 CHECKPOINT_FORMAT = "pace-train-checkpoint"
-CHECKPOINT_VERSION = 2  # 2: the data order is a function of (seed, epoch); metrics_bytes
+CHECKPOINT_VERSION = 3  # 2: the data order is a function of (seed, epoch); 3: measured values
 
 
 class ResumeError(ValueError):
@@ -97,6 +100,10 @@ def restore_rng(state: Dict[str, Any], generator: Optional[torch.Generator] = No
         generator.set_state(state["generator"])
 
 
+def save_training_checkpoint(state: Dict[str, Any], path: PathLike) -> Path:
+    return atomic_save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **state}, path)
+
+
 def load_training_checkpoint(path: PathLike) -> Dict[str, Any]:
     """Read a checkpoint written by the trainer; any problem is a :class:`ResumeError`."""
     path = Path(path)
@@ -157,3 +164,49 @@ def short_reason(exc: BaseException, limit: int = 160) -> str:
     if len(text) > limit:
         text = text[: limit - 3] + "..."
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+RECORDS = (
+    "checkpoint.pt",
+    "metrics.jsonl",
+    "result.json",
+    "adapter.safetensors",
+    "adapter.json",
+    "curves.png",
+)
+
+
+class RunFolderError(ValueError):
+    """The output folder holds another run's records, or another process is writing it."""
+
+
+def refuse_existing(out_dir: Path, resume: bool, overwrite: bool) -> List[str]:
+    """The records in ``out_dir`` a new run would replace; refused unless ``resume`` (they are
+    continued) or ``overwrite``."""
+    if resume:
+        return []
+    found = [name for name in RECORDS if (out_dir / name).exists()]
+    if found and not overwrite:
+        raise RunFolderError(f"{out_dir} holds the records of a run ({', '.join(found)})")
+    return found
+
+
+@contextlib.contextmanager
+def claim(out_dir: Path, resume: bool, overwrite: bool) -> Iterator[None]:
+    """Hold ``out_dir`` for one run: refuse a folder another process holds or one with a run's
+    records unless resuming it or told to overwrite them (which deletes them first, so the folder
+    never mixes two runs); remove temporary files a killed run left behind."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / ".lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunFolderError(f"{out_dir} is in use by another pace-train run") from None
+        for stale in out_dir.glob(".*.tmp"):  # pace.io.atomic_write's names: .<file>.<random>.tmp
+            stale.unlink(missing_ok=True)
+        for name in refuse_existing(out_dir, resume, overwrite):
+            (out_dir / name).unlink()
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)

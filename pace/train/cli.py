@@ -11,58 +11,170 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
+import re
 import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Iterator, List, Optional
 
-from .config import ADAPTERS, DEFAULT_OUT, MODE_SIGMA_LAM, PACE_MODES, RunConfig, build_config, default_text
+from .config import ADAPTERS, DEFAULT_OUT, DIGITS_PRESET, MAX_SEED, MODE_SIGMA_LAM, RunConfig, build_config
 
 EXIT_NON_FINITE, EXIT_USAGE, EXIT_IO = 1, 2, 3
-MAX_SEED = 2**32 - 2**16  # numpy seeds must stay below 2**32, with room for --repeats and ranks
-MAX_LR = 10.0
 
 EPILOG = f"""\
 examples:
   pace-train                                   # built-in digits experiment, a few minutes on 2 CPU cores
   pace-train --pace fast --repeats 1           # one variant of it, one draw of the shots
   pace-train --data data/vtab-1k/cifar --checkpoint ViT-B_16.npz --pace pace --lam 1 --sigma 1.2
-  pace-train --data data/few-shot/oxford-flowers102 --split train_meta.list.num_shot_1.seed_0 \\
-             --augment flip-crop --lr 5e-3 --rank 18 --pace pace --sigma 1.5
   torchrun --nproc_per_node=8 -m pace.train --data ... --pace fast   # data-parallel
 
-outputs (under --out): metrics.jsonl (append-only; per step: loss, lr, train_objective_grad_norm;
-per evaluation, on the evaluation set in eval mode without noise: train_acc, val_acc, val_loss,
-val_grad_norm (the PACE paper's gradient norm), val_fp_distance; for the built-in default a test
-record with test_acc at the end), checkpoint.pt (every epoch, atomic), adapter.safetensors +
-adapter.json (pace.save_adapter), curves.png, result.json. The built-in default writes one such
-folder per method and draw (DIR/<method>/seed<k>/) plus summary.txt / summary.json / curves.png
-comparing them, and caches the pre-trained backbone in DIR/pretrain/.
-one run per folder: a folder another pace-train run is using is refused; one that holds a run's
-records is refused too unless --resume continues that run or --overwrite deletes its records first.
-a run's result depends on its flags, not on --workers or on where it was interrupted and resumed.
-exit status: {EXIT_NON_FINITE} stopped on a NaN/inf loss (the last good checkpoint stays), {EXIT_USAGE} bad
-input, {EXIT_IO} a file could not be written (files written before stay intact); always one line on stderr.
+outputs in --out: metrics.jsonl (per step, per evaluation: val_acc, val_loss, val_grad_norm (the paper's),
+val_fp_distance), checkpoint.pt, adapter.safetensors/.json, curves.png, result.json; built-in: one such
+folder per method and draw (<method>/seed<k>/), summary.txt/.json, curves.png, the backbone in pretrain/.
+one run per folder: a folder in use, or holding a run's records, is refused (see --resume, --overwrite).
+exit status: {EXIT_NON_FINITE} NaN/inf loss (the last good checkpoint stays), {EXIT_USAGE} bad input, \
+{EXIT_IO} a file could not be written (earlier files stay); always one line on stderr.
 """
 
 
-class UsageError(Exception):
-    """Bad input, reported as one line naming the flag, exit status 2."""
+# The flags, their types and their help, grouped as --help shows them. A help line goes on in
+# indented lines; each help gets its default from RunConfig / DIGITS_PRESET appended.
+FLAGS = """
+model and data:
+--model               str    any timm model name
+--model-kwargs        json   extra timm.create_model arguments, a JSON object, e.g. '{{"depth": 6}}'
+--pretrained          flag   load the model's pre-trained weights from the timm hub (needs network)
+--checkpoint          str    pre-trained weights: .npz (original ViT layout), .safetensors or .pth/.pt/.bin
+                             (weights only); a classifier of another shape stays as initialised, any other
+                             tensor that does not fit is an error
+--partial-checkpoint  flag   accept a --checkpoint that leaves backbone tensors randomly initialised
+--data                str    dataset folder: NOAH format (train800val200.txt, test.txt, ... of 'path label'
+                             lines; paths may not leave DIR) or ImageFolder (train/<class>/*, val/ or test/);
+                             omit it for the built-in default
+--split               str    training split: a list file in DIR or DIR/annotations (train800val200) or an
+                             ImageFolder subfolder (train)
+--eval-split          str    evaluation split (val200 after --split train800, else test or test_meta.list;
+                             ImageFolder: val, else test)
+--num-classes         int    number of classes (default: from the labels)
+--img-size            int    input resolution
+--augment    none|flip-crop  none (resize) or flip-crop (FGVC / few-shot: resize to 256/224, random crop,
+                             flip), drawn from (seed, epoch, image) whatever --workers
+--normalize  imagenet|model  input normalisation: ImageNet mean/std (as the PACE code) or the model's own
+adapter and PACE:
+--adapter             kinds  adapter put into every linear layer (docs/design.md)
+--rank                int    adapter rank
+--pace                str    objective, one of {modes}: none (the baseline adapter), pace (two noisy copies),
+                             fast (one copy + a bank of past logits), lazy (pace every --lazy-interval
+                             steps), fpa (consistency with the pre-trained model). Default: none with --data;
+                             the built-in compares none, pace, fast, lazy; --sweep-lam: a list (pace,fpa)
+--lam                 float  consistency strength lambda; default per objective {lam}
+--sigma               float  std of the noise N(1, S^2) on adapter outputs, decreasing with depth; default per
+                             objective {sigma}
+--lazy-interval       int    lazy: the PACE step comes every N steps
+--copies              int    pace: number of noisy copies (consistency averaged over pairs)
+optimisation (AdamW, cosine decay to 1% of --lr after linear warm-up):
+--epochs              int    training epochs
+--batch-size          int    samples per step and process
+--lr                  float  peak learning rate
+--wd                  float  AdamW weight decay
+--warmup-epochs       float  linear warm-up length
+--drop-path           float  stochastic depth rate of the backbone, the same for the PACE copies
+run:
+--amp     auto|bf16|fp16|none  autocast dtype; auto = bf16 on CUDA, none on CPU
+--compile             flag   torch.compile the model for training
+--backend  auto|torch|triton  PaceLinear backend; auto = fused Triton on CUDA, the PyTorch reference elsewhere
+--device     auto|cpu|cuda   where to train; auto = CUDA if present
+--seed                int    seed of data order, augmentation, initialisation and noise (rank r: seed + r),
+                             0 .. {max_seed}
+--out                 str    output folder
+--resume              flag   continue from the last checkpoint (built-in: of each method and draw) to the
+                             result of an uninterrupted run; flags that change the result must match (else
+                             exit 2); --epochs may grow
+--resume-new-optim    flag   with --resume: keep weights and optimiser moments but allow a new --lr, --wd,
+                             --warmup-epochs, --epochs, --seed, with fresh random streams (e.g. after a NaN)
+--overwrite           flag   delete the records of a run already in --out and start a new one there
+--stop-after-epoch    int    stop once epoch N is checkpointed, as if interrupted (then --resume)
+--eval-every          int    evaluate every N epochs and at the end
+--workers             int    data-loading processes (default: min(4, CPUs) with --data, 0 built-in)
+--export              str    also write the merged model (pace.merge) as .safetensors; checked before training
+--threads             int    CPU threads for torch (default: 1 for the built-in default on CPU, else torch's)
+--no-progress         flag   no progress bar
+built-in default (without --data):
+--shots               int    training images per digit 5-9
+--repeats             int    draws of the shots (seeds --seed, --seed+1, ...), each trained with every method
+--pretrain-epochs     int    epochs of pre-training on digits 0-4 (cached in DIR/pretrain)
+--search              flag   instead of the table: the search behind the digits defaults (lr, then sigma x lam
+                             per objective) on the validation digits, never the test digits; DIR/search.json
+--sweep-lam           lams   instead of the table: the PACE paper's Fig. 4 for these lambdas (L1,L2,...) and
+                             each --pace objective; writes DIR/sweep_lam.png and DIR/sweep_lam.json
+"""
+
+
+def _lams(text: str):
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated numbers, got {text!r}") from None
+
+
+def _per_objective(index: int) -> str:
+    text = {
+        p: ", ".join(f"{m} {v[index]:g}" for m, v in t.items() if m != "none")
+        for p, t in MODE_SIGMA_LAM.items()
+    }
+    return f"{text['data']} with --data; {text['digits']} built-in"
+
+
+def _default_text(name: str) -> str:
+    data = getattr(RunConfig, name, None)
+    if data is None or isinstance(data, bool):
+        return ""
+    digits = "a 4-block ViT at 16 px" if name == "model" else DIGITS_PRESET.get(name, data)
+    return f" (default: {data}" + (f"; built-in: {digits})" if digits != data else ")")
+
+
+def _flag_rows(table: str) -> List[list]:
+    """``[group title, flag, kind, help]`` for each flag of the table."""
+    rows: List[list] = []
+    title = ""
+    for line in table.strip().splitlines():
+        if line.startswith(" "):
+            rows[-1][3] += " " + line.strip()
+        elif line.startswith("--"):
+            rows.append([title, *line.split(maxsplit=2)])
+        else:
+            title = line.rstrip(":")
+    return rows
+
+
+def _add_flags(parser: argparse.ArgumentParser) -> None:
+    import pace
+
+    adapters = list(ADAPTERS)
+    types = {"str": str, "int": int, "float": float, "json": json.loads, "lams": _lams}
+    table = FLAGS.format(
+        modes=", ".join(pace.MODES), lam=_per_objective(1), sigma=_per_objective(0), max_seed=MAX_SEED
+    )
+    groups: dict = {}
+    for title, flag, kind, help_text in _flag_rows(table):
+        group = (
+            groups[title] if title in groups else groups.setdefault(title, parser.add_argument_group(title))
+        )
+        if kind == "flag":
+            group.add_argument(flag, action="store_true", help=help_text)
+            continue
+        help_text += _default_text(flag[2:].replace("-", "_"))
+        if kind in types:
+            group.add_argument(flag, type=types[kind], help=help_text)
+        else:
+            group.add_argument(flag, choices=adapters if kind == "kinds" else kind.split("|"), help=help_text)
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, no usage dump
         print(f"pace-train: error: {message} (see pace-train --help)", file=sys.stderr)
         raise SystemExit(EXIT_USAGE)
-
-
-def _sigma_lam_text(index: int) -> str:
-    def per_mode(preset: str) -> str:
-        return ", ".join(f"{m} {v[index]:g}" for m, v in MODE_SIGMA_LAM[preset].items() if m != "none")
-
-    return f"default per mode with --data: {per_mode('data')}; built-in default: {per_mode('digits')}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,343 +187,24 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         argument_default=argparse.SUPPRESS,  # unset flags take RunConfig's defaults (pace.train.config)
     )
-    m = p.add_argument_group("model and data")
-    m.add_argument("--model", metavar="NAME", help=f"any timm model name ({default_text('model')})")
-    m.add_argument(
-        "--model-kwargs",
-        metavar="JSON",
-        help="extra timm.create_model arguments as a JSON object, e.g. '{\"depth\": 6}'",
-    )
-    m.add_argument(
-        "--pretrained",
-        action="store_true",
-        help="load the model's pre-trained weights from the timm hub (needs network)",
-    )
-    m.add_argument(
-        "--checkpoint",
-        metavar="PATH",
-        help="pre-trained weights: .npz (the original ViT release layout, read with timm's loader), "
-        ".safetensors, or .pth/.pt/.bin (torch.load weights_only=True); a classifier of another shape is "
-        "left as initialised, any other tensor that does not fit is an error (see --partial-checkpoint)",
-    )
-    m.add_argument(
-        "--partial-checkpoint",
-        action="store_true",
-        help="accept a --checkpoint that leaves backbone tensors randomly initialised",
-    )
-    m.add_argument(
-        "--data",
-        metavar="DIR",
-        help="dataset folder: NOAH format (VTAB-1k / few-shot: images plus train800.txt, val200.txt, "
-        "train800val200.txt, test.txt of 'relative/path label' lines; paths may not leave DIR) or an "
-        "ImageFolder tree (DIR/train/<class>/*, DIR/val/ or DIR/test/). Omit for the built-in default",
-    )
-    m.add_argument(
-        "--split",
-        metavar="NAME",
-        help="training split: a list file in DIR or DIR/annotations (default train800val200) or an "
-        "ImageFolder subfolder (default train)",
-    )
-    m.add_argument(
-        "--eval-split",
-        metavar="NAME",
-        help="evaluation split (default: val200 after --split train800, else test (or test_meta.list); "
-        "ImageFolder: val, else test)",
-    )
-    m.add_argument(
-        "--num-classes",
-        type=int,
-        metavar="N",
-        help="number of classes (default: from the labels); a label outside 0..N-1 is an error",
-    )
-    m.add_argument(
-        "--img-size", type=int, metavar="PX", help=f"input resolution ({default_text('img_size')})"
-    )
-    m.add_argument(
-        "--augment",
-        choices=("none", "flip-crop"),
-        help="training augmentation: none (VTAB: resize to --img-size) or flip-crop (FGVC / few-shot: resize "
-        "to 256/224 of it, random crop, horizontal flip; centre crop for evaluation), drawn from (seed, "
-        "epoch, image) so --workers does not change it. Default: none",
-    )
-    m.add_argument(
-        "--normalize",
-        choices=("imagenet", "model"),
-        help="input normalisation: ImageNet mean/std as the PACE code, or the timm model's own. "
-        "Default: imagenet",
-    )
-
-    a = p.add_argument_group("adapter and PACE")
-    a.add_argument(
-        "--adapter",
-        choices=ADAPTERS,
-        help=f"adapter put into every linear layer (docs/design.md). Default: {RunConfig.adapter}",
-    )
-    a.add_argument("--rank", type=int, metavar="R", help=f"adapter rank ({default_text('rank')})")
-    a.add_argument(
-        "--pace",
-        metavar="{" + ",".join(PACE_MODES) + "}",
-        help="objective: none (the baseline adapter), pace (two noisy copies + consistency), fast (one "
-        "copy + a bank of past logits), lazy (PACE_lazy_half every --lazy-interval steps), fpa (consistency "
-        "with the pre-trained model). Default: none with --data; the built-in default compares none, "
-        "pace, fast, lazy. With --sweep-lam a comma-separated list (default: pace,fpa)",
-    )
-    a.add_argument(
-        "--lam", type=float, metavar="L", help=f"consistency strength lambda ({_sigma_lam_text(1)})"
-    )
-    a.add_argument(
-        "--sigma",
-        type=float,
-        metavar="S",
-        help="std of the multiplicative noise N(1, S^2) on the adapter outputs, decreasing with depth "
-        f"({_sigma_lam_text(0)})",
-    )
-    a.add_argument(
-        "--lazy-interval",
-        type=int,
-        metavar="N",
-        help=f"lazy: the PACE step comes every N steps. Default: {RunConfig.lazy_interval}",
-    )
-    a.add_argument(
-        "--copies",
-        type=int,
-        metavar="M",
-        help=f"pace: number of noisy copies M (consistency averaged over pairs). Default: {RunConfig.copies}",
-    )
-
-    o = p.add_argument_group("optimisation (AdamW, cosine decay after linear warm-up)")
-    o.add_argument("--epochs", type=int, metavar="N", help=default_text("epochs"))
-    o.add_argument(
-        "--batch-size",
-        type=int,
-        metavar="B",
-        help=f"samples per step and process ({default_text('batch_size')})",
-    )
-    o.add_argument(
-        "--lr",
-        type=float,
-        metavar="LR",
-        help=f"peak learning rate ({default_text('lr')}); decays to 1%% of it",
-    )
-    o.add_argument("--wd", type=float, metavar="WD", help=f"AdamW weight decay ({default_text('wd')})")
-    o.add_argument(
-        "--warmup-epochs",
-        type=float,
-        metavar="E",
-        help=f"linear warm-up length ({default_text('warmup_epochs')})",
-    )
-    o.add_argument(
-        "--drop-path",
-        type=float,
-        metavar="P",
-        help="stochastic depth rate of the backbone, mask shared by the PACE copies "
-        f"({default_text('drop_path')})",
-    )
-
-    r = p.add_argument_group("run")
-    r.add_argument(
-        "--amp",
-        choices=("auto", "bf16", "fp16", "none"),
-        help="autocast dtype; auto = bf16 on CUDA, none on CPU. Default: auto",
-    )
-    r.add_argument("--compile", action="store_true", help="torch.compile the model for training")
-    r.add_argument(
-        "--backend",
-        choices=("auto", "torch", "triton"),
-        help="PaceLinear backend: auto = fused Triton kernels on CUDA, PyTorch reference elsewhere. "
-        "Default: auto",
-    )
-    r.add_argument("--device", choices=("auto", "cpu", "cuda"), help="Default: auto (CUDA if present)")
-    r.add_argument(
-        "--seed",
-        type=int,
-        help=f"seed of the data order, augmentation, initialisation and noise (rank r draws its noise from "
-        f"seed + r), 0 .. {MAX_SEED}. Default: 0",
-    )
-    r.add_argument("--out", metavar="DIR", help=f"output folder. Default: {DEFAULT_OUT}")
-    r.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue from the last finished epoch's checkpoint (DIR/checkpoint.pt; built-in default: "
-        "DIR/<method>/seed<k>/checkpoint.pt, finished runs are kept) to exactly the result of an "
-        "uninterrupted run; every flag that changes the result must be the same (else exit 2); --epochs "
-        "may grow (the schedule is then recomputed)",
-    )
-    r.add_argument(
-        "--resume-new-optim",
-        action="store_true",
-        help="with --resume: continue the checkpoint's weights and optimiser moments with changed "
-        "--lr, --wd, --warmup-epochs, --epochs or --seed and fresh random streams (e.g. after a NaN "
-        "loss, which plain --resume would replay); a new run, not the uninterrupted one",
-    )
-    r.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="delete the records of a run already in --out and start a new one there",
-    )
-    r.add_argument(
-        "--stop-after-epoch",
-        type=int,
-        metavar="N",
-        help="stop once epoch N is done (checkpoint written), as if interrupted; finish later with --resume",
-    )
-    r.add_argument(
-        "--eval-every",
-        type=int,
-        metavar="N",
-        help=f"evaluate every N epochs and at the end ({default_text('eval_every')})",
-    )
-    r.add_argument(
-        "--workers",
-        type=int,
-        metavar="N",
-        help="data-loading processes (default: min(4, CPUs) with --data, 0 for the built-in default)",
-    )
-    r.add_argument(
-        "--export",
-        metavar="PATH",
-        help="also write the merged plain model (pace.merge) as one .safetensors file (the built-in default "
-        "adds the variant's name to it); checked before training",
-    )
-    r.add_argument(
-        "--threads",
-        type=int,
-        metavar="N",
-        help="CPU threads for torch (default: 1 for the built-in default on CPU, whose tiny matrices run "
-        "slower, not faster, on more threads when other work shares the cores; torch's own choice otherwise)",
-    )
-    r.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-    d = p.add_argument_group("built-in default (without --data)")
-    d.add_argument(
-        "--shots", type=int, metavar="K", help=f"training images per digit 5-9. Default: {RunConfig.shots}"
-    )
-    d.add_argument(
-        "--repeats",
-        type=int,
-        metavar="N",
-        help="draws of the shots (seeds --seed .. --seed+N-1), each trained with every method; the table "
-        f"shows mean and spread. Default: {RunConfig.repeats}",
-    )
-    d.add_argument(
-        "--pretrain-epochs",
-        type=int,
-        metavar="N",
-        help="epochs of pre-training on digits 0-4 (cached in DIR/pretrain). "
-        f"Default: {RunConfig.pretrain_epochs}",
-    )
-    d.add_argument(
-        "--search",
-        action="store_true",
-        help="run the hyperparameter search behind the digits defaults instead of the table: lr of the "
-        "baseline, then sigma x lam per objective, scored on the validation digits (never the test "
-        "digits) over --repeats draws of their own; prints the chosen values, writes DIR/search.json",
-    )
-    d.add_argument(
-        "--sweep-lam",
-        metavar="L1,L2,...",
-        help="the PACE paper's Fig. 4 instead of the table: for each lambda and each --pace objective "
-        "(default pace,fpa), the gradient norm of the validation loss averaged over training, over "
-        "--repeats draws; writes DIR/sweep_lam.png and DIR/sweep_lam.json",
-    )
+    _add_flags(p)
     return p
 
 
-def _validate(given: dict) -> dict:
-    """Check the flags' values and combinations; returns them as RunConfig fields."""
-
-    def at_least(name: str, minimum: int) -> None:
-        v = given.get(name)
-        if v is not None and v < minimum:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= {minimum}, got {v}")
-
-    for name in ("epochs", "batch_size", "rank", "eval_every", "shots", "pretrain_epochs", "img_size"):
-        at_least(name, 1)
-    for name in ("num_classes", "lazy_interval", "stop_after_epoch", "threads", "repeats"):
-        at_least(name, 1)
-    at_least("copies", 2)
-    at_least("workers", 0)
-    for name in ("lam", "sigma", "lr", "wd", "warmup_epochs", "drop_path"):
-        v = given.get(name)
-        if v is not None and (not math.isfinite(v) or v < 0):
-            raise UsageError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {v}")
-    if given.get("drop_path", 0) >= 1:
-        raise UsageError(f"--drop-path must be below 1, got {given['drop_path']}")
-    if given.get("lr", 0) > MAX_LR:
-        raise UsageError(
-            f"--lr must be at most {MAX_LR:g} (AdamW steps of that size diverge), got {given['lr']}"
-        )
-    if not 0 <= given.get("seed", 0) <= MAX_SEED:
-        raise UsageError(f"--seed must be in 0 .. {MAX_SEED}, got {given['seed']}")
-    if "model_kwargs" in given:
-        try:
-            kw = json.loads(given["model_kwargs"])
-        except ValueError as exc:
-            raise UsageError(f"--model-kwargs is not valid JSON ({exc})") from None
-        if not isinstance(kw, dict):
-            raise UsageError("--model-kwargs must be a JSON object")
-        given["model_kwargs"] = kw
-    if given.get("pretrained") and given.get("checkpoint"):
-        raise UsageError("--pretrained and --checkpoint exclude each other")
-    if given.get("resume_new_optim") and not given.get("resume"):
-        raise UsageError("--resume-new-optim goes with --resume")
-    if given.get("resume") and given.get("overwrite"):
-        raise UsageError("--resume and --overwrite exclude each other")
-    if "data" not in given:
-        if given.get("pretrained") or given.get("checkpoint"):
-            raise UsageError(
-                "--pretrained / --checkpoint need --data (the built-in default pre-trains its own backbone)"
-            )
-        data_only = ("split", "eval_split", "num_classes", "augment", "normalize", "partial_checkpoint")
-        flags = [
-            f"--{n.replace('_', '-')}"
-            for n in data_only
-            if n in given and given[n] not in ("none", "imagenet")
-        ]
-        if flags:
-            raise UsageError(f"{', '.join(flags)} only apply with --data")
-    if "no_progress" in given:
-        given["progress"] = not given.pop("no_progress")
-    _validate_studies(given)
-    return given
+class UsageError(Exception):
+    """Bad input, reported as one line naming the flag, exit status 2."""
 
 
-def _validate_studies(given: dict) -> None:
-    modes = given.get("pace", "").split(",") if "pace" in given else []
-    bad = [m for m in modes if m not in PACE_MODES]
-    if bad:
-        raise UsageError(
-            f"--pace must be one of {', '.join(PACE_MODES)} (a list only with --sweep-lam), got {bad[0]!r}"
-        )
-    if "sweep_lam" in given:
-        try:
-            lams = tuple(float(v) for v in given["sweep_lam"].split(","))
-        except ValueError:
-            raise UsageError(
-                f"--sweep-lam must be comma-separated numbers, got {given['sweep_lam']!r}"
-            ) from None
-        if not all(math.isfinite(v) and v > 0 for v in lams):
-            raise UsageError(
-                f"--sweep-lam values must be finite and > 0 (a log axis), got {given['sweep_lam']!r}"
-            )
-        given["sweep_lam"] = lams
-        if "none" in modes:
-            raise UsageError("--sweep-lam: --pace none has no lambda")
-    elif len(modes) > 1:
-        raise UsageError("--pace takes one objective (a comma-separated list only with --sweep-lam)")
-    if ("sweep_lam" in given or given.get("search")) and "data" in given:
-        raise UsageError("--search and --sweep-lam study the built-in digits experiment: drop --data")
-    if "sweep_lam" in given and given.get("search"):
-        raise UsageError("--search and --sweep-lam exclude each other")
+def _flags(text: str) -> str:
+    """A RunConfig message with its `setting` names written as the flags they come from."""
+    return re.sub(r"`(\w+)`", lambda m: "--" + m.group(1).replace("_", "-"), text)
 
 
 def _check_writable(path: Path, flag: str, want_dir: bool) -> None:
     """Fail before training, not after it, when ``path`` cannot be written."""
     if path.exists() and path.is_dir() != want_dir:
-        raise UsageError(
-            f"{flag} {path}: is {'a file' if want_dir else 'a directory'}, "
-            f"expected {'a folder' if want_dir else 'a file path'}"
-        )
+        what, expected = ("a file", "a folder") if want_dir else ("a directory", "a file path")
+        raise UsageError(f"{flag} {path}: is {what}, expected {expected}")
     existing = path if path.exists() else path.parent
     while not existing.exists():
         existing = existing.parent
@@ -451,7 +244,12 @@ def _run(given: dict, env) -> int:
 
     from . import distributed as dist
 
-    cfg = build_config(_validate(given))
+    if "no_progress" in given:
+        given["progress"] = not given.pop("no_progress")
+    try:
+        cfg = build_config(given)
+    except ValueError as exc:
+        raise UsageError(_flags(str(exc))) from None
     _check_writable(Path(cfg.out), "--out", want_dir=True)
     if cfg.export:
         _check_writable(Path(cfg.export), "--export", want_dir=False)
@@ -461,27 +259,24 @@ def _run(given: dict, env) -> int:
     amp = cfg.amp if cfg.amp != "auto" else ("bf16" if device.type == "cuda" else "none")
     if amp == "fp16" and device.type == "cpu":
         raise UsageError("--amp fp16 needs CUDA (use bf16 or none on CPU)")
-    cfg = replace(
-        cfg, amp=amp, epoch_lines=cfg.epoch_lines and (device.type == "cuda" or cfg.data is not None)
-    )
+    on_cuda_or_data = device.type == "cuda" or cfg.data is not None
+    cfg = replace(cfg, amp=amp, epoch_lines=cfg.epoch_lines and on_cuda_or_data)
     dist.init(env, device)
     if env.is_main and env.enabled:
         backend = "nccl" if device.type == "cuda" else "gloo"
         print(f"data-parallel: {env.world_size} processes ({backend})", file=sys.stderr, flush=True)
-    if cfg.data is None and cfg.search:
-        from .studies import run_search
+    if cfg.data is not None:
+        return _run_data(cfg, env, device)
+    from .default import run_default
+    from .studies import run_lam_sweep, run_search
 
+    if cfg.search:
         return run_search(cfg, env, device)
-    if cfg.data is None and cfg.sweep_lam:
-        from .studies import run_lam_sweep
-
-        modes = (cfg.pace or "pace,fpa").split(",")
-        return run_lam_sweep(replace(cfg, pace=None), cfg.sweep_lam, modes, env, device)
-    if cfg.data is None:
-        from .default import run_default
-
-        return run_default(cfg, env, device)
-    return _run_data(cfg, env, device)
+    if cfg.sweep_lam:
+        return run_lam_sweep(
+            replace(cfg, pace=None), cfg.sweep_lam, (cfg.pace or "pace,fpa").split(","), env, device
+        )
+    return run_default(cfg, env, device)
 
 
 def _run_data(cfg: RunConfig, env, device) -> int:
@@ -489,7 +284,7 @@ def _run_data(cfg: RunConfig, env, device) -> int:
     from timm.utils import random_seed
 
     from .config import for_objective
-    from .data import IMAGENET_MEAN, IMAGENET_STD, build_transforms, load_folder_data
+    from .data import build_transforms, load_folder_data
     from .loop import log, run_training
     from .model import add_adapters, count_parameters, create_timm_model, load_checkpoint
 
@@ -500,27 +295,12 @@ def _run_data(cfg: RunConfig, env, device) -> int:
     cfg = for_objective(cfg, cfg.pace or "none")
     cfg = replace(cfg, label=cfg.pace if cfg.pace != "none" else "baseline")
     with _from_flag("--data"):
-        bundle = load_folder_data(
-            cfg.data,
-            cfg.split,
-            cfg.eval_split,
-            cfg.img_size,
-            cfg.augment,
-            IMAGENET_MEAN,
-            IMAGENET_STD,
-            cfg.num_classes,
-            cfg.seed,
-        )
+        split = (cfg.data, cfg.split, cfg.eval_split, cfg.img_size, cfg.augment)
+        bundle = load_folder_data(*split, num_classes=cfg.num_classes, seed=cfg.seed)
     notes = [f"data: {bundle.description}"]  # printed once the inputs have all been accepted
     with _from_flag("--model"):
-        model = create_timm_model(
-            cfg.model,
-            bundle.num_classes,
-            pretrained=cfg.pretrained,
-            drop_path=cfg.drop_path,
-            img_size=cfg.img_size,
-            kwargs=cfg.model_kwargs,
-        )
+        shape = dict(drop_path=cfg.drop_path, img_size=cfg.img_size, kwargs=cfg.model_kwargs)
+        model = create_timm_model(cfg.model, bundle.num_classes, pretrained=cfg.pretrained, **shape)
     if cfg.normalize == "model":
         data_cfg = timm.data.resolve_model_data_config(model)
         tr, ev = build_transforms(cfg.img_size, cfg.augment, data_cfg["mean"], data_cfg["std"])
@@ -540,6 +320,7 @@ def _run_data(cfg: RunConfig, env, device) -> int:
         env.is_main,
     )
     data_identity = {"data": str(Path(cfg.data).resolve())}
+    meta = {"model": cfg.model, "num_classes": bundle.num_classes}
     result = run_training(
         model,
         bundle.train,
@@ -549,8 +330,8 @@ def _run_data(cfg: RunConfig, env, device) -> int:
         Path(cfg.out),
         env,
         device,
-        fingerprint=data_identity,
-        export_meta={"model": cfg.model, "num_classes": bundle.num_classes},
+        data_identity,
+        meta,
     )
     if env.is_main:
         state = "done" if result.finished else f"stopped after epoch {result.epochs_done}"
@@ -573,10 +354,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     import torch
 
     from . import distributed as dist
-    from .checkpoint import ResumeError
+    from .checkpoint import ResumeError, RunFolderError
     from .data import UnreadableImageError
     from .loop import NonFiniteLossError
-    from .runfolder import RunFolderError
 
     if not torch.cuda.is_available() and getattr(args, "backend", "auto") == "triton":
         os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first triton import
@@ -588,11 +368,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     except UsageError as exc:
         return _fail(f"error: {_one_line(exc)}", EXIT_USAGE)
     except RunFolderError as exc:
-        return _fail(
-            f"error: --out: {_one_line(exc)}; "
-            "pass --resume to continue that run or --overwrite to replace it",
-            EXIT_USAGE,
+        message = (
+            f"error: --out: {_one_line(exc)}; pass --resume to continue that run or --overwrite to replace it"
         )
+        return _fail(message, EXIT_USAGE)
     except (ResumeError, UnreadableImageError) as exc:
         flag = "--resume" if isinstance(exc, ResumeError) else "--data"
         return _fail(f"error: {flag}: {_one_line(exc)}", EXIT_USAGE)

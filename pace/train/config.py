@@ -1,15 +1,18 @@
-"""The settings of one ``pace-train`` run, with every default in one place.
+"""The settings of one ``pace-train`` run, with every default and every check in one place.
 
 :class:`RunConfig`'s field defaults are the ``--data`` defaults; :data:`DIGITS_PRESET` overrides
 some of them for the built-in digits experiment, and :data:`MODE_SIGMA_LAM` holds the per-objective
 noise and consistency strength of each. The command line leaves unset flags out, so a run's
 settings are ``RunConfig(**{**preset, **given})``; its help text is built from the same tables.
+Invalid settings raise ``ValueError`` naming each setting in backquotes (the CLI turns those into
+flag names).
 """
 
 from __future__ import annotations
 
+import math
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Dict, Optional, Tuple
 
 from ..config import ADAPTER_KINDS, DEFAULT_ADAPTER
@@ -19,6 +22,8 @@ from ..losses import MODES
 ADAPTERS = (DEFAULT_ADAPTER, *(kind for kind in ADAPTER_KINDS if kind != DEFAULT_ADAPTER))
 PACE_MODES = MODES
 DEFAULT_OUT = os.path.join("runs", "pace-train")
+MAX_SEED = 2**32 - 2**16  # numpy seeds must stay below 2**32, with room for --repeats and ranks
+MAX_LR = 10.0  # AdamW steps of that size diverge
 
 
 @dataclass(frozen=True)
@@ -41,7 +46,7 @@ class RunConfig:
     # adapter and objective; sigma / lam None: the objective's value in MODE_SIGMA_LAM
     adapter: str = DEFAULT_ADAPTER
     rank: int = 10
-    pace: Optional[str] = None
+    pace: Optional[str] = None  # with sweep_lam: a comma-separated list
     lam: Optional[float] = None
     sigma: Optional[float] = None
     lazy_interval: int = 2
@@ -81,34 +86,74 @@ class RunConfig:
     search: bool = False
     sweep_lam: Optional[Tuple[float, ...]] = None
 
+    def __post_init__(self) -> None:
+        for name, minimum in AT_LEAST.items():
+            value = getattr(self, name)
+            if value is not None and value < minimum:
+                raise ValueError(f"`{name}` must be >= {minimum}, got {value}")
+        for name in ("lam", "sigma", "lr", "wd", "warmup_epochs", "drop_path"):
+            value = getattr(self, name)
+            if value is not None and (not math.isfinite(value) or value < 0):
+                raise ValueError(f"`{name}` must be a finite number >= 0, got {value}")
+        checks = [
+            (self.drop_path < 1, f"`drop_path` must be below 1, got {self.drop_path}"),
+            (self.lr <= MAX_LR, f"`lr` must be at most {MAX_LR:g} (AdamW diverges), got {self.lr}"),
+            (0 <= self.seed <= MAX_SEED, f"`seed` must be in 0 .. {MAX_SEED}, got {self.seed}"),
+            (isinstance(self.model_kwargs, (dict, type(None))), "`model_kwargs` must be a JSON object"),
+            (not (self.pretrained and self.checkpoint), "`pretrained` and `checkpoint` exclude each other"),
+            (self.resume or not self.resume_new_optim, "`resume_new_optim` goes with `resume`"),
+            (not (self.resume and self.overwrite), "`resume` and `overwrite` exclude each other"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        self._check_digits_only_and_studies()
+
+    def _check_digits_only_and_studies(self) -> None:
+        if self.data is None:
+            if self.pretrained or self.checkpoint:
+                raise ValueError(
+                    "`pretrained` / `checkpoint` need `data` (the built-in default pre-trains its own)"
+                )
+            non_default = [f"`{n}`" for n in DATA_ONLY if getattr(self, n) != getattr(RunConfig, n)]
+            if non_default:
+                raise ValueError(f"{', '.join(non_default)} only apply with `data`")
+        modes = self.pace.split(",") if self.pace else []
+        bad = [m for m in modes if m not in MODES]
+        if bad:
+            raise ValueError(
+                f"`pace` must be one of {', '.join(MODES)} (a list only with `sweep_lam`), got {bad[0]!r}"
+            )
+        if self.sweep_lam is not None:
+            if not all(math.isfinite(v) and v > 0 for v in self.sweep_lam):
+                raise ValueError(
+                    f"`sweep_lam` values must be finite and > 0 (a log axis), got {self.sweep_lam}"
+                )
+            if "none" in modes:
+                raise ValueError("`sweep_lam`: `pace` none has no lambda")
+        elif len(modes) > 1:
+            raise ValueError("`pace` takes one objective (a comma-separated list only with `sweep_lam`)")
+        if (self.sweep_lam or self.search) and self.data is not None:
+            raise ValueError("`search` and `sweep_lam` study the built-in digits experiment: drop `data`")
+        if self.sweep_lam and self.search:
+            raise ValueError("`search` and `sweep_lam` exclude each other")
+
     def fingerprint(self) -> Dict[str, Any]:
         """The settings a ``--resume`` must find unchanged to continue the same run."""
         return {k: v for k, v in asdict(self).items() if k not in NOT_IN_FINGERPRINT}
 
 
+AT_LEAST = dict.fromkeys(
+    "epochs batch_size rank eval_every shots pretrain_epochs img_size num_classes lazy_interval "
+    "stop_after_epoch threads repeats".split(),
+    1,
+) | {"copies": 2, "workers": 0}
+DATA_ONLY = ("split", "eval_split", "num_classes", "augment", "normalize", "partial_checkpoint")
 # Settings that do not change the numbers a run computes (where and how fast it runs, what it
 # reports, when it stops), plus the epoch count, which a resume may extend (see the loop).
 NOT_IN_FINGERPRINT = frozenset(
-    {
-        "out",
-        "resume",
-        "resume_new_optim",
-        "overwrite",
-        "stop_after_epoch",
-        "eval_every",
-        "eval_batch_size",
-        "workers",
-        "export",
-        "threads",
-        "progress",
-        "epoch_lines",
-        "label",
-        "device",
-        "repeats",
-        "epochs",
-        "search",
-        "sweep_lam",
-    }
+    "out resume resume_new_optim overwrite stop_after_epoch eval_every eval_batch_size workers export "
+    "threads progress epoch_lines label device repeats epochs search sweep_lam".split()
 )
 # What --resume-new-optim lets a resume change.
 OPTIMISATION_SETTINGS = frozenset({"lr", "wd", "warmup_epochs", "min_lr_ratio", "seed", "epochs"})
@@ -152,40 +197,20 @@ MODE_SIGMA_LAM: Dict[str, Dict[str, Tuple[float, float]]] = {
 }
 
 
-def preset_name(data: Optional[str]) -> str:
-    return "digits" if data is None else "data"
-
-
 def build_config(given: Dict[str, Any]) -> RunConfig:
     """The run's settings from the flags that were given (unset flags absent from ``given``)."""
-    preset = DIGITS_PRESET if given.get("data") is None else {}
-    names = {f.name for f in fields(RunConfig)}
-    unknown = sorted(set(given) - names)
-    if unknown:
-        raise TypeError(f"unknown settings {unknown}")
-    values = {**preset, **given}
+    values = {**(DIGITS_PRESET if given.get("data") is None else {}), **given}
     if values.get("workers") is None:
         values["workers"] = min(4, os.cpu_count() or 1)
-    return RunConfig(**values)
+    return RunConfig(**values)  # an unknown setting is a TypeError naming it
 
 
 def for_objective(cfg: RunConfig, mode: str) -> RunConfig:
     """``cfg`` for one objective: its sigma and lam filled in where the user gave none."""
-    from dataclasses import replace
-
-    sigma, lam = MODE_SIGMA_LAM[preset_name(cfg.data)][mode]
+    sigma, lam = MODE_SIGMA_LAM["digits" if cfg.data is None else "data"][mode]
     return replace(
         cfg,
         pace=mode,
         sigma=sigma if cfg.sigma is None else cfg.sigma,
         lam=0.0 if mode == "none" else (lam if cfg.lam is None else cfg.lam),
     )
-
-
-def default_text(name: str, fmt: str = "{}") -> str:
-    """Help text naming a setting's default with --data and for the built-in experiment."""
-    data = fmt.format(getattr(RunConfig, name))
-    digits = fmt.format(DIGITS_PRESET.get(name, getattr(RunConfig, name)))
-    if name == "model":
-        digits = "a 4-block ViT at 16 px"
-    return f"default: {data} with --data, {digits} for the built-in default"

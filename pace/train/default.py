@@ -25,23 +25,17 @@ import torch.nn.functional as F
 from timm.utils import random_seed
 
 from . import distributed as dist
-from .checkpoint import atomic_write_file, atomic_write_text, load_training_checkpoint
+from .checkpoint import atomic_write_file, atomic_write_text, load_training_checkpoint, refuse_existing
 from .config import DIGITS_MODEL_KWARGS, DIGITS_PRESET, RunConfig, for_objective
 from .data import TensorImages
 from .loop import RunResult, check_fingerprint, log, run_training
 from .metrics import read_metrics
 from .model import add_adapters, count_parameters, create_timm_model
 from .plots import plot_runs
-from .runfolder import refuse_existing
 from .studies import TABLE_NOTES, MethodRuns, format_table, paired_summary
 
 # (table name, --pace mode) in the order of the table.
-VARIANTS: Tuple[Tuple[str, str], ...] = (
-    ("baseline", "none"),
-    ("PACE", "pace"),
-    ("PACE_fast", "fast"),
-    ("PACE_lazy", "lazy"),
-)
+VARIANTS = (("baseline", "none"), ("PACE", "pace"), ("PACE_fast", "fast"), ("PACE_lazy", "lazy"))
 NUM_CLASSES = 5  # digits 0-4 to pre-train on, 5-9 to adapt to
 
 
@@ -88,11 +82,10 @@ def digits_tensors(img_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
 
 def split_pretrain(x: torch.Tensor, y: torch.Tensor, seed: int) -> Tuple[TensorImages, TensorImages]:
     """Digits 0-4 for pre-training: 80 % to train on, 20 % to report the backbone's accuracy."""
-    g = torch.Generator().manual_seed(seed)
     old = torch.nonzero(y < 5).flatten()
-    old = old[torch.randperm(old.numel(), generator=g)]
-    n_tr = int(0.8 * old.numel())
-    return TensorImages(x[old[:n_tr]], y[old[:n_tr]]), TensorImages(x[old[n_tr:]], y[old[n_tr:]])
+    old = old[torch.randperm(old.numel(), generator=torch.Generator().manual_seed(seed))]
+    train, held_out = old[: int(0.8 * old.numel())], old[int(0.8 * old.numel()) :]
+    return TensorImages(x[train], y[train]), TensorImages(x[held_out], y[held_out])
 
 
 # The cut of the 5-9 digits into a development half (shots and validation) and a test half does
@@ -130,8 +123,10 @@ def split_new_task(x: torch.Tensor, y: torch.Tensor, shots: int, seed: int) -> N
 
 
 def make_model(cfg: RunConfig, drop_path: float) -> nn.Module:
-    kwargs = dict(DIGITS_MODEL_KWARGS if cfg.model == DIGITS_PRESET["model"] else {})
-    kwargs.update(cfg.model_kwargs or {})
+    kwargs = {
+        **(DIGITS_MODEL_KWARGS if cfg.model == DIGITS_PRESET["model"] else {}),
+        **(cfg.model_kwargs or {}),
+    }
     kwargs.setdefault("in_chans", 1)
     return create_timm_model(
         cfg.model, NUM_CLASSES, drop_path=drop_path, img_size=cfg.img_size, kwargs=kwargs
@@ -167,12 +162,7 @@ def pretrain(
         )
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         atomic_write_file(cache, lambda tmp: save_file(state, tmp))
-        meta = {
-            "key": key,
-            "val_acc_0_4": result.val_acc,
-            "epochs": cfg.pretrain_epochs,
-            "seconds": result.seconds,
-        }
+        meta = dict(key=key, val_acc_0_4=result.val_acc, epochs=cfg.pretrain_epochs, seconds=result.seconds)
         atomic_write_text(meta_path, json.dumps(meta, indent=2) + "\n")
         log(
             f"pre-trained on digits 0-4 in {result.seconds:.1f} s: {100 * result.val_acc:.1f}% on "
@@ -186,14 +176,17 @@ def pretrain(
 
 
 class DigitsExperiment:
-    """The runs of the experiment (methods x draws of the shots) and the checks before any of them."""
+    """Runs of the experiment (methods x draws of the shots) and the checks before any of them;
+    ``seeds`` and ``variants`` default to ``cfg``'s draws and every method (or ``cfg.pace``'s)."""
 
-    def __init__(self, cfg: RunConfig, env: dist.DistEnv, device: torch.device) -> None:
-        self.cfg, self.env, self.device = cfg, env, device
-        self.out = Path(cfg.out)
-        modes = VARIANTS if cfg.pace is None else [(_table_name(cfg.pace), cfg.pace)]
-        self.variants = list(modes)
-        self.seeds = [cfg.seed + k for k in range(cfg.repeats)]
+    def __init__(
+        self, cfg: RunConfig, env: dist.DistEnv, device: torch.device, seeds=None, variants=None
+    ) -> None:
+        self.cfg, self.env, self.device, self.out = cfg, env, device, Path(cfg.out)
+        self.variants = list(
+            variants or (VARIANTS if cfg.pace is None else [(_table_name(cfg.pace), cfg.pace)])
+        )
+        self.seeds = list(seeds or [cfg.seed + k for k in range(cfg.repeats)])
         self.backbone = {"backbone": backbone_key(cfg)}
 
     def run_dir(self, name: str, seed: int) -> Path:
@@ -201,13 +194,8 @@ class DigitsExperiment:
 
     def run_config(self, name: str, mode: str, seed: int) -> RunConfig:
         label = name if len(self.seeds) == 1 else f"{name} seed {seed}"
-        n_runs = len(self.variants) * len(self.seeds)
-        return replace(
-            for_objective(self.cfg, mode),
-            seed=seed,
-            label=label,
-            export=_export_path(self.cfg.export, name, seed, n_runs),
-        )
+        export = _export_path(self.cfg.export, name, seed, len(self.variants) * len(self.seeds))
+        return replace(for_objective(self.cfg, mode), seed=seed, label=label, export=export)
 
     def check_before_training(self) -> None:
         """Refuse what would fail later before minutes of pre-training: a run folder that holds
@@ -218,14 +206,20 @@ class DigitsExperiment:
                 refuse_existing(folder, self.cfg.resume, self.cfg.overwrite)
                 if self.cfg.resume and (folder / "checkpoint.pt").exists():
                     saved = load_training_checkpoint(folder / "checkpoint.pt")["fingerprint"]
-                    expected = {
-                        **self.run_config(name, mode, seed).fingerprint(),
-                        **self.backbone,
-                        "num_classes": NUM_CLASSES,
-                    }
-                    check_fingerprint(
-                        saved, expected, folder / "checkpoint.pt", self.cfg.resume_new_optim, partial=True
-                    )
+                    expected = {**self.run_config(name, mode, seed).fingerprint(), **self.backbone}
+                    expected["num_classes"] = NUM_CLASSES
+                    path, new_optim = folder / "checkpoint.pt", self.cfg.resume_new_optim
+                    check_fingerprint(saved, expected, path, new_optim, partial=True)
+
+    def run_all(self, digits, score_test: bool = True) -> List[MethodRuns]:
+        """Every method on every draw (``score_test=False``, the studies: the test digits are
+        never touched)."""
+        rows = [MethodRuns(name, []) for name, _ in self.variants]
+        for row, (name, mode) in zip(rows, self.variants):
+            for seed in self.seeds:
+                first = row is rows[0] and not row.runs
+                row.runs.append(self.adapt(digits, name, mode, seed, first, score_test))
+        return rows
 
     def run(self) -> int:
         cfg, env = self.cfg, self.env
@@ -239,40 +233,28 @@ class DigitsExperiment:
             f"{len(task.val)} and test on {len(task.test)} other 5-9 digits; output in {self.out}",
             env.is_main,
         )
-        backbone = pretrain(cfg, x, y, self.out, env, self.device)
-        rows = []
-        for name, mode in self.variants:
-            row = MethodRuns(name, [])
-            for seed in self.seeds:
-                row.runs.append(self.adapt(backbone, x, y, name, mode, seed, first=not rows and not row.runs))
-            rows.append(row)
+        rows = self.run_all((x, y, pretrain(cfg, x, y, self.out, env, self.device)))
         if env.is_main:
             self.report(rows, task, time.perf_counter() - started)
         return 0
 
-    def adapt(
-        self, backbone, x, y, name: str, mode: str, seed: int, first: bool = False, score_test: bool = True
-    ) -> RunResult:
-        """One method on one draw of the shots; ``score_test=False`` (the studies) never touches
-        the test digits."""
-        cfg = self.cfg
-        run_cfg = self.run_config(name, mode, seed)
+    def adapt(self, digits, name: str, mode: str, seed: int, first: bool, score_test: bool) -> RunResult:
+        """One method on one draw of the shots; ``digits`` is ``(x, y, pre-trained backbone)``."""
+        cfg, (x, y, backbone) = self.cfg, digits
         task = split_new_task(x, y, cfg.shots, seed)
         random_seed(seed)  # every method of one draw starts from the same head and adapters
         model = make_model(cfg, drop_path=cfg.drop_path)
         model.load_state_dict({k: v for k, v in backbone.items() if not k.startswith("head.")}, strict=False)
-        add_adapters(model, cfg.adapter, cfg.rank, run_cfg.sigma, cfg.backend)
+        add_adapters(model, cfg.adapter, cfg.rank, self.run_config(name, mode, seed).sigma, cfg.backend)
         if first:
-            log(
-                f"model: {cfg.model} {count_parameters(model)} (adapter {cfg.adapter}, rank {cfg.rank})",
-                self.env.is_main,
-            )
+            adapter = f"adapter {cfg.adapter}, rank {cfg.rank}"
+            log(f"model: {cfg.model} {count_parameters(model)} ({adapter})", self.env.is_main)
         return run_training(
             model,
             task.train,
             task.val,
             NUM_CLASSES,
-            run_cfg,
+            self.run_config(name, mode, seed),
             self.run_dir(name, seed),
             self.env,
             self.device,
@@ -282,47 +264,36 @@ class DigitsExperiment:
         )
 
     def report(self, rows: List[MethodRuns], task: NewTask, total: float) -> None:
-        cfg = self.cfg
+        cfg, seeds = self.cfg, self.seeds
+        chosen = {n: for_objective(cfg, m) for n, m in self.variants}
         sigma_lam = ", ".join(
-            f"{name}: sigma {c.sigma:g} lam {c.lam:g}"
-            for name, c in ((n, for_objective(cfg, m)) for n, m in self.variants)
-            if c.pace != "none"
+            f"{n}: sigma {c.sigma:g} lam {c.lam:g}" for n, c in chosen.items() if c.pace != "none"
         )
         header = (
-            f"digits 5-9 from {cfg.shots} shots/class, {len(self.seeds)} draw(s) (seeds {self.seeds[0]}.."
-            f"{self.seeds[-1]}), frozen ViT pre-trained on 0-4; adapter {cfg.adapter} rank {cfg.rank}; "
-            f"lr {cfg.lr:g}, batch {cfg.batch_size}, {cfg.epochs} epochs; {sigma_lam}\n"
-            f"test accuracy on {len(task.test)} 5-9 digits (scored once per run); val: "
-            f"{len(task.val)} other 5-9 digits"
+            f"digits 5-9 from {cfg.shots} shots/class, {len(seeds)} draw(s) (seeds {seeds[0]}..{seeds[-1]}), "
+            f"frozen ViT pre-trained on 0-4; adapter {cfg.adapter} rank {cfg.rank}; lr {cfg.lr:g}, batch "
+            f"{cfg.batch_size}, {cfg.epochs} epochs; {sigma_lam}\n"
+            f"test accuracy on {len(task.test)} 5-9 digits (scored once per run); val: {len(task.val)} other "
+            "5-9 digits"
         )
         table = format_table(rows, self.device)
-        print(
-            f"\n{header}\n{table}\n{TABLE_NOTES}\n"
-            f"total {total:.1f} s on {self.device.type}; outputs in {self.out}\n",
-            flush=True,
-        )
+        where = f"total {total:.1f} s on {self.device.type}; outputs in {self.out}"
+        print(f"\n{header}\n{table}\n{TABLE_NOTES}\n{where}\n", flush=True)
+        settings = {n: {"sigma": c.sigma, "lam": c.lam} for n, c in chosen.items()}
         summary = {
             "header": header,
             "table": table,
             "notes": TABLE_NOTES,
             "total_seconds": total,
-            "seeds": self.seeds,
-            "hyperparameters": {
-                "lr": cfg.lr,
-                "batch_size": cfg.batch_size,
-                "epochs": cfg.epochs,
-                **{
-                    n: {"sigma": c.sigma, "lam": c.lam}
-                    for n, c in ((n, for_objective(cfg, m)) for n, m in self.variants)
-                },
-            },
+            "seeds": seeds,
+            "hyperparameters": {"lr": cfg.lr, "batch_size": cfg.batch_size, "epochs": cfg.epochs, **settings},
             "paired": paired_summary(rows),
             "results": {row.name: [r.as_dict() for r in row.runs] for row in rows},
         }
         atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2) + "\n")
         atomic_write_text(self.out / "summary.txt", f"{header}\n{table}\n{TABLE_NOTES}\n")
         runs = {row.name: read_metrics(Path(row.runs[0].out_dir) / "metrics.jsonl") for row in rows}
-        plot_runs(runs, self.out / "curves.png", title=f"{header}\n(first draw, seed {self.seeds[0]})")
+        plot_runs(runs, self.out / "curves.png", title=f"{header}\n(first draw, seed {seeds[0]})")
 
 
 def run_default(cfg: RunConfig, env: dist.DistEnv, device: torch.device) -> int:

@@ -31,39 +31,23 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 import pace
 
+from . import checkpoint as ckpt
 from . import distributed as dist
-from .checkpoint import (
-    CHECKPOINT_FORMAT,
-    CHECKPOINT_VERSION,
-    ResumeError,
-    atomic_save,
-    atomic_write_file,
-    atomic_write_text,
-    capture_rng,
-    load_training_checkpoint,
-    restore_rng,
-    with_run_file_mode,
-)
+from .checkpoint import atomic_write_text
 from .config import OPTIMISATION_SETTINGS, RunConfig
 from .data import shard_indices, train_batch_sampler
 from .metrics import MetricsLog, peak_memory_mb, read_metrics, reset_peak_memory
 from .plots import plot_runs
-from .runfolder import RunFolderError, claim
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 SYNC_EVERY = 10  # steps between reads of the step statistics (and progress-bar updates)
+STEP_MEANS = ("loss", "cls_loss", "consistency", "train_objective_grad_norm")  # means over ranks
 
 
 # RunResult's measured values, in its field order (NaN until measured).
-LAST_VALUES = (
-    "val_acc",
-    "train_acc",
-    "val_loss",
-    "val_grad_norm",
-    "val_grad_norm_mean",
-    "val_fp_distance",
-    "train_objective_grad_norm",
-    "test_acc",
+MEASURED = tuple(
+    "val_acc train_acc val_loss val_grad_norm val_grad_norm_mean val_fp_distance train_objective_grad_norm "
+    "test_acc".split()
 )
 
 
@@ -105,30 +89,11 @@ def log(msg: str, enabled: bool = True) -> None:
 
 
 def amp_context(amp: str, device: torch.device):
-    if amp not in AMP_DTYPES:
-        return contextlib.nullcontext
-    return lambda: torch.autocast(device.type, dtype=AMP_DTYPES[amp])
+    return lambda: torch.autocast(device.type, dtype=AMP_DTYPES.get(amp), enabled=amp in AMP_DTYPES)
 
 
 def has_adapters(model: nn.Module) -> bool:
     return isinstance(getattr(model, "pace_config", None), pace.PaceConfig)
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, ds: Dataset, cfg: RunConfig, env: dist.DistEnv, device: torch.device) -> float:
-    """Top-1 accuracy over the whole set; each rank scores its share and the counts are summed."""
-    model.eval()
-    loader = _eval_loader(Subset(ds, shard_indices(len(ds), env.rank, env.world_size)), cfg)
-    correct = torch.zeros((), dtype=torch.float64, device=device)
-    total = 0
-    amp = amp_context(cfg.amp, device)
-    for x, y, _ in loader:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with amp():
-            correct += (model(x).argmax(-1) == y).sum()
-        total += y.numel()
-    correct, total = dist.all_reduce_sum(torch.stack([correct, correct.new_tensor(total)]), env).tolist()
-    return correct / max(total, 1)
 
 
 def _eval_loader(part: Dataset, cfg: RunConfig) -> DataLoader:
@@ -140,46 +105,6 @@ def _eval_loader(part: Dataset, cfg: RunConfig) -> DataLoader:
         num_workers=cfg.workers,
         generator=torch.Generator().manual_seed(cfg.seed),
     )
-
-
-class _StepStats:
-    """Per-step statistics kept on the device, read back in one transfer by :meth:`flush`."""
-
-    def __init__(self) -> None:
-        self.pending: List[tuple] = []
-
-    def add(self, epoch: int, step: int, lr: float, out, grad_norm: torch.Tensor) -> None:
-        with torch.no_grad():
-            correct = (out.logits.argmax(-1) == out.targets).sum()
-            values = torch.stack(
-                [t.detach().double() for t in (out.loss, out.cls_loss, out.consistency, grad_norm, correct)]
-            )
-        self.pending.append((epoch, step, lr, out.targets.numel(), values))
-
-    def flush(self, env: dist.DistEnv) -> List[Dict[str, Any]]:
-        """The pending steps as records (means over ranks; sample counts summed)."""
-        if not self.pending:
-            return []
-        summed = dist.all_reduce_sum(torch.stack([row[-1] for row in self.pending]), env).tolist()
-        records = []
-        for (epoch, step, lr, count, _), values in zip(self.pending, summed):
-            loss, cls_loss, consistency, grad_norm = (v / env.world_size for v in values[:4])
-            records.append(
-                dict(
-                    type="step",
-                    epoch=epoch,
-                    step=step,
-                    lr=lr,
-                    loss=loss,
-                    cls_loss=cls_loss,
-                    consistency=consistency,
-                    train_objective_grad_norm=grad_norm,
-                    correct=values[4],
-                    count=count * env.world_size,
-                )
-            )
-        self.pending.clear()
-        return records
 
 
 class _Training:
@@ -195,8 +120,7 @@ class _Training:
             test_ds,
             cfg,
         )
-        self.out_dir, self.env, self.device = out_dir, env, device
-        self.main = env.is_main
+        self.out_dir, self.env, self.device, self.main = out_dir, env, device, env.is_main
         model.to(device)
         self.names = [n for n, p in model.named_parameters() if p.requires_grad]
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -224,22 +148,25 @@ class _Training:
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.wd)
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
         fast = cfg.pace == "fast"
+        bank = dict(num_samples=len(train_ds), num_classes=num_classes) if fast else {}
         self.crit = pace.PaceCriterion(
-            mode=cfg.pace,
-            lam=cfg.lam,
-            copies=cfg.copies,
-            lazy_interval=cfg.lazy_interval,
-            num_samples=len(train_ds) if fast else None,
-            num_classes=num_classes if fast else None,
-        ).to(device)
+            cfg.pace, cfg.lam, copies=cfg.copies, lazy_interval=cfg.lazy_interval, **bank
+        )
+        self.crit.to(device)
         self.amp = amp_context(cfg.amp, device)
         self.forward_model = torch.compile(model) if cfg.compile else model
         self.checkpoint_path = out_dir / "checkpoint.pt"
         self.epoch, self.step = 0, 0
         self.metrics_bytes: Optional[int] = None
-        self.last = {key: float("nan") for key in LAST_VALUES}
+        self.last = dict.fromkeys(MEASURED, float("nan"))
         self.val_grad_norms: List[float] = []
         self.peak = 0.0
+        self.pending: List[
+            tuple
+        ] = []  # step statistics still on the device, read back every SYNC_EVERY steps
+
+    def log(self, message: str) -> None:
+        log(f"[{self.cfg.label}] {message}", self.main)
 
     def schedule(self) -> CosineLRScheduler:
         total = self.steps_per_epoch * self.cfg.epochs
@@ -261,15 +188,11 @@ class _Training:
     def resume(self) -> None:
         cfg, env = self.cfg, self.env
         if not self.checkpoint_path.exists():
-            log(
-                f"[{cfg.label}] resume: no checkpoint in {self.out_dir}, starting from the beginning",
-                self.main,
-            )
-            return
-        ck = load_training_checkpoint(self.checkpoint_path)
+            return self.log(f"resume: no checkpoint in {self.out_dir}, starting from the beginning")
+        ck = ckpt.load_training_checkpoint(self.checkpoint_path)
         check_fingerprint(ck["fingerprint"], self.fingerprint, self.checkpoint_path, cfg.resume_new_optim)
         if ck["epoch"] > cfg.epochs:
-            raise ResumeError(
+            raise ckpt.ResumeError(
                 f"{self.checkpoint_path} is at epoch {ck['epoch']}, past the {cfg.epochs} epoch(s) asked for"
             )
         with torch.no_grad():
@@ -280,34 +203,22 @@ class _Training:
             self.scaler.load_state_dict(ck["scaler"])
         self.crit.load_state_dict(ck["criterion"])
         self.epoch, self.step, self.metrics_bytes = ck["epoch"], ck["step"], ck["metrics_bytes"]
-        if cfg.resume_new_optim:
-            # A new run from these weights: fresh random streams, so a NaN is not replayed.
+        self.last, self.val_grad_norms = ck["measured"], ck["val_grad_norms"]
+        if len(ck["rng"]) == env.world_size and not cfg.resume_new_optim:
+            ckpt.restore_rng(ck["rng"][env.rank])
+        else:  # a new run from these weights, or another world size: fresh streams (a NaN is not replayed)
             random_seed(cfg.seed + 7919 * self.epoch, env.rank)
-            log(
-                f"[{cfg.label}] note: continuing with new optimisation settings; random streams re-seeded",
-                self.main,
-            )
-        elif len(ck["rng"]) == env.world_size:
-            restore_rng(ck["rng"][env.rank])
-        else:
-            random_seed(cfg.seed + 7919 * self.epoch, env.rank)
-            log(
-                f"[{cfg.label}] note: checkpoint from {len(ck['rng'])} process(es), now {env.world_size}: "
-                "random streams are re-seeded",
-                self.main,
-            )
+            why = f"checkpoint from {len(ck['rng'])} process(es), now {env.world_size}"
+            why = "new optimisation settings" if cfg.resume_new_optim else why
+            self.log(f"note: {why}: random streams are re-seeded")
         if ck["epochs"] != cfg.epochs and not cfg.resume_new_optim:
-            log(
-                f"[{cfg.label}] note: checkpoint planned {ck['epochs']} epochs, now {cfg.epochs}: the cosine "
-                "schedule is recomputed, so the result will differ from an uninterrupted run",
-                self.main,
+            self.log(
+                f"note: checkpoint planned {ck['epochs']} epochs, now {cfg.epochs}: the cosine schedule is "
+                "recomputed, so the result will differ from an uninterrupted run"
             )
-        log(
-            f"[{cfg.label}] resumed from {self.checkpoint_path} at epoch {self.epoch}, step {self.step}",
-            self.main,
-        )
+        self.log(f"resumed from {self.checkpoint_path} at epoch {self.epoch}, step {self.step}")
 
-    def train_epoch(self, sched, stats: _StepStats, metrics: MetricsLog, bar) -> Dict[str, Any]:
+    def train_epoch(self, sched, metrics: MetricsLog, bar) -> Dict[str, Any]:
         cfg, env, device = self.cfg, self.env, self.device
         self.model.train()
         self.batches.sampler.set_epoch(self.epoch)
@@ -325,10 +236,7 @@ class _Training:
             self.scaler.scale(out.loss).backward()
             dist.average_gradients(self.params, env)
             self.scaler.unscale_(self.opt)
-            grads = [p.grad.detach().float().norm() for p in self.params if p.grad is not None]
-            grad_norm = (
-                torch.linalg.vector_norm(torch.stack(grads)) if grads else torch.zeros((), device=device)
-            )
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
             lr = self.opt.param_groups[0]["lr"]
             self.scaler.step(self.opt)
             self.scaler.update()
@@ -337,24 +245,28 @@ class _Training:
                 self.crit.update_bank(*dist.all_gather_rows(idx.to(device), out.logits, env))
             self.step += 1
             sched.step_update(self.step)
-            stats.add(self.epoch + 1, self.step, lr, out, grad_norm)
+            with torch.no_grad():
+                correct = (out.logits.argmax(-1) == out.targets).sum()
+                values = [out.loss, out.cls_loss, out.consistency, grad_norm, correct]
+                values = torch.stack([t.detach().double() for t in values])
+            self.pending.append((self.epoch + 1, self.step, lr, out.targets.numel(), values))
             images += x.shape[0]
-            if len(stats.pending) >= SYNC_EVERY:
-                records += self._write_steps(stats, metrics, bar)
-        records += self._write_steps(stats, metrics, bar)
+            if len(self.pending) >= SYNC_EVERY:
+                records += self._write_steps(metrics, bar)
+        records += self._write_steps(metrics, bar)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - started
         self.peak = max(self.peak, peak_memory_mb(device))
         count = max(sum(r["count"] for r in records), 1)
+        steps = max(len(records), 1)
         epoch_record = dict(
             type="epoch",
             epoch=self.epoch + 1,
             step=self.step,
-            train_loss=sum(r["loss"] for r in records) / max(len(records), 1),
+            train_loss=sum(r["loss"] for r in records) / steps,
             train_acc=sum(r["correct"] for r in records) / count,
-            train_objective_grad_norm_mean=sum(r["train_objective_grad_norm"] for r in records)
-            / max(len(records), 1),
+            train_objective_grad_norm_mean=sum(r["train_objective_grad_norm"] for r in records) / steps,
             seconds=seconds,
             img_per_s=images * env.world_size / max(seconds, 1e-9),
             peak_mem_mb=self.peak,
@@ -362,8 +274,19 @@ class _Training:
         metrics.write(epoch_record)
         return epoch_record
 
-    def _write_steps(self, stats: _StepStats, metrics: MetricsLog, bar) -> List[Dict[str, Any]]:
-        records = stats.flush(self.env)
+    def _write_steps(self, metrics: MetricsLog, bar) -> List[Dict[str, Any]]:
+        """The pending steps read back in one transfer (means over ranks, sample counts summed),
+        checked and written; a NaN/inf loss stops the run here, before any checkpoint."""
+        if not self.pending:
+            return []
+        world = self.env.world_size
+        summed = dist.all_reduce_sum(torch.stack([row[-1] for row in self.pending]), self.env).tolist()
+        records = [
+            dict(type="step", epoch=epoch, step=step, lr=lr, correct=values[4], count=count * world)
+            | {key: v / world for key, v in zip(STEP_MEANS, values)}
+            for (epoch, step, lr, count, _), values in zip(self.pending, summed)
+        ]
+        self.pending.clear()
         for r in records:
             if not all(map(_finite, (r["loss"], r["cls_loss"], r["consistency"]))):
                 kept = (
@@ -375,24 +298,26 @@ class _Training:
                     f"non-finite loss ({r['loss']}) at epoch {r['epoch']}, step {r['step']}: stopping; {kept}"
                 )
             metrics.write({k: v for k, v in r.items() if k not in ("correct", "count")})
-        if records:
-            bar.update(len(records))
-            bar.set_postfix(
-                loss=f"{records[-1]['loss']:.3f}",
-                gnorm=f"{records[-1]['train_objective_grad_norm']:.3g}",
-                refresh=False,
-            )
+        bar.update(len(records))
+        bar.set_postfix(
+            loss=f"{records[-1]['loss']:.3f}",
+            gnorm=f"{records[-1]['train_objective_grad_norm']:.3g}",
+            refresh=False,
+        )
         return records
 
-    def evaluate(self, epoch_record: Dict[str, Any], metrics: MetricsLog) -> None:
-        """The paper's diagnostics on the evaluation set, in one pass that also scores it: accuracy,
-        loss, gradient norm of the loss and (with adapters) the FP-distance."""
-        part = Subset(self.eval_ds, shard_indices(len(self.eval_ds), self.env.rank, self.env.world_size))
-        loader = _eval_loader(part, self.cfg)
+    def diagnose(self, ds: Dataset, fp_distance: bool):
+        """Accuracy, loss, gradient norm of the loss and (optionally) FP-distance on ``ds`` in eval
+        mode without noise (:func:`pace.heldout_diagnostics`); each rank measures its share."""
+        part = Subset(ds, shard_indices(len(ds), self.env.rank, self.env.world_size))
         with self.amp():
-            measured = pace.heldout_diagnostics(
-                self.model, loader, fp_distance=has_adapters(self.model), all_reduce=self.env.enabled
+            return pace.heldout_diagnostics(
+                self.model, _eval_loader(part, self.cfg), fp_distance=fp_distance, all_reduce=self.env.enabled
             )
+
+    def evaluate(self, epoch_record: Dict[str, Any], metrics: MetricsLog) -> None:
+        """The paper's diagnostics on the evaluation set, in one pass that also scores it."""
+        measured = self.diagnose(self.eval_ds, fp_distance=has_adapters(self.model))
         record = dict(
             val_acc=measured.accuracy,
             val_loss=measured.loss,
@@ -400,28 +325,22 @@ class _Training:
             val_fp_distance=measured.fp_distance,
         )
         self.val_grad_norms.append(measured.grad_norm)
-        self.last.update(
-            record,
-            train_acc=epoch_record["train_acc"],
-            val_grad_norm_mean=sum(self.val_grad_norms) / len(self.val_grad_norms),
-        )
+        mean = sum(self.val_grad_norms) / len(self.val_grad_norms)
+        self.last.update(record, train_acc=epoch_record["train_acc"], val_grad_norm_mean=mean)
         metrics.write(
             dict(type="eval", epoch=self.epoch, step=self.step, train_acc=self.last["train_acc"], **record)
         )
 
     def score_test_set(self, metrics: MetricsLog) -> None:
         """The test set, scored once when training is over (never used to choose anything)."""
-        test_acc = evaluate(self.model, self.test_ds, self.cfg, self.env, self.device)
-        self.last["test_acc"] = test_acc
-        metrics.write(dict(type="test", epoch=self.epoch, step=self.step, test_acc=test_acc))
+        self.last["test_acc"] = self.diagnose(self.test_ds, fp_distance=False).accuracy
+        metrics.write(dict(type="test", epoch=self.epoch, step=self.step, test_acc=self.last["test_acc"]))
 
     def save_checkpoint(self, metrics: MetricsLog) -> None:
-        rngs = dist.all_gather_object(capture_rng(), self.env)  # every rank's streams, saved by rank 0
+        rngs = dist.all_gather_object(ckpt.capture_rng(), self.env)  # every rank's streams, saved by rank 0
         if self.main:
             metrics.flush()
             state = {
-                "format": CHECKPOINT_FORMAT,
-                "version": CHECKPOINT_VERSION,
                 "epoch": self.epoch,
                 "epochs": self.cfg.epochs,
                 "step": self.step,
@@ -433,8 +352,10 @@ class _Training:
                 "rng": rngs,
                 "metrics_bytes": metrics.bytes,
                 "fingerprint": self.fingerprint,
+                "measured": self.last,
+                "val_grad_norms": self.val_grad_norms,
             }
-            atomic_save(state, self.checkpoint_path)
+            ckpt.save_training_checkpoint(state, self.checkpoint_path)
         dist.barrier(self.env)
 
     def run(self) -> RunResult:
@@ -444,29 +365,21 @@ class _Training:
         start_epoch = self.epoch
         metrics = MetricsLog(self.out_dir / "metrics.jsonl" if main else None, self.metrics_bytes)
         if main and metrics.missing_bytes:
-            log(
-                f"[{cfg.label}] note: {metrics.path} lacks {metrics.missing_bytes} bytes of records the "
-                "checkpoint had written (deleted or cut short); those records are lost, training goes on",
-                main,
+            self.log(
+                f"note: {metrics.path} lacks {metrics.missing_bytes} bytes of records the checkpoint had "
+                "written (deleted or cut short); those records are lost, training goes on"
             )
         sched = self.schedule()
-        stats = _StepStats()
         from tqdm import tqdm
 
-        bar = tqdm(
-            total=self.steps_per_epoch * max(0, cfg.epochs - start_epoch),
-            desc=cfg.label,
-            unit="step",
-            disable=not (main and cfg.progress),
-            file=sys.stderr,
-            dynamic_ncols=True,
-            mininterval=0.5,
-        )
+        total = self.steps_per_epoch * max(0, cfg.epochs - start_epoch)
+        shown = dict(desc=cfg.label, unit="step", file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
+        bar = tqdm(total=total, disable=not (main and cfg.progress), **shown)
         reset_peak_memory(self.device)
         started = time.perf_counter()
         try:
             while self.epoch < cfg.epochs:
-                epoch_record = self.train_epoch(sched, stats, metrics, bar)
+                epoch_record = self.train_epoch(sched, metrics, bar)
                 self.epoch += 1
                 self.last["train_objective_grad_norm"] = epoch_record["train_objective_grad_norm_mean"]
                 evaluated = self.epoch % cfg.eval_every == 0 or self.epoch == cfg.epochs
@@ -483,44 +396,23 @@ class _Training:
                     self.score_test_set(metrics)
                 self.save_checkpoint(metrics)
                 if cfg.stop_after_epoch is not None and self.epoch >= cfg.stop_after_epoch < cfg.epochs:
-                    log(
-                        f"[{cfg.label}] stopping after epoch {self.epoch} as asked; continue with resume",
-                        main,
-                    )
+                    self.log(f"stopping after epoch {self.epoch} as asked; continue with resume")
                     break
         finally:
             bar.close()
             metrics.close()
         finished = self.epoch >= cfg.epochs
-        if finished and start_epoch >= cfg.epochs:  # a resumed run that had already finished
-            self._last_from_records()
+        seconds = time.perf_counter() - started
         return RunResult(
             cfg.label,
-            *(self.last[key] for key in LAST_VALUES),
-            time.perf_counter() - started,
-            self.peak,
-            self.step,
-            self.epoch,
-            finished,
-            str(self.out_dir),
+            **self.last,
+            seconds=seconds,
+            peak_mem_mb=self.peak,
+            steps=self.step,
+            epochs_done=self.epoch,
+            finished=finished,
+            out_dir=str(self.out_dir),
         )
-
-    def _last_from_records(self) -> None:
-        if self.main and (self.out_dir / "metrics.jsonl").exists():
-            records = read_metrics(self.out_dir / "metrics.jsonl")
-            evals = [r for r in records if r.get("type") == "eval"]
-            epochs = [r for r in records if r.get("type") == "epoch"]
-            tests = [r for r in records if r.get("type") == "test"]
-            if evals:
-                keys = ("val_acc", "train_acc", "val_loss", "val_grad_norm", "val_fp_distance")
-                self.last.update({k: evals[-1][k] for k in keys})
-                norms = [r["val_grad_norm"] for r in evals]
-                self.last["val_grad_norm_mean"] = sum(norms) / len(norms)
-            if epochs:
-                self.last["train_objective_grad_norm"] = epochs[-1]["train_objective_grad_norm_mean"]
-            if tests:
-                self.last["test_acc"] = tests[-1]["test_acc"]
-        self.last = dist.broadcast_object(self.last, self.env)
 
 
 def check_fingerprint(
@@ -533,7 +425,9 @@ def check_fingerprint(
         was, is_now = saved.get(key), now.get(key)
         if was != is_now and key not in ignored:
             what = "class-count mismatch: " if key == "num_classes" else ""
-            raise ResumeError(f"{what}{path} was written with {key}={was!r}, this run has {key}={is_now!r}")
+            raise ckpt.ResumeError(
+                f"{what}{path} was written with {key}={was!r}, this run has {key}={is_now!r}"
+            )
 
 
 def _finite(value: Any) -> bool:
@@ -561,19 +455,18 @@ def run_training(
     ``fingerprint`` adds settings a resume must find unchanged to the config's own."""
     out_dir = Path(out_dir)
     with contextlib.ExitStack() as held:
-        refusal: Optional[RunFolderError] = None
+        refusal: Optional[ckpt.RunFolderError] = None
         if env.is_main:
             try:
-                held.enter_context(claim(out_dir, cfg.resume, cfg.overwrite))
-            except RunFolderError as exc:
+                held.enter_context(ckpt.claim(out_dir, cfg.resume, cfg.overwrite))
+            except ckpt.RunFolderError as exc:
                 refusal = exc
         message = dist.broadcast_object(None if refusal is None else str(refusal), env)
         if message is not None:  # every rank stops, not only the one that found the folder taken
-            raise refusal or RunFolderError(message)
-        training = _Training(
+            raise refusal or ckpt.RunFolderError(message)
+        result = _Training(
             model, train_ds, eval_ds, test_ds, num_classes, cfg, out_dir, env, device, fingerprint or {}
-        )
-        result = training.run()
+        ).run()
         if env.is_main:
             _write_outputs(model, result, cfg, out_dir, export_meta or {})
         dist.barrier(env)
@@ -584,7 +477,7 @@ def _write_outputs(model, result: RunResult, cfg: RunConfig, out_dir: Path, expo
     if result.finished and has_adapters(model):
         pace.save_adapter(model, out_dir / "adapter")
         for name in ("adapter.safetensors", "adapter.json"):
-            with_run_file_mode(out_dir / name)
+            ckpt.with_run_file_mode(out_dir / name)
     atomic_write_text(out_dir / "result.json", json.dumps(result.as_dict(), indent=2) + "\n")
     records = read_metrics(out_dir / "metrics.jsonl")
     plot_runs({cfg.label: records}, out_dir / "curves.png", title=cfg.label)
@@ -600,4 +493,4 @@ def export_merged(model: nn.Module, path: str, meta: Dict[str, Any]) -> Path:
     pace.merge(model)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     metadata = {"format": "pace-merged", **{k: str(v) for k, v in meta.items()}}
-    return atomic_write_file(path, lambda tmp: save_file(state, tmp, metadata=metadata))
+    return ckpt.atomic_write_file(path, lambda tmp: save_file(state, tmp, metadata=metadata))

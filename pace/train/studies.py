@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Dict, List, Sequence, Tuple
@@ -21,7 +22,7 @@ from typing import Any, Dict, List, Sequence, Tuple
 import torch
 
 from .checkpoint import atomic_write_text
-from .config import RunConfig
+from .config import RunConfig, for_objective
 from .loop import RunResult, log
 from .plots import plot_lam_sweep
 
@@ -121,28 +122,39 @@ SEARCH_MODES = (("PACE", "pace"), ("PACE_fast", "fast"), ("PACE_lazy", "lazy"))
 SEARCH_SEED_OFFSET = 1000  # the search's draws of the shots are not the table's
 
 
-def _mean_over_draws(experiment, backbone, x, y, name: str, mode: str, seeds) -> Tuple[float, float]:
-    runs = [experiment.adapt(backbone, x, y, name, mode, seed, score_test=False) for seed in seeds]
-    return statistics.fmean(r.val_acc for r in runs), statistics.fmean(r.val_grad_norm_mean for r in runs)
+class _Study:
+    """Runs of one method with changed settings over draws of their own, on one pre-trained
+    backbone (trained once per study), scored on the validation digits only."""
+
+    def __init__(self, cfg: RunConfig, env, device) -> None:
+        from .default import digits_tensors, pretrain
+
+        self.cfg, self.env, self.device, self.out = cfg, env, device, Path(cfg.out)
+        x, y = digits_tensors(cfg.img_size)
+        self.digits = (x, y, pretrain(cfg, x, y, self.out, env, device))
+
+    def runs(self, seeds: List[int], name: str, mode: str, folder: str, **settings) -> List[RunResult]:
+        from .default import DigitsExperiment
+
+        cfg = replace(self.cfg, out=str(self.out / folder), **settings)
+        experiment = DigitsExperiment(cfg, self.env, self.device, seeds, [(name, mode)])
+        experiment.check_before_training()
+        return experiment.run_all(self.digits, score_test=False)[0].runs
 
 
 def run_search(cfg: RunConfig, env, device) -> int:
     """The search behind the digits defaults, on the validation digits only: first the learning
     rate of the baseline adapter, then per objective sigma x lam at that learning rate; each
     candidate scored by its validation accuracy after training, averaged over ``repeats`` draws."""
-    from .default import DigitsExperiment, digits_tensors, pretrain
-
-    out = Path(cfg.out)
+    study = _Study(cfg, env, device)
     seeds = [cfg.seed + SEARCH_SEED_OFFSET + k for k in range(cfg.repeats)]
-    x, y = digits_tensors(cfg.img_size)
-    backbone = pretrain(cfg, x, y, out, env, device)
     tried: List[Dict[str, Any]] = []
 
     def score(name: str, mode: str, **settings) -> float:
         tag = "-".join(f"{k}{v:g}" for k, v in settings.items())
-        experiment = DigitsExperiment(replace(cfg, out=str(out / "search" / tag), **settings), env, device)
-        experiment.check_before_training()
-        val_acc, gnorm = _mean_over_draws(experiment, backbone, x, y, name, mode, seeds)
+        runs = study.runs(seeds, name, mode, f"search/{tag}", **settings)
+        val_acc = statistics.fmean(r.val_acc for r in runs)
+        gnorm = statistics.fmean(r.val_grad_norm_mean for r in runs)
         tried.append({"method": name, **settings, "val_acc": val_acc, "val_grad_norm_mean": gnorm})
         log(f"[search] {name} {tag}: val acc {100 * val_acc:.2f}%", env.is_main)
         return val_acc
@@ -155,19 +167,14 @@ def run_search(cfg: RunConfig, env, device) -> int:
         chosen[mode] = {"sigma": sigma, "lam": lam}
     if env.is_main:
         lines = [
-            f"{t['method']:<10} "
-            + " ".join(f"{k} {t[k]:g}" for k in ("lr", "sigma", "lam") if k in t)
-            + f": val acc {100 * t['val_acc']:.2f}%"
+            f"{t['method']:<10} {' '.join(f'{k} {t[k]:g}' for k in ('lr', 'sigma', 'lam') if k in t)}: "
+            f"val acc {100 * t['val_acc']:.2f}%"
             for t in tried
         ]
-        text = (
-            f"search on the validation digits, draws {seeds}, batch {cfg.batch_size}, {cfg.epochs} epochs:\n"
-            + "\n".join(lines)
-            + f"\nchosen: {json.dumps(chosen)}"
-        )
-        print(text, flush=True)
+        head = f"search on the validation digits, draws {seeds}, batch {cfg.batch_size}, {cfg.epochs} epochs:"
+        print("\n".join([head, *lines, f"chosen: {json.dumps(chosen)}"]), flush=True)
         record = {"seeds": seeds, "tried": tried, "chosen": chosen}
-        atomic_write_text(out / "search.json", json.dumps(record, indent=2) + "\n")
+        atomic_write_text(study.out / "search.json", json.dumps(record, indent=2) + "\n")
     return 0
 
 
@@ -176,47 +183,33 @@ def run_lam_sweep(cfg: RunConfig, lams: Sequence[float], modes: Sequence[str], e
     """The paper's Fig. 4: for each objective and lambda, the held-out gradient norm averaged over
     the evaluations of training (``val_grad_norm_mean``), mean and range over ``repeats`` draws;
     written to ``sweep_lam.json`` and ``sweep_lam.png``."""
-    from .default import DigitsExperiment, _table_name, digits_tensors, pretrain
+    from .default import _table_name
 
-    out = Path(cfg.out)
+    study = _Study(cfg, env, device)
     seeds = [cfg.seed + k for k in range(cfg.repeats)]
-    x, y = digits_tensors(cfg.img_size)
-    backbone = pretrain(cfg, x, y, out, env, device)
     points: Dict[str, List[tuple]] = {}
     records: List[Dict[str, Any]] = []
-    for mode in modes:
+    for mode, lam in ((mode, lam) for mode in modes for lam in lams):
         name = _table_name(mode)
-        for lam in lams:
-            experiment = DigitsExperiment(
-                replace(cfg, pace=mode, lam=lam, out=str(out / "sweep-lam" / f"lam{lam:g}")), env, device
-            )
-            runs = [experiment.adapt(backbone, x, y, name, mode, seed, score_test=False) for seed in seeds]
-            norms = [r.val_grad_norm_mean for r in runs]
-            points.setdefault(name, []).append((lam, statistics.fmean(norms), min(norms), max(norms)))
-            records.append(
-                {
-                    "method": name,
-                    "lam": lam,
-                    "sigma": experiment.run_config(name, mode, seeds[0]).sigma,
-                    "val_grad_norm_mean_per_draw": norms,
-                    "val_acc_per_draw": [r.val_acc for r in runs],
-                }
-            )
-            log(
-                f"[sweep] {name} lam {lam:g}: val grad norm (avg over training) {statistics.fmean(norms):.4g}"
-            )
+        runs = study.runs(seeds, name, mode, f"sweep-lam/lam{lam:g}", pace=mode, lam=lam)
+        norms = [r.val_grad_norm_mean for r in runs]
+        points.setdefault(name, []).append((lam, statistics.fmean(norms), min(norms), max(norms)))
+        sigma = for_objective(replace(cfg, pace=mode, lam=lam), mode).sigma
+        accs = [r.val_acc for r in runs]
+        records.append(
+            dict(method=name, lam=lam, sigma=sigma, val_grad_norm_mean_per_draw=norms, val_acc_per_draw=accs)
+        )
+        log(f"[sweep] {name} lam {lam:g}: val grad norm (avg over training) {statistics.fmean(norms):.4g}")
     if env.is_main:
-        lines = [
-            f"{r['method']:<10} lam {r['lam']:<8g} "
-            f"val gnorm avg {statistics.fmean(r['val_grad_norm_mean_per_draw']):.4f}"
-            f"  val acc {100 * statistics.fmean(r['val_acc_per_draw']):.2f}%"
-            for r in records
-        ]
-        print("\n".join(lines), flush=True)
-        atomic_write_text(
-            out / "sweep_lam.json", json.dumps({"seeds": seeds, "points": records}, indent=2) + "\n"
-        )
-        plot_lam_sweep(
-            points, out / "sweep_lam.png", title=f"digits 5-9, {cfg.shots} shots/class, {len(seeds)} draw(s)"
-        )
+        for r in records:
+            gnorm, acc = (
+                statistics.fmean(r["val_grad_norm_mean_per_draw"]),
+                statistics.fmean(r["val_acc_per_draw"]),
+            )
+            print(f"{r['method']:<10} lam {r['lam']:<8g} val gnorm avg {gnorm:.4f}  val acc {100 * acc:.2f}%")
+        sys.stdout.flush()
+        sweep = json.dumps({"seeds": seeds, "points": records}, indent=2) + "\n"
+        atomic_write_text(study.out / "sweep_lam.json", sweep)
+        title = f"digits 5-9, {cfg.shots} shots/class, {len(seeds)} draw(s)"
+        plot_lam_sweep(points, study.out / "sweep_lam.png", title=title)
     return 0

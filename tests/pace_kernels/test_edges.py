@@ -286,7 +286,9 @@ def test_two_segment_path_refuses_tiles_taller_than_a_sample_plus_one(device: st
 def test_shipped_configs_keep_two_samples_per_tile() -> None:
     """Every shipped forward and dX config satisfies the two-segment rule at the shortest samples
     that take that path."""
-    tables = (lora_add.FWD_CONFIGS_16, lora_add.FWD_CONFIGS_32, lora_add.DX_CONFIGS_16, lora_add.DX_CONFIGS_32)
+    tables = (
+        lora_add.FWD_CONFIGS_16, lora_add.FWD_CONFIGS_32, lora_add.DX_CONFIGS_16, lora_add.DX_CONFIGS_32
+    )
     configs = [cfg for per_arch in tables for arch_configs in per_arch.values() for cfg in arch_configs]
     assert configs
     for cfg in configs:

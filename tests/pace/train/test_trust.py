@@ -312,3 +312,19 @@ def test_killed_at_several_points_then_resumed_gives_the_uninterrupted_result(ru
         read_metrics(straight / "metrics.jsonl")
     )
     assert not list(killed.glob(".*.tmp"))
+
+
+def test_a_resumed_run_reports_what_the_uninterrupted_run_reports(run_main, noah_dir, tmp_path):
+    """result.json after a resume (and after resuming a finished run) holds the uninterrupted
+    run's numbers, including the held-out gradient norm averaged over every evaluation."""
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert run_main("--data", noah_dir, *TINY_RUN, "--out", straight).code == 0
+    assert run_main("--data", noah_dir, *TINY_RUN, "--out", split, "--stop-after-epoch", "2").code == 0
+    machine = ("seconds", "peak_mem_mb", "out_dir")
+
+    def result(out):
+        return {k: v for k, v in json.loads((out / "result.json").read_text()).items() if k not in machine}
+
+    for _ in range(2):  # the second resume finds the run finished
+        assert run_main("--data", noah_dir, *TINY_RUN, "--out", split, "--resume").code == 0
+        assert result(split) == result(straight)
