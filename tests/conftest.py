@@ -1,7 +1,7 @@
 """Test-wide setup.
 
 Without a CUDA device the Triton kernels run in Triton's interpreter, which must be switched on
-before ``triton`` is first imported (SPEC section 7).
+before ``triton`` is first imported (docs/design.md section 7).
 """
 
 import os
