@@ -250,7 +250,10 @@ def _forward_fake(x, weight, bias, lora_a, lora_b, delta_bias, noise, rows_per_n
 
 def _backward_impl(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor,
                    lora_b: torch.Tensor, noise: torch.Tensor | None, rows_per_noise: int, need_dx: bool,
-                   need_factors: bool, need_db: bool) -> tuple[torch.Tensor, ...]:
+                   need_factors: bool, need_db: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    # Four explicit tensors, not tuple[Tensor, ...]: torch 2.11's triton_op infers the schema from
+    # these hints (ignoring schema=) and refuses a variadic tuple, which broke the import on GPUs.
     g, x, lora_a, lora_b, noise = _unit_stride(grad_y, x, lora_a, lora_b, noise)
     weight = frozen_weight(weight, x.dtype)
     n_rows, k_in = x.shape

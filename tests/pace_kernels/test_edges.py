@@ -312,3 +312,15 @@ def test_backward_fills_nothing(op: str, device: str) -> None:
     fills = [e.name for e in prof.events()
              if e.name in ("aten::zeros", "aten::zeros_like", "aten::zero_", "aten::new_zeros")]
     assert fills == [], fills
+
+
+@pytest.mark.parametrize("module", ["lora_add", "lora_mul"])
+def test_op_bodies_have_hints_torch_can_read(module: str) -> None:
+    """torch 2.11's ``triton_op`` (the GPU machines' stack) ignores ``schema=`` and infers the schema
+    from the bodies' type hints; a variadic ``tuple[Tensor, ...]`` made ``import pace_kernels`` fail
+    there outside the interpreter."""
+    import importlib
+
+    op = importlib.import_module(f"pace_kernels.{module}.op")
+    for fn in (op._forward_impl, op._backward_impl):
+        torch.library.infer_schema(fn, mutates_args=())
