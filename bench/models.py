@@ -20,7 +20,6 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 SIGMA = 1.0
 LAM = 1.0
@@ -241,18 +240,7 @@ def lm_step_loss(
     """Next-token cross-entropy; with ``pace_copies`` PACE's loss on the two copies ``[ids; ids]``:
     CE on copy 1 plus ``lam`` times the mean over the scored positions of ``sum_c (f1 - f2)^2``
     (docs/design.md section 5, token-level outputs; every position but the last is scored)."""
-    # TODO: use pace.PaceCriterion(..., shift_labels=True) once it takes Hugging Face outputs (issue 14).
     import pace
 
-    targets = input_ids[:, 1:].reshape(-1)
-    if not pace_copies:
-        logits = model(input_ids=input_ids).logits
-        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets)
-    pace.set_copies(model, 2)
-    try:
-        logits = model(input_ids=torch.cat([input_ids, input_ids])).logits
-    finally:
-        pace.set_copies(model, 1)
-    f1, f2 = logits[:, :-1].float().chunk(2)
-    cls = F.cross_entropy(f1.flatten(0, 1), targets)
-    return cls + lam * (f1 - f2).square().sum(-1).mean()
+    crit = pace.PaceCriterion("pace" if pace_copies else "none", lam, shift_labels=True)
+    return crit(model, {"input_ids": input_ids}, input_ids).loss
