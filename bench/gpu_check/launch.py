@@ -76,8 +76,11 @@ def launch_once(case: LaunchCase, dtype: torch.dtype, device: str) -> None:
 
 
 def launched_kernels() -> dict[str, int | None]:
-    """Every Triton kernel object of the kernel modules by name, with how many binaries it compiled
-    for the device (None where this Triton keeps no per-device cache, e.g. in the interpreter)."""
+    """Every Triton kernel that the host modules (``pace_kernels.lora_*.op``) launch, by name, with how
+    many binaries it compiled for the device (None where this Triton keeps no per-device cache, e.g.
+    in the interpreter). The host modules, not the kernel modules: these also hold the ``jit_helper``
+    functions, which are inlined into kernels and never compiled on their own, so on a GPU they
+    would read as kernels never launched."""
     import importlib
 
     from triton.runtime.autotuner import Autotuner, Heuristics
@@ -99,8 +102,10 @@ def launched_kernels() -> dict[str, int | None]:
         fn = obj
         while isinstance(fn, (Autotuner, Heuristics)):
             fn = fn.fn
-        if not hasattr(fn, "arg_names") or not hasattr(fn, "fn"):
+        # One kernel sits behind several autotuners (one per config table): count its binaries once.
+        if not hasattr(fn, "arg_names") or not hasattr(fn, "fn") or (fn is not obj and id(fn) in seen):
             return
+        seen.add(id(fn))
         name = getattr(fn.fn, "__name__", repr(fn))
         caches = getattr(fn, "device_caches", None)
         n = None
@@ -110,7 +115,7 @@ def launched_kernels() -> dict[str, int | None]:
         counts[name] = n if previous is None else previous + (n or 0)
 
     seen: set[int] = set()
-    for module_name in ("pace_kernels.lora_add", "pace_kernels.lora_mul"):
+    for module_name in ("pace_kernels.lora_add.op", "pace_kernels.lora_mul.op"):
         module = importlib.import_module(module_name)
         for value in vars(module).values():
             visit(value, seen)
