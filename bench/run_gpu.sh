@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # One command for a CUDA machine (no network needed), inside a wall-clock budget (default 555 s):
-#   1. correctness (bench/gpu_check.py check, ~2 min): every fused op against a float64 reference at
+#   1. correctness (python -m bench.gpu_check check, ~2 min): every fused op against a float64 reference at
 #      ViT-B and LLM shapes, bf16/fp16 (+ fp32), forward and every gradient, and a PACE step of a timm
 #      ViT with gradient checkpointing, fused vs reference; autotuning off (first config of each list)
 #      so the phase is compile-bound, the groups in parallel processes;
-#   2. compute-sanitizer memcheck over every kernel at ragged shapes (bench/gpu_check.py launch), then
+#   2. compute-sanitizer memcheck over every kernel at ragged shapes (python -m bench.gpu_check launch), then
 #      racecheck over a representative subset (Triton uses shared memory implicitly);
 #   3. the layer and model benchmarks (autotuned) and the rendered report;
 #   4. optionally (PACE_TESTS_BUDGET_S > 0) the CUDA test suite with whatever time is left.
