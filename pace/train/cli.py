@@ -320,19 +320,7 @@ def _run_data(cfg: RunConfig, env, device) -> int:
         env.is_main,
     )
     data_identity = {"data": str(Path(cfg.data).resolve())}
-    meta = {"model": cfg.model, "num_classes": bundle.num_classes}
-    result = run_training(
-        model,
-        bundle.train,
-        bundle.eval,
-        bundle.num_classes,
-        cfg,
-        Path(cfg.out),
-        env,
-        device,
-        data_identity,
-        meta,
-    )
+    result = run_training(model, bundle, cfg, Path(cfg.out), env, device, data_identity)
     if env.is_main:
         state = "done" if result.finished else f"stopped after epoch {result.epochs_done}"
         print(

@@ -1,10 +1,5 @@
-"""Datasets for the trainer: NOAH-format lists (VTAB-1k, few-shot), ImageFolder trees, and
-in-memory tensors (the built-in digits). Every dataset yields ``(image, label, index)``: PACE_fast
-needs each sample's position in the training set.
-
-Random augmentation is a function of (seed, epoch, sample index) alone, so a run's result does not
-depend on ``--workers`` or on where it was resumed.
-"""
+"""Datasets for the trainer: NOAH-format lists (VTAB-1k, few-shot), ImageFolder trees, in-memory
+tensors. Each yields ``(image, label, index)``: PACE_fast needs each sample's place in the training set."""
 
 from __future__ import annotations
 
@@ -23,8 +18,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class UnreadableImageError(ValueError):
-    """An image file PIL cannot decode (bad input). One string argument, so that a DataLoader
-    worker's re-raise rebuilds it as the same type."""
+    """An image file PIL cannot decode; one string argument, so a DataLoader worker re-raises it as itself."""
 
 
 class TensorImages(Dataset):
@@ -43,8 +37,8 @@ class TensorImages(Dataset):
 
 
 class ImageFiles(Dataset):
-    """Image files with integer labels, read as RGB and transformed; ``set_epoch`` before each
-    epoch makes a random transform draw from a stream seeded by (seed, epoch, index)."""
+    """Image files with integer labels, read as RGB; random transforms draw from (seed, epoch, index),
+    so a result does not depend on ``--workers`` or on where a run was resumed."""
 
     def __init__(self, samples: Sequence[Tuple[Path, int]], transform, seed: int = 0) -> None:
         self.samples = list(samples)
@@ -76,10 +70,13 @@ class ImageFiles(Dataset):
 
 @dataclass
 class DataBundle:
-    train: ImageFiles
-    eval: ImageFiles
+    """What one run trains on, evaluates on and (optionally) scores once at the end."""
+
+    train: Dataset
+    eval: Dataset
     num_classes: int
-    description: str
+    description: str = ""
+    test: Optional[Dataset] = None
 
 
 def _find_list(root: Path, split: str) -> Optional[Path]:
@@ -213,26 +210,33 @@ def load_folder_data(
     if not root.is_dir():
         raise ValueError(f"{root} is not a directory")
     train_tf, eval_tf = build_transforms(img_size, augment, mean, std)
-
     train_list = _find_list(root, split or "train800val200")
     if train_list is not None:
-        if eval_split is None:
-            eval_split = "val200" if split == "train800" else "test"
-            if _find_list(root, eval_split) is None and _find_list(root, "test_meta.list") is not None:
-                eval_split = "test_meta.list"
-        eval_list = _find_list(root, eval_split)
-        if eval_list is None:
-            raise ValueError(f"no evaluation list {eval_split!r} in {root} (pick another evaluation split)")
-        train, evals = read_list(root, train_list), read_list(root, eval_list)
-        n = _check_classes([y for _, y in train], [y for _, y in evals], num_classes, train_list.name)
-        return DataBundle(
-            ImageFiles(train, train_tf, seed),
-            ImageFiles(evals, eval_tf, seed),
-            n,
-            f"NOAH lists {train_list.name} ({len(train)} images) / {eval_list.name} ({len(evals)} images), "
-            f"{n} classes",
-        )
+        train, evals, n, names = _noah_samples(root, train_list, split, eval_split, num_classes)
+    else:
+        train, evals, n, names = _image_folder_samples(root, split, eval_split, num_classes)
+    return DataBundle(
+        ImageFiles(train, train_tf, seed),
+        ImageFiles(evals, eval_tf, seed),
+        n,
+        f"{names[0]} ({len(train)} images) / {names[1]} ({len(evals)} images), {n} classes",
+    )
 
+
+def _noah_samples(root: Path, train_list: Path, split, eval_split, num_classes):
+    if eval_split is None:
+        eval_split = "val200" if split == "train800" else "test"
+        if _find_list(root, eval_split) is None and _find_list(root, "test_meta.list") is not None:
+            eval_split = "test_meta.list"
+    eval_list = _find_list(root, eval_split)
+    if eval_list is None:
+        raise ValueError(f"no evaluation list {eval_split!r} in {root} (pick another evaluation split)")
+    train, evals = read_list(root, train_list), read_list(root, eval_list)
+    n = _check_classes([y for _, y in train], [y for _, y in evals], num_classes, train_list.name)
+    return train, evals, n, (f"NOAH lists {train_list.name}", eval_list.name)
+
+
+def _image_folder_samples(root: Path, split, eval_split, num_classes):
     train_dir = root / (split or "train")
     if not train_dir.is_dir():
         raise ValueError(
@@ -264,24 +268,14 @@ def load_folder_data(
     to_id = train_folder.class_to_idx
     evals = [(Path(p), to_id[eval_folder.classes[c]]) for p, c in eval_folder.samples]
     train = [(Path(p), c) for p, c in train_folder.samples]
-    return DataBundle(
-        ImageFiles(train, train_tf, seed),
-        ImageFiles(evals, eval_tf, seed),
-        len(classes),
-        f"ImageFolder {train_dir.name}/ ({len(train)} images) / {eval_dir.name}/ ({len(evals)} images), "
-        f"{len(classes)} classes",
-    )
+    return train, evals, len(classes), (f"ImageFolder {train_dir.name}/", f"{eval_dir.name}/")
 
 
 def train_batch_sampler(
     n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1
 ) -> BatchSampler:
-    """Shuffled batches of one rank's share of ``n`` samples; ``.sampler.set_epoch(e)`` picks epoch
-    ``e``'s order, a function of (seed, epoch) alone.
-
-    Every rank sees the same number of samples, each sample at most once per epoch. As in the PACE
-    code the last incomplete batch is dropped, unless a rank's share is smaller than one batch.
-    """
+    """Shuffled batches of one rank's equal share of ``n`` samples, ordered by (seed, epoch) (see
+    ``.sampler.set_epoch``); as in the PACE code a last short batch is dropped unless it is the only one."""
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     if n < world_size:

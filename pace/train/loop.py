@@ -1,16 +1,5 @@
-"""The fine-tuning loop: AdamW, cosine decay after linear warm-up (timm's scheduler), the PACE
-criterion, diagnostics, atomic per-epoch checkpoints, exact resume, data-parallel ranks.
-
-Exact resume: a checkpoint is taken at an epoch boundary and holds everything the next step reads
-(the trainable tensors, AdamW's moments, the loss scaler, the PACE_fast bank, the global step and
-the global random streams of every rank; the data order and the augmentation are functions of
-(seed, epoch, index) and need no state). A resumed run rebuilds the model as the first run did,
-then overwrites all of that, so it continues with bit-identical numbers on the same machine.
-
-The step does not wait for the device: its statistics stay there and are read back, summed over
-ranks, every :data:`SYNC_EVERY` steps and at the end of an epoch, which is also where a NaN/inf
-loss is noticed (before any checkpoint is written, so the last checkpoint is always a good one).
-"""
+"""The fine-tuning loop: AdamW, timm's cosine schedule, the PACE criterion, diagnostics, per-epoch
+checkpoints, exact resume, data-parallel ranks (docs/design.md section 11)."""
 
 from __future__ import annotations
 
@@ -19,7 +8,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -35,7 +24,7 @@ from . import checkpoint as ckpt
 from . import distributed as dist
 from .checkpoint import atomic_write_text
 from .config import OPTIMISATION_SETTINGS, RunConfig
-from .data import shard_indices, train_batch_sampler
+from .data import DataBundle, shard_indices, train_batch_sampler
 from .metrics import MetricsLog, peak_memory_mb, read_metrics, reset_peak_memory
 from .plots import plot_runs
 
@@ -44,24 +33,14 @@ SYNC_EVERY = 10  # steps between reads of the step statistics (and progress-bar 
 STEP_MEANS = ("loss", "cls_loss", "consistency", "train_objective_grad_norm")  # means over ranks
 
 
-# RunResult's measured values, in its field order (NaN until measured).
-MEASURED = tuple(
-    "val_acc train_acc val_loss val_grad_norm val_grad_norm_mean val_fp_distance train_objective_grad_norm "
-    "test_acc".split()
-)
-
-
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or inf: the run stops and the last checkpoint stays."""
 
 
 @dataclass
 class RunResult:
-    """A run's numbers. ``val_*``: measured on the evaluation set at the last evaluation (the
-    held-out diagnostics of the PACE paper: eval mode, no noise; see :mod:`pace.diagnostics`),
-    ``val_grad_norm_mean`` averaged over every evaluation (the paper's Fig. 4 quantity);
-    ``train_objective_grad_norm``: the training objective's gradient norm, mean over the last
-    epoch's steps; ``test_acc``: the test set's accuracy, scored once at the end (NaN without one)."""
+    """A run's numbers: ``val_*`` at the last evaluation (``val_grad_norm_mean`` over all of them),
+    ``train_objective_grad_norm`` over the last epoch, ``test_acc`` once at the end (or NaN)."""
 
     label: str
     val_acc: float
@@ -81,6 +60,9 @@ class RunResult:
 
     def as_dict(self) -> Dict[str, Any]:
         return asdict(self)
+
+
+MEASURED = tuple(f.name for f in fields(RunResult))[1:9]  # from val_acc to test_acc: NaN until measured
 
 
 def log(msg: str, enabled: bool = True) -> None:
@@ -110,17 +92,9 @@ def _eval_loader(part: Dataset, cfg: RunConfig) -> DataLoader:
 class _Training:
     """One run of the loop over a model whose trainable tensors are the ones to fit."""
 
-    def __init__(
-        self, model, train_ds, eval_ds, test_ds, num_classes, cfg, out_dir, env, device, fingerprint
-    ):
-        self.model, self.train_ds, self.eval_ds, self.test_ds, self.cfg = (
-            model,
-            train_ds,
-            eval_ds,
-            test_ds,
-            cfg,
-        )
-        self.out_dir, self.env, self.device, self.main = out_dir, env, device, env.is_main
+    def __init__(self, model, data: DataBundle, cfg, out_dir, env, device, fingerprint):
+        self.model, self.data, self.train_ds = model, data, data.train
+        self.cfg, self.out_dir, self.env, self.device, self.main = cfg, out_dir, env, device, env.is_main
         model.to(device)
         self.names = [n for n, p in model.named_parameters() if p.requires_grad]
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -130,15 +104,17 @@ class _Training:
         self.fingerprint = {
             **fingerprint,
             **cfg.fingerprint(),
-            "num_classes": num_classes,
-            "num_train": len(train_ds),
+            "num_classes": data.num_classes,
+            "num_train": len(data.train),
             "world_size": env.world_size,
             "trainable": self.names,
         }
         random_seed(cfg.seed, env.rank)  # the noise differs per rank; the data order does not
-        self.batches = train_batch_sampler(len(train_ds), cfg.batch_size, cfg.seed, env.rank, env.world_size)
+        self.batches = train_batch_sampler(
+            len(data.train), cfg.batch_size, cfg.seed, env.rank, env.world_size
+        )
         self.loader = DataLoader(
-            train_ds,
+            data.train,
             batch_sampler=self.batches,
             num_workers=cfg.workers,
             generator=torch.Generator().manual_seed(cfg.seed),  # worker seeds: not from the noise stream
@@ -148,7 +124,7 @@ class _Training:
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.wd)
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
         fast = cfg.pace == "fast"
-        bank = dict(num_samples=len(train_ds), num_classes=num_classes) if fast else {}
+        bank = dict(num_samples=len(data.train), num_classes=data.num_classes) if fast else {}
         self.crit = pace.PaceCriterion(
             cfg.pace, cfg.lam, copies=cfg.copies, lazy_interval=cfg.lazy_interval, **bank
         )
@@ -161,9 +137,7 @@ class _Training:
         self.last = dict.fromkeys(MEASURED, float("nan"))
         self.val_grad_norms: List[float] = []
         self.peak = 0.0
-        self.pending: List[
-            tuple
-        ] = []  # step statistics still on the device, read back every SYNC_EVERY steps
+        self.pending: List[tuple] = []  # step statistics still on the device
 
     def log(self, message: str) -> None:
         log(f"[{self.cfg.label}] {message}", self.main)
@@ -299,10 +273,9 @@ class _Training:
                 )
             metrics.write({k: v for k, v in r.items() if k not in ("correct", "count")})
         bar.update(len(records))
+        last = records[-1]
         bar.set_postfix(
-            loss=f"{records[-1]['loss']:.3f}",
-            gnorm=f"{records[-1]['train_objective_grad_norm']:.3g}",
-            refresh=False,
+            loss=f"{last['loss']:.3f}", gnorm=f"{last['train_objective_grad_norm']:.3g}", refresh=False
         )
         return records
 
@@ -317,7 +290,7 @@ class _Training:
 
     def evaluate(self, epoch_record: Dict[str, Any], metrics: MetricsLog) -> None:
         """The paper's diagnostics on the evaluation set, in one pass that also scores it."""
-        measured = self.diagnose(self.eval_ds, fp_distance=has_adapters(self.model))
+        measured = self.diagnose(self.data.eval, fp_distance=has_adapters(self.model))
         record = dict(
             val_acc=measured.accuracy,
             val_loss=measured.loss,
@@ -333,7 +306,7 @@ class _Training:
 
     def score_test_set(self, metrics: MetricsLog) -> None:
         """The test set, scored once when training is over (never used to choose anything)."""
-        self.last["test_acc"] = self.diagnose(self.test_ds, fp_distance=False).accuracy
+        self.last["test_acc"] = self.diagnose(self.data.test, fp_distance=False).accuracy
         metrics.write(dict(type="test", epoch=self.epoch, step=self.step, test_acc=self.last["test_acc"]))
 
     def save_checkpoint(self, metrics: MetricsLog) -> None:
@@ -392,7 +365,7 @@ class _Training:
                         f"peak memory {self.peak:.0f} MB, train acc {100 * epoch_record['train_acc']:.1f}%"
                         + (f", val acc {100 * self.last['val_acc']:.2f}%" if evaluated else "")
                     )
-                if self.epoch >= cfg.epochs and self.test_ds is not None:
+                if self.epoch >= cfg.epochs and self.data.test is not None:
                     self.score_test_set(metrics)
                 self.save_checkpoint(metrics)
                 if cfg.stop_after_epoch is not None and self.epoch >= cfg.stop_after_epoch < cfg.epochs:
@@ -401,17 +374,10 @@ class _Training:
         finally:
             bar.close()
             metrics.close()
-        finished = self.epoch >= cfg.epochs
+        done = dict(steps=self.step, epochs_done=self.epoch, finished=self.epoch >= cfg.epochs)
         seconds = time.perf_counter() - started
         return RunResult(
-            cfg.label,
-            **self.last,
-            seconds=seconds,
-            peak_mem_mb=self.peak,
-            steps=self.step,
-            epochs_done=self.epoch,
-            finished=finished,
-            out_dir=str(self.out_dir),
+            cfg.label, **self.last, seconds=seconds, peak_mem_mb=self.peak, **done, out_dir=str(self.out_dir)
         )
 
 
@@ -436,23 +402,15 @@ def _finite(value: Any) -> bool:
 
 def run_training(
     model: nn.Module,
-    train_ds: Dataset,
-    eval_ds: Dataset,
-    num_classes: int,
+    data: DataBundle,
     cfg: RunConfig,
     out_dir: Path,
     env: dist.DistEnv,
     device: torch.device,
     fingerprint: Optional[Dict[str, Any]] = None,
-    export_meta: Optional[Dict[str, Any]] = None,
-    test_ds: Optional[Dataset] = None,
 ) -> RunResult:
-    """Fit the trainable tensors of ``model`` with the objective ``cfg.pace``; every ``eval_every``
-    epochs measure accuracy, loss, held-out gradient norm and FP-distance on ``eval_ds``; score
-    ``test_ds`` (if given) once at the end. Write metrics,
-    checkpoints, the adapter (if the model has one), the curves and ``result.json`` under
-    ``out_dir`` (rank 0 only), and the merged model to ``cfg.export`` when the run finishes.
-    ``fingerprint`` adds settings a resume must find unchanged to the config's own."""
+    """Fit ``model``'s trainable tensors on ``data.train`` with ``cfg.pace``, evaluate on ``data.eval``,
+    score ``data.test`` (if any) once; write the run's files under ``out_dir`` (rank 0)."""
     out_dir = Path(out_dir)
     with contextlib.ExitStack() as held:
         refusal: Optional[ckpt.RunFolderError] = None
@@ -464,16 +422,14 @@ def run_training(
         message = dist.broadcast_object(None if refusal is None else str(refusal), env)
         if message is not None:  # every rank stops, not only the one that found the folder taken
             raise refusal or ckpt.RunFolderError(message)
-        result = _Training(
-            model, train_ds, eval_ds, test_ds, num_classes, cfg, out_dir, env, device, fingerprint or {}
-        ).run()
+        result = _Training(model, data, cfg, out_dir, env, device, fingerprint or {}).run()
         if env.is_main:
-            _write_outputs(model, result, cfg, out_dir, export_meta or {})
+            _write_outputs(model, result, cfg, out_dir, data.num_classes)
         dist.barrier(env)
     return result
 
 
-def _write_outputs(model, result: RunResult, cfg: RunConfig, out_dir: Path, export_meta) -> None:
+def _write_outputs(model, result: RunResult, cfg: RunConfig, out_dir: Path, num_classes: int) -> None:
     if result.finished and has_adapters(model):
         pace.save_adapter(model, out_dir / "adapter")
         for name in ("adapter.safetensors", "adapter.json"):
@@ -482,12 +438,11 @@ def _write_outputs(model, result: RunResult, cfg: RunConfig, out_dir: Path, expo
     records = read_metrics(out_dir / "metrics.jsonl")
     plot_runs({cfg.label: records}, out_dir / "curves.png", title=cfg.label)
     if result.finished and cfg.export:
-        export_merged(model, cfg.export, export_meta)
+        export_merged(model, cfg.export, {"model": cfg.model, "num_classes": num_classes})
 
 
 def export_merged(model: nn.Module, path: str, meta: Dict[str, Any]) -> Path:
-    """Fold the adapters into plain layers (in place: training is over) and write the model's
-    weights as one safetensors file."""
+    """Merge the adapters into the model (in place) and write its weights as one safetensors file."""
     from safetensors.torch import save_file
 
     pace.merge(model)
