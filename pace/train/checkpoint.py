@@ -1,11 +1,5 @@
-"""A run folder's files: one run per folder (a lock, no stale temporary files, no silent
-overwriting of records), checkpoints, atomic writes, random-state capture, reading weight files.
-
-A training checkpoint is one ``torch.save`` file written to a temporary name in the same directory
-and renamed over the old one (:func:`pace.io.atomic_write`), so a run killed mid-write keeps the
-previous checkpoint. Everything in it is plain tensors, numbers, strings, lists and dicts, so it
-loads with ``torch.load(weights_only=True)``: no pickled code runs when a checkpoint is read.
-"""
+"""A run folder's files: one run per folder (a lock), atomic writes, checkpoints that load with
+``weights_only=True``, random-state capture, reading weight files (docs/design.md section 11)."""
 
 from __future__ import annotations
 
@@ -33,8 +27,7 @@ class ResumeError(ValueError):
 
 
 def with_run_file_mode(path: PathLike) -> Path:
-    """Give a file the mode an ordinary ``open()`` would (``mkstemp``, which atomic writes use,
-    makes 0600), so all of a run's files share one mode."""
+    """Give a file the mode ``open()`` would: ``mkstemp``, which atomic writes use, makes it 0600."""
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(path, 0o666 & ~umask)
@@ -60,8 +53,7 @@ def atomic_write_file(path: PathLike, write) -> Path:
 
 
 def capture_rng(generator: Optional[torch.Generator] = None) -> Dict[str, Any]:
-    """The state of every global random stream a training step reads (and of ``generator``),
-    weights_only-loadable."""
+    """The state of every global random stream a step reads (and of ``generator``), as plain values."""
     np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
     py_version, py_state, py_gauss = random.getstate()
     state: Dict[str, Any] = {
@@ -181,8 +173,7 @@ class RunFolderError(ValueError):
 
 
 def refuse_existing(out_dir: Path, resume: bool, overwrite: bool) -> List[str]:
-    """The records in ``out_dir`` a new run would replace; refused unless ``resume`` (they are
-    continued) or ``overwrite``."""
+    """The records in ``out_dir`` a new run would replace; refused unless ``resume`` or ``overwrite``."""
     if resume:
         return []
     found = [name for name in RECORDS if (out_dir / name).exists()]
@@ -193,9 +184,8 @@ def refuse_existing(out_dir: Path, resume: bool, overwrite: bool) -> List[str]:
 
 @contextlib.contextmanager
 def claim(out_dir: Path, resume: bool, overwrite: bool) -> Iterator[None]:
-    """Hold ``out_dir`` for one run: refuse a folder another process holds or one with a run's
-    records unless resuming it or told to overwrite them (which deletes them first, so the folder
-    never mixes two runs); remove temporary files a killed run left behind."""
+    """Hold ``out_dir`` for one run: refuse it when another process holds it, or as
+    :func:`refuse_existing` does (overwritten records are deleted first); remove stale temporary files."""
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / ".lock", "w") as lock:
         try:
