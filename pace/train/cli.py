@@ -1,10 +1,5 @@
-"""``pace-train``: the command line.
-
-With no arguments it runs the built-in digits experiment (see :mod:`pace.train.default`); with
-``--data DIR`` it fine-tunes a timm model on a NOAH-format or ImageFolder dataset. Library code
-raises ``ValueError`` / ``TypeError``; only this module turns them into one line and exit status 2,
-naming the flag the input came from.
-"""
+"""``pace-train``'s command line: flags, and the one place where errors become one line and an exit
+status (a bad input's ValueError / TypeError: 2, naming the flag it came from)."""
 
 from __future__ import annotations
 

@@ -1,9 +1,5 @@
-"""The settings of one ``pace-train`` run: every default and every check in one place.
-
-``RunConfig``'s defaults are those of ``--data``; ``DIGITS_PRESET`` overrides some for the digits,
-``MODE_SIGMA_LAM`` holds each objective's sigma and lam. A ValueError names each setting in
-backquotes, which the CLI turns into flag names.
-"""
+"""The settings of one ``pace-train`` run, every default and check in one place; a ValueError names
+each setting in backquotes, which the CLI turns into flag names."""
 
 from __future__ import annotations
 

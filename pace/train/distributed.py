@@ -1,9 +1,5 @@
-"""Data-parallel training under ``torchrun`` (NCCL on GPUs, gloo on CPU).
-
-Every rank holds the whole model; after each backward one all-reduce averages the (small) trainable
-tensors' gradients, as ``DistributedDataParallel`` would, leaving the PACE criterion free to run the
-model any number of times per step (two copies, lazy half batches, FPA's reference pass).
-"""
+"""Data-parallel training under ``torchrun`` (NCCL on GPUs, gloo on CPU); why gradients are averaged
+by hand rather than by ``DistributedDataParallel``: docs/design.md section 11."""
 
 from __future__ import annotations
 

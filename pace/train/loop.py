@@ -78,17 +78,6 @@ def has_adapters(model: nn.Module) -> bool:
     return isinstance(getattr(model, "pace_config", None), pace.PaceConfig)
 
 
-def _eval_loader(part: Dataset, cfg: RunConfig) -> DataLoader:
-    # A loader without a generator draws its workers' base seed from the global torch stream, which
-    # the PACE noise uses: evaluating would shift the noise of every later step.
-    return DataLoader(
-        part,
-        batch_size=cfg.eval_batch_size,
-        num_workers=cfg.workers,
-        generator=torch.Generator().manual_seed(cfg.seed),
-    )
-
-
 class _Training:
     """One run of the loop over a model whose trainable tensors are the ones to fit."""
 
@@ -101,30 +90,17 @@ class _Training:
         if not self.params:
             raise ValueError("the model has no trainable tensors")
         dist.broadcast_parameters(self.params, env)
-        self.fingerprint = {
-            **fingerprint,
-            **cfg.fingerprint(),
-            "num_classes": data.num_classes,
-            "num_train": len(data.train),
-            "world_size": env.world_size,
-            "trainable": self.names,
-        }
+        n_train = len(data.train)
+        self.fingerprint = {**fingerprint, **cfg.fingerprint(), "num_classes": data.num_classes}
+        self.fingerprint.update(num_train=n_train, world_size=env.world_size, trainable=self.names)
         random_seed(cfg.seed, env.rank)  # the noise differs per rank; the data order does not
-        self.batches = train_batch_sampler(
-            len(data.train), cfg.batch_size, cfg.seed, env.rank, env.world_size
-        )
-        self.loader = DataLoader(
-            data.train,
-            batch_sampler=self.batches,
-            num_workers=cfg.workers,
-            generator=torch.Generator().manual_seed(cfg.seed),  # worker seeds: not from the noise stream
-            pin_memory=device.type == "cuda",
-        )
+        self.batches = train_batch_sampler(n_train, cfg.batch_size, cfg.seed, env.rank, env.world_size)
+        self.loader = self._loader(data.train, batch_sampler=self.batches, pin_memory=device.type == "cuda")
         self.steps_per_epoch = len(self.batches)
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.wd)
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
         fast = cfg.pace == "fast"
-        bank = dict(num_samples=len(data.train), num_classes=data.num_classes) if fast else {}
+        bank = dict(num_samples=n_train, num_classes=data.num_classes) if fast else {}
         self.crit = pace.PaceCriterion(
             cfg.pace, cfg.lam, copies=cfg.copies, lazy_interval=cfg.lazy_interval, **bank
         )
@@ -141,6 +117,12 @@ class _Training:
 
     def log(self, message: str) -> None:
         log(f"[{self.cfg.label}] {message}", self.main)
+
+    def _loader(self, ds: Dataset, **kwargs) -> DataLoader:
+        # A loader without a generator draws its workers' base seed from the global torch stream, which
+        # the PACE noise uses: every later step's noise would depend on the loaders made before it.
+        generator = torch.Generator().manual_seed(self.cfg.seed)
+        return DataLoader(ds, num_workers=self.cfg.workers, generator=generator, **kwargs)
 
     def schedule(self) -> CosineLRScheduler:
         total = self.steps_per_epoch * self.cfg.epochs
@@ -283,9 +265,10 @@ class _Training:
         """Accuracy, loss, gradient norm of the loss and (optionally) FP-distance on ``ds`` in eval
         mode without noise (:func:`pace.heldout_diagnostics`); each rank measures its share."""
         part = Subset(ds, shard_indices(len(ds), self.env.rank, self.env.world_size))
+        loader = self._loader(part, batch_size=self.cfg.eval_batch_size)
         with self.amp():
             return pace.heldout_diagnostics(
-                self.model, _eval_loader(part, self.cfg), fp_distance=fp_distance, all_reduce=self.env.enabled
+                self.model, loader, fp_distance=fp_distance, all_reduce=self.env.enabled
             )
 
     def evaluate(self, epoch_record: Dict[str, Any], metrics: MetricsLog) -> None:

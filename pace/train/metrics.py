@@ -1,9 +1,5 @@
-"""metrics.jsonl (one JSON record per line, rank 0 only) and peak-memory readings.
-
-The log is append-only. A checkpoint records the log's length in bytes; a resume cuts the file
-back to that length with one ``truncate`` (the records a killed run wrote after its last
-checkpoint are written again, identically) and says so when records are missing instead.
-"""
+"""metrics.jsonl (one JSON record per line, rank 0 only; resumed by length, docs/design.md section 11)
+and peak-memory readings."""
 
 from __future__ import annotations
 
