@@ -52,6 +52,14 @@ def atomic_write_file(path: PathLike, write) -> Path:
     return with_run_file_mode(atomic_write(path, write))
 
 
+def save_weights(model: torch.nn.Module, path: PathLike, metadata: Optional[Dict[str, str]] = None) -> Path:
+    """``model``'s state dict as one safetensors file, written atomically."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    return atomic_write_file(path, lambda tmp: save_file(state, tmp, metadata=metadata))
+
+
 def capture_rng(generator: Optional[torch.Generator] = None) -> Dict[str, Any]:
     """The state of every global random stream a step reads (and of ``generator``), as plain values."""
     np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()

@@ -166,24 +166,6 @@ def build_transforms(img_size: int, augment: str, mean: Sequence[float], std: Se
     raise ValueError(f"augment must be 'none' or 'flip-crop', got {augment!r}")
 
 
-def _check_classes(
-    train_labels: Sequence[int], eval_labels: Sequence[int], num_classes: Optional[int], what: str
-) -> int:
-    top = max(train_labels) + 1
-    if num_classes is not None:
-        bad = max(max(train_labels), max(eval_labels, default=0))
-        if bad >= num_classes:
-            raise ValueError(f"class-count mismatch: {what} has label {bad} but num_classes is {num_classes}")
-        return num_classes
-    bad = max(eval_labels, default=0)
-    if bad >= top:
-        raise ValueError(
-            f"class-count mismatch: the evaluation split has label {bad} but the training split only "
-            f"labels 0..{top - 1} (give the class count)"
-        )
-    return top
-
-
 def _image_folder(folder: Path):
     from torchvision.datasets import ImageFolder
 
@@ -232,8 +214,19 @@ def _noah_samples(root: Path, train_list: Path, split, eval_split, num_classes):
     if eval_list is None:
         raise ValueError(f"no evaluation list {eval_split!r} in {root} (pick another evaluation split)")
     train, evals = read_list(root, train_list), read_list(root, eval_list)
-    n = _check_classes([y for _, y in train], [y for _, y in evals], num_classes, train_list.name)
-    return train, evals, n, (f"NOAH lists {train_list.name}", eval_list.name)
+    names = (f"NOAH lists {train_list.name}", eval_list.name)
+    top, bad = max(y for _, y in train) + 1, max(y for _, y in evals)
+    if num_classes is not None:
+        if max(top - 1, bad) >= num_classes:
+            where = f"{train_list.name} has label {max(top - 1, bad)}"
+            raise ValueError(f"class-count mismatch: {where} but num_classes is {num_classes}")
+        return train, evals, num_classes, names
+    if bad >= top:
+        raise ValueError(
+            f"class-count mismatch: the evaluation split has label {bad} but the training split only "
+            f"labels 0..{top - 1} (give the class count)"
+        )
+    return train, evals, top, names
 
 
 def _image_folder_samples(root: Path, split, eval_split, num_classes):

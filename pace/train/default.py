@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from timm.utils import random_seed
 
 from . import distributed as dist
-from .checkpoint import atomic_write_file, atomic_write_text, load_training_checkpoint, refuse_existing
+from .checkpoint import atomic_write_text, load_training_checkpoint, refuse_existing, save_weights
 from .config import DIGITS_MODEL_KWARGS, DIGITS_PRESET, RunConfig, for_objective
 from .data import DataBundle, TensorImages
 from .loop import RunResult, check_fingerprint, log, run_training
@@ -103,11 +103,9 @@ def split_new_task(x: torch.Tensor, y: torch.Tensor, shots: int, seed: int) -> N
 
 
 def make_model(cfg: RunConfig, drop_path: float) -> nn.Module:
-    kwargs = {
-        **(DIGITS_MODEL_KWARGS if cfg.model == DIGITS_PRESET["model"] else {}),
-        **(cfg.model_kwargs or {}),
-    }
-    kwargs.setdefault("in_chans", 1)
+    """The digits ViT (or ``cfg.model``) for one grey channel, with a 5-class head."""
+    shrink = DIGITS_MODEL_KWARGS if cfg.model == DIGITS_PRESET["model"] else {}
+    kwargs = {"in_chans": 1, **shrink, **(cfg.model_kwargs or {})}
     return create_timm_model(
         cfg.model, NUM_CLASSES, drop_path=drop_path, img_size=cfg.img_size, kwargs=kwargs
     )
@@ -118,7 +116,7 @@ def pretrain(
 ) -> Dict[str, torch.Tensor]:
     """The backbone pre-trained on digits 0-4, cached as ``out/pretrain/backbone.safetensors``
     (reused while its settings match). Rank 0 trains; the other ranks wait and read the cache."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     cache = out / "pretrain" / "backbone.safetensors"
     meta_path = cache.with_suffix(".json")
@@ -137,8 +135,7 @@ def pretrain(
         random_seed(cfg.seed)
         model = make_model(cfg, drop_path=0.0)
         result = run_training(model, split_pretrain(x, y, cfg.seed), run_cfg, run_dir, dist.DistEnv(), device)
-        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        atomic_write_file(cache, lambda tmp: save_file(state, tmp))
+        save_weights(model, cache)
         meta = dict(key=key, val_acc_0_4=result.val_acc, epochs=cfg.pretrain_epochs, seconds=result.seconds)
         atomic_write_text(meta_path, json.dumps(meta, indent=2) + "\n")
         log(

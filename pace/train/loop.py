@@ -426,9 +426,5 @@ def _write_outputs(model, result: RunResult, cfg: RunConfig, out_dir: Path, num_
 
 def export_merged(model: nn.Module, path: str, meta: Dict[str, Any]) -> Path:
     """Merge the adapters into the model (in place) and write its weights as one safetensors file."""
-    from safetensors.torch import save_file
-
     pace.merge(model)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    metadata = {"format": "pace-merged", **{k: str(v) for k, v in meta.items()}}
-    return ckpt.atomic_write_file(path, lambda tmp: save_file(state, tmp, metadata=metadata))
+    return ckpt.save_weights(model, path, {"format": "pace-merged", **{k: str(v) for k, v in meta.items()}})
