@@ -1,5 +1,4 @@
-"""A run folder's files: one run per folder (a lock), atomic writes, checkpoints that load with
-``weights_only=True``, random-state capture, reading weight files (docs/design.md section 11)."""
+"""A run folder's files: the lock, atomic writes, checkpoints, random state, weight files (design.md)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""Datasets for the trainer: NOAH-format lists (VTAB-1k, few-shot), ImageFolder trees, in-memory
-tensors. Each yields ``(image, label, index)``: PACE_fast needs each sample's place in the training set."""
+"""NOAH lists (VTAB-1k, few-shot), ImageFolder trees, tensors; each yields ``(image, label, index)``."""
 
 from __future__ import annotations
 
@@ -37,8 +36,7 @@ class TensorImages(Dataset):
 
 
 class ImageFiles(Dataset):
-    """Image files with integer labels, read as RGB; random transforms draw from (seed, epoch, index),
-    so a result does not depend on ``--workers`` or on where a run was resumed."""
+    """Image files with integer labels, read as RGB; random transforms draw from (seed, epoch, index)."""
 
     def __init__(self, samples: Sequence[Tuple[Path, int]], transform, seed: int = 0) -> None:
         self.samples = list(samples)
@@ -105,8 +103,7 @@ def _resolve_image(root: Path, rel: str) -> Optional[Path]:
 
 
 def read_list(root: Path, list_path: Path) -> List[Tuple[Path, int]]:
-    """Parse ``relative/path label`` lines; malformed lines, missing images and paths outside
-    ``root`` are ValueErrors."""
+    """Parse ``relative/path label`` lines; bad lines, missing images, paths outside ``root``: ValueError."""
     try:
         lines = list_path.read_text().splitlines()
     except (OSError, UnicodeDecodeError) as exc:
@@ -186,8 +183,7 @@ def load_folder_data(
     num_classes: Optional[int] = None,
     seed: int = 0,
 ) -> DataBundle:
-    """A NOAH-format folder (lists of ``relative/path label``) or an ImageFolder tree
-    (``DIR/train/<class>/*`` and ``DIR/val/`` or ``DIR/test/``); ``seed`` seeds the augmentation."""
+    """A NOAH-format folder or an ImageFolder tree (``train/<class>/*``, ``val/`` or ``test/``)."""
     root = Path(data_dir)
     if not root.is_dir():
         raise ValueError(f"{root} is not a directory")

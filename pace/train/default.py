@@ -114,8 +114,7 @@ def make_model(cfg: RunConfig, drop_path: float) -> nn.Module:
 def pretrain(
     cfg: RunConfig, x: torch.Tensor, y: torch.Tensor, out: Path, env: dist.DistEnv, device: torch.device
 ) -> Dict[str, torch.Tensor]:
-    """The backbone pre-trained on digits 0-4, cached as ``out/pretrain/backbone.safetensors``
-    (reused while its settings match). Rank 0 trains; the other ranks wait and read the cache."""
+    """The backbone pre-trained on digits 0-4 by rank 0, cached in ``out/pretrain`` per settings."""
     from safetensors.torch import load_file
 
     cache = out / "pretrain" / "backbone.safetensors"
@@ -150,8 +149,7 @@ def pretrain(
 
 
 class DigitsExperiment:
-    """Runs of the experiment (methods x draws of the shots) and the checks before any of them;
-    ``seeds`` and ``variants`` default to ``cfg``'s draws and every method (or ``cfg.pace``'s)."""
+    """Runs of the experiment (methods x draws of the shots; by default ``cfg``'s) and their checks."""
 
     def __init__(
         self, cfg: RunConfig, env: dist.DistEnv, device: torch.device, seeds=None, variants=None
@@ -172,8 +170,7 @@ class DigitsExperiment:
         return replace(for_objective(self.cfg, mode), seed=seed, label=label, export=export)
 
     def check_before_training(self) -> None:
-        """Refuse what would fail later before minutes of pre-training: a run folder that holds
-        records (without resume / overwrite), a checkpoint that is unreadable or of another run."""
+        """Refuse, before minutes of pre-training, a run folder or a checkpoint that training would refuse."""
         for name, mode in self.variants:
             for seed in self.seeds:
                 folder = self.run_dir(name, seed)
@@ -186,8 +183,7 @@ class DigitsExperiment:
                     check_fingerprint(saved, expected, path, new_optim, partial=True)
 
     def run_all(self, digits, score_test: bool = True) -> List[MethodRuns]:
-        """Every method on every draw (``score_test=False``, the studies: the test digits are
-        never touched)."""
+        """Every method on every draw (``score_test=False``, the studies: the test digits stay untouched)."""
         rows = [MethodRuns(name, []) for name, _ in self.variants]
         for row, (name, mode) in zip(rows, self.variants):
             for seed in self.seeds:

@@ -262,8 +262,7 @@ class _Training:
         return records
 
     def diagnose(self, ds: Dataset, fp_distance: bool):
-        """Accuracy, loss, gradient norm of the loss and (optionally) FP-distance on ``ds`` in eval
-        mode without noise (:func:`pace.heldout_diagnostics`); each rank measures its share."""
+        """:func:`pace.heldout_diagnostics` on ``ds`` (eval mode, no noise), each rank measuring its share."""
         part = Subset(ds, shard_indices(len(ds), self.env.rank, self.env.world_size))
         loader = self._loader(part, batch_size=self.cfg.eval_batch_size)
         with self.amp():

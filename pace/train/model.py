@@ -46,10 +46,8 @@ def create_timm_model(
 
 
 def load_checkpoint(model: nn.Module, path: str, allow_partial: bool = False) -> str:
-    """Load pre-trained weights into ``model``: the original ViT release's ``.npz`` (timm's own
-    loader), ``.safetensors`` or ``.pth`` (``weights_only=True``). A classifier whose shape differs
-    (a new task) is left as initialised; any other tensor left so is an error unless
-    ``allow_partial``. Returns a one-line summary."""
+    """Load a ViT ``.npz``, ``.safetensors`` or ``.pth`` into ``model`` and return a one-line summary; a
+    classifier of another shape stays as initialised, any other tensor left so needs ``allow_partial``."""
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"no file at {p}")

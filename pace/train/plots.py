@@ -33,9 +33,8 @@ def _save(fig, path: Path) -> Path:
 
 
 def plot_runs(runs: Mapping[str, List[Dict[str, Any]]], path: Path, title: str = "") -> Path:
-    """One PNG, one line per run, four panels: the paper's Fig. 2 diagnostics on the evaluation set
-    (held-out gradient norm, FP-distance, train/val accuracy) and, apart, the training objective's
-    gradient norm per step (a different quantity: see :mod:`pace.diagnostics`)."""
+    """One PNG, one line per run: the paper's Fig. 2 diagnostics on the evaluation set and, apart, the
+    training objective's gradient norm per step (a different quantity: see :mod:`pace.diagnostics`)."""
     fig = _figure((19, 4.2))
     ax_g, ax_fp, ax_acc, ax_train_g = fig.subplots(1, 4)
     for i, (name, records) in enumerate(runs.items()):

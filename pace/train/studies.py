@@ -114,8 +114,7 @@ SEARCH_SEED_OFFSET = 1000  # the search's draws of the shots are not the table's
 
 
 class _Study:
-    """Runs of one method with changed settings over draws of their own, on one pre-trained
-    backbone (trained once per study), scored on the validation digits only."""
+    """Runs of one method with changed settings on the study's backbone, scored on the validation digits."""
 
     def __init__(self, cfg: RunConfig, env, device) -> None:
         from .default import digits_tensors, pretrain
