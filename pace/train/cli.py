@@ -256,13 +256,12 @@ def _run(given: dict, env) -> int:
         raise UsageError("--amp fp16 needs CUDA (use bf16 or none on CPU)")
     on_cuda_or_data = device.type == "cuda" or cfg.data is not None
     cfg = replace(cfg, amp=amp, epoch_lines=cfg.epoch_lines and on_cuda_or_data)
-    dist.init(env, device)
-    if env.is_main and env.enabled:
-        backend = "nccl" if device.type == "cuda" else "gloo"
+    backend = dist.init(env, device)
+    if env.is_main and backend:
         print(f"data-parallel: {env.world_size} processes ({backend})", file=sys.stderr, flush=True)
     if cfg.data is not None:
         return _run_data(cfg, env, device)
-    from .default import run_default
+    from .default import DigitsExperiment
     from .studies import run_lam_sweep, run_search
 
     if cfg.search:
@@ -271,7 +270,7 @@ def _run(given: dict, env) -> int:
         return run_lam_sweep(
             replace(cfg, pace=None), cfg.sweep_lam, (cfg.pace or "pace,fpa").split(","), env, device
         )
-    return run_default(cfg, env, device)
+    return DigitsExperiment(cfg, env, device).run()
 
 
 def _run_data(cfg: RunConfig, env, device) -> int:

@@ -192,6 +192,7 @@ class DigitsExperiment:
         return rows
 
     def run(self) -> int:
+        """The no-argument experiment: pre-train (or reuse) the backbone, run, print and write the table."""
         cfg, env = self.cfg, self.env
         self.check_before_training()
         started = time.perf_counter()
@@ -256,11 +257,6 @@ class DigitsExperiment:
         atomic_write_text(self.out / "summary.txt", f"{header}\n{table}\n{TABLE_NOTES}\n")
         runs = {row.name: read_metrics(Path(row.runs[0].out_dir) / "metrics.jsonl") for row in rows}
         plot_runs(runs, self.out / "curves.png", title=f"{header}\n(first draw, seed {seeds[0]})")
-
-
-def run_default(cfg: RunConfig, env: dist.DistEnv, device: torch.device) -> int:
-    """The no-argument experiment (or one method of it, ``--pace``) over ``repeats`` draws of the shots."""
-    return DigitsExperiment(cfg, env, device).run()
 
 
 def _table_name(mode: str) -> str:

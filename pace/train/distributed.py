@@ -6,7 +6,7 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Any, List, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -33,13 +33,16 @@ def env_from_torchrun() -> DistEnv:
     return DistEnv(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def init(env: DistEnv, device: torch.device) -> None:
-    if not env.enabled or dist.is_initialized():
-        return
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+def init(env: DistEnv, device: torch.device) -> Optional[str]:
+    """Join the process group (NCCL on CUDA, gloo on CPU); returns its backend, None when running alone."""
+    if not env.enabled:
+        return None
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
+    if not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
+    return backend
 
 
 def shutdown() -> None:

@@ -70,10 +70,6 @@ def log(msg: str, enabled: bool = True) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
-def amp_context(amp: str, device: torch.device):
-    return lambda: torch.autocast(device.type, dtype=AMP_DTYPES.get(amp), enabled=amp in AMP_DTYPES)
-
-
 def has_adapters(model: nn.Module) -> bool:
     return isinstance(getattr(model, "pace_config", None), pace.PaceConfig)
 
@@ -105,7 +101,9 @@ class _Training:
             cfg.pace, cfg.lam, copies=cfg.copies, lazy_interval=cfg.lazy_interval, **bank
         )
         self.crit.to(device)
-        self.amp = amp_context(cfg.amp, device)
+        self.amp = lambda: torch.autocast(
+            device.type, dtype=AMP_DTYPES.get(cfg.amp), enabled=cfg.amp in AMP_DTYPES
+        )
         self.forward_model = torch.compile(model) if cfg.compile else model
         self.checkpoint_path = out_dir / "checkpoint.pt"
         self.epoch, self.step = 0, 0
