@@ -61,23 +61,12 @@ def save_weights(model: torch.nn.Module, path: PathLike, metadata: Optional[Dict
 
 def capture_rng(generator: Optional[torch.Generator] = None) -> Dict[str, Any]:
     """The state of every global random stream a step reads (and of ``generator``), as plain values."""
-    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
-    py_version, py_state, py_gauss = random.getstate()
-    state: Dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "numpy": {
-            "kind": str(np_kind),
-            "keys": torch.from_numpy(np.asarray(np_keys, dtype=np.int64)),
-            "pos": int(np_pos),
-            "has_gauss": int(np_has_gauss),
-            "gauss": float(np_gauss),
-        },
-        "python": {
-            "version": int(py_version),
-            "state": torch.tensor(py_state, dtype=torch.int64),
-            "gauss": py_gauss,
-        },
-    }
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    keys = torch.from_numpy(np.asarray(keys, dtype=np.int64))  # weights_only loads tensors, not arrays
+    numpy = dict(kind=str(kind), keys=keys, pos=int(pos), has_gauss=int(has_gauss), gauss=float(gauss))
+    version, py_state, py_gauss = random.getstate()
+    python = dict(version=int(version), state=torch.tensor(py_state, dtype=torch.int64), gauss=py_gauss)
+    state: Dict[str, Any] = {"torch": torch.get_rng_state(), "numpy": numpy, "python": python}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     if generator is not None:

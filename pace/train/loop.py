@@ -95,15 +95,13 @@ class _Training:
         self.steps_per_epoch = len(self.batches)
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.wd)
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
-        fast = cfg.pace == "fast"
-        bank = dict(num_samples=n_train, num_classes=data.num_classes) if fast else {}
-        self.crit = pace.PaceCriterion(
+        bank = dict(num_samples=n_train, num_classes=data.num_classes) if cfg.pace == "fast" else {}
+        crit = pace.PaceCriterion(
             cfg.pace, cfg.lam, copies=cfg.copies, lazy_interval=cfg.lazy_interval, **bank
         )
-        self.crit.to(device)
-        self.amp = lambda: torch.autocast(
-            device.type, dtype=AMP_DTYPES.get(cfg.amp), enabled=cfg.amp in AMP_DTYPES
-        )
+        self.crit = crit.to(device)
+        amp_dtype = AMP_DTYPES.get(cfg.amp)
+        self.amp = lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
         self.forward_model = torch.compile(model) if cfg.compile else model
         self.checkpoint_path = out_dir / "checkpoint.pt"
         self.epoch, self.step = 0, 0
@@ -212,18 +210,18 @@ class _Training:
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - started
         self.peak = max(self.peak, peak_memory_mb(device))
-        count = max(sum(r["count"] for r in records), 1)
-        steps = max(len(records), 1)
+        total = {
+            k: sum(r[k] for r in records) for k in ("loss", "correct", "count", "train_objective_grad_norm")
+        }
+        steps, count = max(len(records), 1), max(total["count"], 1)
         epoch_record = dict(
-            type="epoch",
-            epoch=self.epoch + 1,
-            step=self.step,
-            train_loss=sum(r["loss"] for r in records) / steps,
-            train_acc=sum(r["correct"] for r in records) / count,
-            train_objective_grad_norm_mean=sum(r["train_objective_grad_norm"] for r in records) / steps,
-            seconds=seconds,
+            type="epoch", epoch=self.epoch + 1, step=self.step, seconds=seconds, peak_mem_mb=self.peak
+        )
+        epoch_record.update(
+            train_loss=total["loss"] / steps,
+            train_acc=total["correct"] / count,
+            train_objective_grad_norm_mean=total["train_objective_grad_norm"] / steps,
             img_per_s=images * env.world_size / max(seconds, 1e-9),
-            peak_mem_mb=self.peak,
         )
         metrics.write(epoch_record)
         return epoch_record
@@ -270,14 +268,11 @@ class _Training:
 
     def evaluate(self, epoch_record: Dict[str, Any], metrics: MetricsLog) -> None:
         """The paper's diagnostics on the evaluation set, in one pass that also scores it."""
-        measured = self.diagnose(self.data.eval, fp_distance=has_adapters(self.model))
+        m = self.diagnose(self.data.eval, fp_distance=has_adapters(self.model))
         record = dict(
-            val_acc=measured.accuracy,
-            val_loss=measured.loss,
-            val_grad_norm=measured.grad_norm,
-            val_fp_distance=measured.fp_distance,
+            val_acc=m.accuracy, val_loss=m.loss, val_grad_norm=m.grad_norm, val_fp_distance=m.fp_distance
         )
-        self.val_grad_norms.append(measured.grad_norm)
+        self.val_grad_norms.append(m.grad_norm)
         mean = sum(self.val_grad_norms) / len(self.val_grad_norms)
         self.last.update(record, train_acc=epoch_record["train_acc"], val_grad_norm_mean=mean)
         metrics.write(
