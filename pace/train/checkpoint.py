@@ -154,14 +154,7 @@ def short_reason(exc: BaseException, limit: int = 160) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-RECORDS = (
-    "checkpoint.pt",
-    "metrics.jsonl",
-    "result.json",
-    "adapter.safetensors",
-    "adapter.json",
-    "curves.png",
-)
+RECORDS = tuple("checkpoint.pt metrics.jsonl result.json adapter.safetensors adapter.json curves.png".split())
 
 
 class RunFolderError(ValueError):

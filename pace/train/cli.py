@@ -347,18 +347,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     out = getattr(args, "out", DEFAULT_OUT)
     try:
         return _run(vars(args), env)
-    except UsageError as exc:
-        return _fail(f"error: {_one_line(exc)}", EXIT_USAGE)
-    except RunFolderError as exc:
-        message = (
-            f"error: --out: {_one_line(exc)}; pass --resume to continue that run or --overwrite to replace it"
-        )
-        return _fail(message, EXIT_USAGE)
-    except (ResumeError, UnreadableImageError) as exc:
-        flag = "--resume" if isinstance(exc, ResumeError) else "--data"
-        return _fail(f"error: {flag}: {_one_line(exc)}", EXIT_USAGE)
-    except (ValueError, TypeError) as exc:
-        return _fail(f"error: {_one_line(exc)}", EXIT_USAGE)
+    except (UsageError, ValueError, TypeError) as exc:  # bad input; these kinds name the flag here
+        flag = {RunFolderError: "--out: ", ResumeError: "--resume: ", UnreadableImageError: "--data: "}
+        fix = "; pass --resume to continue that run or --overwrite to replace it"
+        message = flag.get(type(exc), "") + _one_line(exc) + (fix if isinstance(exc, RunFolderError) else "")
+        return _fail(f"error: {message}", EXIT_USAGE)
     except NonFiniteLossError as exc:
         return _fail(_one_line(exc), EXIT_NON_FINITE)
     except OSError as exc:

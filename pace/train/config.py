@@ -189,9 +189,5 @@ def build_config(given: Dict[str, Any]) -> RunConfig:
 def for_objective(cfg: RunConfig, mode: str) -> RunConfig:
     """``cfg`` for one objective: its sigma and lam filled in where the user gave none."""
     sigma, lam = MODE_SIGMA_LAM["digits" if cfg.data is None else "data"][mode]
-    return replace(
-        cfg,
-        pace=mode,
-        sigma=sigma if cfg.sigma is None else cfg.sigma,
-        lam=0.0 if mode == "none" else (lam if cfg.lam is None else cfg.lam),
-    )
+    lam = 0.0 if mode == "none" else (lam if cfg.lam is None else cfg.lam)
+    return replace(cfg, pace=mode, sigma=sigma if cfg.sigma is None else cfg.sigma, lam=lam)

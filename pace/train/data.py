@@ -39,10 +39,7 @@ class ImageFiles(Dataset):
     """Image files with integer labels, read as RGB; random transforms draw from (seed, epoch, index)."""
 
     def __init__(self, samples: Sequence[Tuple[Path, int]], transform, seed: int = 0) -> None:
-        self.samples = list(samples)
-        self.transform = transform
-        self.seed = seed
-        self.epoch = 0
+        self.samples, self.transform, self.seed, self.epoch = list(samples), transform, seed, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -154,12 +151,9 @@ def build_transforms(img_size: int, augment: str, mean: Sequence[float], std: Se
         t = T.Compose([T.Resize((img_size, img_size), interpolation=bicubic), *norm])
         return t, t
     if augment == "flip-crop":
-        big = int(round(img_size * 256 / 224))
-        train = T.Compose(
-            [T.Resize(big, interpolation=bicubic), T.RandomCrop(img_size), T.RandomHorizontalFlip(), *norm]
-        )
-        test = T.Compose([T.Resize(big, interpolation=bicubic), T.CenterCrop(img_size), *norm])
-        return train, test
+        resize = T.Resize(int(round(img_size * 256 / 224)), interpolation=bicubic)
+        train = T.Compose([resize, T.RandomCrop(img_size), T.RandomHorizontalFlip(), *norm])
+        return train, T.Compose([resize, T.CenterCrop(img_size), *norm])
     raise ValueError(f"augment must be 'none' or 'flip-crop', got {augment!r}")
 
 
@@ -193,12 +187,8 @@ def load_folder_data(
         train, evals, n, names = _noah_samples(root, train_list, split, eval_split, num_classes)
     else:
         train, evals, n, names = _image_folder_samples(root, split, eval_split, num_classes)
-    return DataBundle(
-        ImageFiles(train, train_tf, seed),
-        ImageFiles(evals, eval_tf, seed),
-        n,
-        f"{names[0]} ({len(train)} images) / {names[1]} ({len(evals)} images), {n} classes",
-    )
+    description = f"{names[0]} ({len(train)} images) / {names[1]} ({len(evals)} images), {n} classes"
+    return DataBundle(ImageFiles(train, train_tf, seed), ImageFiles(evals, eval_tf, seed), n, description)
 
 
 def _noah_samples(root: Path, train_list: Path, split, eval_split, num_classes):

@@ -151,13 +151,10 @@ def pretrain(
 class DigitsExperiment:
     """Runs of the experiment (methods x draws of the shots; by default ``cfg``'s) and their checks."""
 
-    def __init__(
-        self, cfg: RunConfig, env: dist.DistEnv, device: torch.device, seeds=None, variants=None
-    ) -> None:
+    def __init__(self, cfg: RunConfig, env: dist.DistEnv, device: torch.device, seeds=None, variants=None):
         self.cfg, self.env, self.device, self.out = cfg, env, device, Path(cfg.out)
-        self.variants = list(
-            variants or (VARIANTS if cfg.pace is None else [(_table_name(cfg.pace), cfg.pace)])
-        )
+        chosen = VARIANTS if cfg.pace is None else [(_table_name(cfg.pace), cfg.pace)]
+        self.variants = list(variants or chosen)
         self.seeds = list(seeds or [cfg.seed + k for k in range(cfg.repeats)])
         self.backbone = {"backbone": backbone_key(cfg)}
 
