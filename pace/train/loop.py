@@ -240,7 +240,7 @@ class _Training:
         ]
         self.pending.clear()
         for r in records:
-            if not all(map(_finite, (r["loss"], r["cls_loss"], r["consistency"]))):
+            if not all(math.isfinite(r[k]) for k in ("loss", "cls_loss", "consistency")):
                 kept = (
                     f"the last good checkpoint {self.checkpoint_path} (epoch {r['epoch'] - 1}) is kept"
                     if self.checkpoint_path.exists() and r["epoch"] > 1
@@ -369,10 +369,6 @@ def check_fingerprint(
             raise ckpt.ResumeError(
                 f"{what}{path} was written with {key}={was!r}, this run has {key}={is_now!r}"
             )
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, float) and math.isfinite(value)
 
 
 def run_training(
