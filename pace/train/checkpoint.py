@@ -1,11 +1,4 @@
-"""A run folder's files: one run per folder (a lock, no stale temporary files, no silent
-overwriting of records), checkpoints, atomic writes, random-state capture, reading weight files.
-
-A training checkpoint is one ``torch.save`` file written to a temporary name in the same directory
-and renamed over the old one (:func:`pace.io.atomic_write`), so a run killed mid-write keeps the
-previous checkpoint. Everything in it is plain tensors, numbers, strings, lists and dicts, so it
-loads with ``torch.load(weights_only=True)``: no pickled code runs when a checkpoint is read.
-"""
+"""A run folder's files: the lock, atomic writes, checkpoints, random state, weight files (design.md)."""
 
 from __future__ import annotations
 
@@ -33,8 +26,7 @@ class ResumeError(ValueError):
 
 
 def with_run_file_mode(path: PathLike) -> Path:
-    """Give a file the mode an ordinary ``open()`` would (``mkstemp``, which atomic writes use,
-    makes 0600), so all of a run's files share one mode."""
+    """Give a file the mode ``open()`` would: ``mkstemp``, which atomic writes use, makes it 0600."""
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(path, 0o666 & ~umask)
@@ -59,26 +51,22 @@ def atomic_write_file(path: PathLike, write) -> Path:
     return with_run_file_mode(atomic_write(path, write))
 
 
+def save_weights(model: torch.nn.Module, path: PathLike, metadata: Optional[Dict[str, str]] = None) -> Path:
+    """``model``'s state dict as one safetensors file, written atomically."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    return atomic_write_file(path, lambda tmp: save_file(state, tmp, metadata=metadata))
+
+
 def capture_rng(generator: Optional[torch.Generator] = None) -> Dict[str, Any]:
-    """The state of every global random stream a training step reads (and of ``generator``),
-    weights_only-loadable."""
-    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
-    py_version, py_state, py_gauss = random.getstate()
-    state: Dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "numpy": {
-            "kind": str(np_kind),
-            "keys": torch.from_numpy(np.asarray(np_keys, dtype=np.int64)),
-            "pos": int(np_pos),
-            "has_gauss": int(np_has_gauss),
-            "gauss": float(np_gauss),
-        },
-        "python": {
-            "version": int(py_version),
-            "state": torch.tensor(py_state, dtype=torch.int64),
-            "gauss": py_gauss,
-        },
-    }
+    """The state of every global random stream a step reads (and of ``generator``), as plain values."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    keys = torch.from_numpy(np.asarray(keys, dtype=np.int64))  # weights_only loads tensors, not arrays
+    numpy = dict(kind=str(kind), keys=keys, pos=int(pos), has_gauss=int(has_gauss), gauss=float(gauss))
+    version, py_state, py_gauss = random.getstate()
+    python = dict(version=int(version), state=torch.tensor(py_state, dtype=torch.int64), gauss=py_gauss)
+    state: Dict[str, Any] = {"torch": torch.get_rng_state(), "numpy": numpy, "python": python}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     if generator is not None:
@@ -166,14 +154,7 @@ def short_reason(exc: BaseException, limit: int = 160) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-RECORDS = (
-    "checkpoint.pt",
-    "metrics.jsonl",
-    "result.json",
-    "adapter.safetensors",
-    "adapter.json",
-    "curves.png",
-)
+RECORDS = tuple("checkpoint.pt metrics.jsonl result.json adapter.safetensors adapter.json curves.png".split())
 
 
 class RunFolderError(ValueError):
@@ -181,8 +162,7 @@ class RunFolderError(ValueError):
 
 
 def refuse_existing(out_dir: Path, resume: bool, overwrite: bool) -> List[str]:
-    """The records in ``out_dir`` a new run would replace; refused unless ``resume`` (they are
-    continued) or ``overwrite``."""
+    """The records in ``out_dir`` a new run would replace; refused unless ``resume`` or ``overwrite``."""
     if resume:
         return []
     found = [name for name in RECORDS if (out_dir / name).exists()]
@@ -193,9 +173,8 @@ def refuse_existing(out_dir: Path, resume: bool, overwrite: bool) -> List[str]:
 
 @contextlib.contextmanager
 def claim(out_dir: Path, resume: bool, overwrite: bool) -> Iterator[None]:
-    """Hold ``out_dir`` for one run: refuse a folder another process holds or one with a run's
-    records unless resuming it or told to overwrite them (which deletes them first, so the folder
-    never mixes two runs); remove temporary files a killed run left behind."""
+    """Hold ``out_dir`` for one run: refuse it when another process holds it, or as
+    :func:`refuse_existing` does (overwritten records are deleted first); remove stale temporary files."""
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / ".lock", "w") as lock:
         try:

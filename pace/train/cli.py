@@ -1,10 +1,5 @@
-"""``pace-train``: the command line.
-
-With no arguments it runs the built-in digits experiment (see :mod:`pace.train.default`); with
-``--data DIR`` it fine-tunes a timm model on a NOAH-format or ImageFolder dataset. Library code
-raises ``ValueError`` / ``TypeError``; only this module turns them into one line and exit status 2,
-naming the flag the input came from.
-"""
+"""``pace-train``'s command line: flags, and the one place where errors become one line and an exit
+status (a bad input's ValueError / TypeError: 2, naming the flag it came from)."""
 
 from __future__ import annotations
 
@@ -261,13 +256,12 @@ def _run(given: dict, env) -> int:
         raise UsageError("--amp fp16 needs CUDA (use bf16 or none on CPU)")
     on_cuda_or_data = device.type == "cuda" or cfg.data is not None
     cfg = replace(cfg, amp=amp, epoch_lines=cfg.epoch_lines and on_cuda_or_data)
-    dist.init(env, device)
-    if env.is_main and env.enabled:
-        backend = "nccl" if device.type == "cuda" else "gloo"
+    backend = dist.init(env, device)
+    if env.is_main and backend:
         print(f"data-parallel: {env.world_size} processes ({backend})", file=sys.stderr, flush=True)
     if cfg.data is not None:
         return _run_data(cfg, env, device)
-    from .default import run_default
+    from .default import DigitsExperiment
     from .studies import run_lam_sweep, run_search
 
     if cfg.search:
@@ -276,7 +270,7 @@ def _run(given: dict, env) -> int:
         return run_lam_sweep(
             replace(cfg, pace=None), cfg.sweep_lam, (cfg.pace or "pace,fpa").split(","), env, device
         )
-    return run_default(cfg, env, device)
+    return DigitsExperiment(cfg, env, device).run()
 
 
 def _run_data(cfg: RunConfig, env, device) -> int:
@@ -320,19 +314,7 @@ def _run_data(cfg: RunConfig, env, device) -> int:
         env.is_main,
     )
     data_identity = {"data": str(Path(cfg.data).resolve())}
-    meta = {"model": cfg.model, "num_classes": bundle.num_classes}
-    result = run_training(
-        model,
-        bundle.train,
-        bundle.eval,
-        bundle.num_classes,
-        cfg,
-        Path(cfg.out),
-        env,
-        device,
-        data_identity,
-        meta,
-    )
+    result = run_training(model, bundle, cfg, Path(cfg.out), env, device, data_identity)
     if env.is_main:
         state = "done" if result.finished else f"stopped after epoch {result.epochs_done}"
         print(
@@ -365,18 +347,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     out = getattr(args, "out", DEFAULT_OUT)
     try:
         return _run(vars(args), env)
-    except UsageError as exc:
-        return _fail(f"error: {_one_line(exc)}", EXIT_USAGE)
-    except RunFolderError as exc:
-        message = (
-            f"error: --out: {_one_line(exc)}; pass --resume to continue that run or --overwrite to replace it"
-        )
-        return _fail(message, EXIT_USAGE)
-    except (ResumeError, UnreadableImageError) as exc:
-        flag = "--resume" if isinstance(exc, ResumeError) else "--data"
-        return _fail(f"error: {flag}: {_one_line(exc)}", EXIT_USAGE)
-    except (ValueError, TypeError) as exc:
-        return _fail(f"error: {_one_line(exc)}", EXIT_USAGE)
+    except (UsageError, ValueError, TypeError) as exc:  # bad input; these kinds name the flag here
+        flag = {RunFolderError: "--out: ", ResumeError: "--resume: ", UnreadableImageError: "--data: "}
+        fix = "; pass --resume to continue that run or --overwrite to replace it"
+        message = flag.get(type(exc), "") + _one_line(exc) + (fix if isinstance(exc, RunFolderError) else "")
+        return _fail(f"error: {message}", EXIT_USAGE)
     except NonFiniteLossError as exc:
         return _fail(_one_line(exc), EXIT_NON_FINITE)
     except OSError as exc:

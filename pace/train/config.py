@@ -1,12 +1,5 @@
-"""The settings of one ``pace-train`` run, with every default and every check in one place.
-
-:class:`RunConfig`'s field defaults are the ``--data`` defaults; :data:`DIGITS_PRESET` overrides
-some of them for the built-in digits experiment, and :data:`MODE_SIGMA_LAM` holds the per-objective
-noise and consistency strength of each. The command line leaves unset flags out, so a run's
-settings are ``RunConfig(**{**preset, **given})``; its help text is built from the same tables.
-Invalid settings raise ``ValueError`` naming each setting in backquotes (the CLI turns those into
-flag names).
-"""
+"""The settings of one ``pace-train`` run, every default and check in one place; a ValueError names
+each setting in backquotes, which the CLI turns into flag names."""
 
 from __future__ import annotations
 
@@ -180,20 +173,8 @@ DIGITS_MODEL_KWARGS = {"patch_size": 4, "in_chans": 1, "embed_dim": 64, "depth":
 # {3e-3, 1e-2, 3e-2} for the baseline, then sigma in {0.5, 1} x lam in {0.5, 2} per objective);
 # fpa was not searched.
 MODE_SIGMA_LAM: Dict[str, Dict[str, Tuple[float, float]]] = {
-    "data": {
-        "none": (0.0, 0.0),
-        "pace": (1.2, 1.0),
-        "fast": (1.5, 0.5),
-        "lazy": (1.2, 2.0),
-        "fpa": (0.0, 1.0),
-    },
-    "digits": {
-        "none": (0.0, 0.0),
-        "pace": (0.5, 2.0),
-        "fast": (1.0, 0.5),
-        "lazy": (1.0, 0.5),
-        "fpa": (0.0, 1.0),
-    },
+    "data": dict(none=(0.0, 0.0), pace=(1.2, 1.0), fast=(1.5, 0.5), lazy=(1.2, 2.0), fpa=(0.0, 1.0)),
+    "digits": dict(none=(0.0, 0.0), pace=(0.5, 2.0), fast=(1.0, 0.5), lazy=(1.0, 0.5), fpa=(0.0, 1.0)),
 }
 
 
@@ -208,9 +189,5 @@ def build_config(given: Dict[str, Any]) -> RunConfig:
 def for_objective(cfg: RunConfig, mode: str) -> RunConfig:
     """``cfg`` for one objective: its sigma and lam filled in where the user gave none."""
     sigma, lam = MODE_SIGMA_LAM["digits" if cfg.data is None else "data"][mode]
-    return replace(
-        cfg,
-        pace=mode,
-        sigma=sigma if cfg.sigma is None else cfg.sigma,
-        lam=0.0 if mode == "none" else (lam if cfg.lam is None else cfg.lam),
-    )
+    lam = 0.0 if mode == "none" else (lam if cfg.lam is None else cfg.lam)
+    return replace(cfg, pace=mode, sigma=sigma if cfg.sigma is None else cfg.sigma, lam=lam)

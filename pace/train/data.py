@@ -1,10 +1,4 @@
-"""Datasets for the trainer: NOAH-format lists (VTAB-1k, few-shot), ImageFolder trees, and
-in-memory tensors (the built-in digits). Every dataset yields ``(image, label, index)``: PACE_fast
-needs each sample's position in the training set.
-
-Random augmentation is a function of (seed, epoch, sample index) alone, so a run's result does not
-depend on ``--workers`` or on where it was resumed.
-"""
+"""NOAH lists (VTAB-1k, few-shot), ImageFolder trees, tensors; each yields ``(image, label, index)``."""
 
 from __future__ import annotations
 
@@ -23,8 +17,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class UnreadableImageError(ValueError):
-    """An image file PIL cannot decode (bad input). One string argument, so that a DataLoader
-    worker's re-raise rebuilds it as the same type."""
+    """An image file PIL cannot decode; one string argument, so a DataLoader worker re-raises it as itself."""
 
 
 class TensorImages(Dataset):
@@ -43,14 +36,10 @@ class TensorImages(Dataset):
 
 
 class ImageFiles(Dataset):
-    """Image files with integer labels, read as RGB and transformed; ``set_epoch`` before each
-    epoch makes a random transform draw from a stream seeded by (seed, epoch, index)."""
+    """Image files with integer labels, read as RGB; random transforms draw from (seed, epoch, index)."""
 
     def __init__(self, samples: Sequence[Tuple[Path, int]], transform, seed: int = 0) -> None:
-        self.samples = list(samples)
-        self.transform = transform
-        self.seed = seed
-        self.epoch = 0
+        self.samples, self.transform, self.seed, self.epoch = list(samples), transform, seed, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -76,10 +65,13 @@ class ImageFiles(Dataset):
 
 @dataclass
 class DataBundle:
-    train: ImageFiles
-    eval: ImageFiles
+    """What one run trains on, evaluates on and (optionally) scores once at the end."""
+
+    train: Dataset
+    eval: Dataset
     num_classes: int
-    description: str
+    description: str = ""
+    test: Optional[Dataset] = None
 
 
 def _find_list(root: Path, split: str) -> Optional[Path]:
@@ -108,8 +100,7 @@ def _resolve_image(root: Path, rel: str) -> Optional[Path]:
 
 
 def read_list(root: Path, list_path: Path) -> List[Tuple[Path, int]]:
-    """Parse ``relative/path label`` lines; malformed lines, missing images and paths outside
-    ``root`` are ValueErrors."""
+    """Parse ``relative/path label`` lines; bad lines, missing images, paths outside ``root``: ValueError."""
     try:
         lines = list_path.read_text().splitlines()
     except (OSError, UnicodeDecodeError) as exc:
@@ -160,31 +151,10 @@ def build_transforms(img_size: int, augment: str, mean: Sequence[float], std: Se
         t = T.Compose([T.Resize((img_size, img_size), interpolation=bicubic), *norm])
         return t, t
     if augment == "flip-crop":
-        big = int(round(img_size * 256 / 224))
-        train = T.Compose(
-            [T.Resize(big, interpolation=bicubic), T.RandomCrop(img_size), T.RandomHorizontalFlip(), *norm]
-        )
-        test = T.Compose([T.Resize(big, interpolation=bicubic), T.CenterCrop(img_size), *norm])
-        return train, test
+        resize = T.Resize(int(round(img_size * 256 / 224)), interpolation=bicubic)
+        train = T.Compose([resize, T.RandomCrop(img_size), T.RandomHorizontalFlip(), *norm])
+        return train, T.Compose([resize, T.CenterCrop(img_size), *norm])
     raise ValueError(f"augment must be 'none' or 'flip-crop', got {augment!r}")
-
-
-def _check_classes(
-    train_labels: Sequence[int], eval_labels: Sequence[int], num_classes: Optional[int], what: str
-) -> int:
-    top = max(train_labels) + 1
-    if num_classes is not None:
-        bad = max(max(train_labels), max(eval_labels, default=0))
-        if bad >= num_classes:
-            raise ValueError(f"class-count mismatch: {what} has label {bad} but num_classes is {num_classes}")
-        return num_classes
-    bad = max(eval_labels, default=0)
-    if bad >= top:
-        raise ValueError(
-            f"class-count mismatch: the evaluation split has label {bad} but the training split only "
-            f"labels 0..{top - 1} (give the class count)"
-        )
-    return top
 
 
 def _image_folder(folder: Path):
@@ -207,32 +177,45 @@ def load_folder_data(
     num_classes: Optional[int] = None,
     seed: int = 0,
 ) -> DataBundle:
-    """A NOAH-format folder (lists of ``relative/path label``) or an ImageFolder tree
-    (``DIR/train/<class>/*`` and ``DIR/val/`` or ``DIR/test/``); ``seed`` seeds the augmentation."""
+    """A NOAH-format folder or an ImageFolder tree (``train/<class>/*``, ``val/`` or ``test/``)."""
     root = Path(data_dir)
     if not root.is_dir():
         raise ValueError(f"{root} is not a directory")
     train_tf, eval_tf = build_transforms(img_size, augment, mean, std)
-
     train_list = _find_list(root, split or "train800val200")
     if train_list is not None:
-        if eval_split is None:
-            eval_split = "val200" if split == "train800" else "test"
-            if _find_list(root, eval_split) is None and _find_list(root, "test_meta.list") is not None:
-                eval_split = "test_meta.list"
-        eval_list = _find_list(root, eval_split)
-        if eval_list is None:
-            raise ValueError(f"no evaluation list {eval_split!r} in {root} (pick another evaluation split)")
-        train, evals = read_list(root, train_list), read_list(root, eval_list)
-        n = _check_classes([y for _, y in train], [y for _, y in evals], num_classes, train_list.name)
-        return DataBundle(
-            ImageFiles(train, train_tf, seed),
-            ImageFiles(evals, eval_tf, seed),
-            n,
-            f"NOAH lists {train_list.name} ({len(train)} images) / {eval_list.name} ({len(evals)} images), "
-            f"{n} classes",
-        )
+        train, evals, n, names = _noah_samples(root, train_list, split, eval_split, num_classes)
+    else:
+        train, evals, n, names = _image_folder_samples(root, split, eval_split, num_classes)
+    description = f"{names[0]} ({len(train)} images) / {names[1]} ({len(evals)} images), {n} classes"
+    return DataBundle(ImageFiles(train, train_tf, seed), ImageFiles(evals, eval_tf, seed), n, description)
 
+
+def _noah_samples(root: Path, train_list: Path, split, eval_split, num_classes):
+    if eval_split is None:
+        eval_split = "val200" if split == "train800" else "test"
+        if _find_list(root, eval_split) is None and _find_list(root, "test_meta.list") is not None:
+            eval_split = "test_meta.list"
+    eval_list = _find_list(root, eval_split)
+    if eval_list is None:
+        raise ValueError(f"no evaluation list {eval_split!r} in {root} (pick another evaluation split)")
+    train, evals = read_list(root, train_list), read_list(root, eval_list)
+    names = (f"NOAH lists {train_list.name}", eval_list.name)
+    top, bad = max(y for _, y in train) + 1, max(y for _, y in evals)
+    if num_classes is not None:
+        if max(top - 1, bad) >= num_classes:
+            where = f"{train_list.name} has label {max(top - 1, bad)}"
+            raise ValueError(f"class-count mismatch: {where} but num_classes is {num_classes}")
+        return train, evals, num_classes, names
+    if bad >= top:
+        raise ValueError(
+            f"class-count mismatch: the evaluation split has label {bad} but the training split only "
+            f"labels 0..{top - 1} (give the class count)"
+        )
+    return train, evals, top, names
+
+
+def _image_folder_samples(root: Path, split, eval_split, num_classes):
     train_dir = root / (split or "train")
     if not train_dir.is_dir():
         raise ValueError(
@@ -264,24 +247,14 @@ def load_folder_data(
     to_id = train_folder.class_to_idx
     evals = [(Path(p), to_id[eval_folder.classes[c]]) for p, c in eval_folder.samples]
     train = [(Path(p), c) for p, c in train_folder.samples]
-    return DataBundle(
-        ImageFiles(train, train_tf, seed),
-        ImageFiles(evals, eval_tf, seed),
-        len(classes),
-        f"ImageFolder {train_dir.name}/ ({len(train)} images) / {eval_dir.name}/ ({len(evals)} images), "
-        f"{len(classes)} classes",
-    )
+    return train, evals, len(classes), (f"ImageFolder {train_dir.name}/", f"{eval_dir.name}/")
 
 
 def train_batch_sampler(
     n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1
 ) -> BatchSampler:
-    """Shuffled batches of one rank's share of ``n`` samples; ``.sampler.set_epoch(e)`` picks epoch
-    ``e``'s order, a function of (seed, epoch) alone.
-
-    Every rank sees the same number of samples, each sample at most once per epoch. As in the PACE
-    code the last incomplete batch is dropped, unless a rank's share is smaller than one batch.
-    """
+    """Shuffled batches of one rank's equal share of ``n`` samples, ordered by (seed, epoch) (see
+    ``.sampler.set_epoch``); as in the PACE code a last short batch is dropped unless it is the only one."""
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     if n < world_size:

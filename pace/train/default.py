@@ -1,14 +1,6 @@
-"""The built-in default experiment: no data to download, runs on a laptop CPU in a few minutes.
-
-scikit-learn ships 1797 handwritten digits (8x8, grey). A small ViT is pre-trained from scratch on
-the digits 0-4 (cached under the output directory), then adapted to the unseen digits 5-9 from a few
-shots per class with its backbone frozen: the baseline adapter, and the same adapter with PACE,
-PACE_fast and PACE_lazy_half. The 5-9 digits not used for training are cut once, by a fixed seed,
-into a validation half (curves, diagnostics and the hyperparameter search: :mod:`pace.train.studies`)
-and a test half, scored once per run for the table. Every method of one draw sees the same shots,
-so the table compares them draw by draw. Pre-training and every adaptation run go through the one
-training loop (:func:`pace.train.loop.run_training`).
-"""
+"""The built-in experiment, no download, minutes on a laptop CPU: a small ViT pre-trained on
+scikit-learn's digits 0-4, adapted to 5-9 from a few shots per class with and without PACE
+(docs/design.md section 11)."""
 
 from __future__ import annotations
 
@@ -25,9 +17,9 @@ import torch.nn.functional as F
 from timm.utils import random_seed
 
 from . import distributed as dist
-from .checkpoint import atomic_write_file, atomic_write_text, load_training_checkpoint, refuse_existing
+from .checkpoint import atomic_write_text, load_training_checkpoint, refuse_existing, save_weights
 from .config import DIGITS_MODEL_KWARGS, DIGITS_PRESET, RunConfig, for_objective
-from .data import TensorImages
+from .data import DataBundle, TensorImages
 from .loop import RunResult, check_fingerprint, log, run_training
 from .metrics import read_metrics
 from .model import add_adapters, count_parameters, create_timm_model
@@ -39,29 +31,17 @@ VARIANTS = (("baseline", "none"), ("PACE", "pace"), ("PACE_fast", "fast"), ("PAC
 NUM_CLASSES = 5  # digits 0-4 to pre-train on, 5-9 to adapt to
 
 
+# Pre-training: full training of the small ViT on digits 0-4 (every setting shapes the backbone).
+PRETRAIN = dict(
+    pace="none", lam=0.0, sigma=0.0, batch_size=64, lr=2e-3, wd=0.05, warmup_epochs=1.0, drop_path=0.0
+)
+
+
 def pretrain_config(cfg: RunConfig) -> RunConfig:
-    """Full training of the small ViT on digits 0-4 (every setting here shapes the backbone)."""
-    return RunConfig(
-        model=cfg.model,
-        model_kwargs=cfg.model_kwargs,
-        img_size=cfg.img_size,
-        pace="none",
-        lam=0.0,
-        sigma=0.0,
-        epochs=cfg.pretrain_epochs,
-        batch_size=64,
-        lr=2e-3,
-        wd=0.05,
-        warmup_epochs=1.0,
-        drop_path=0.0,
-        seed=cfg.seed,
-        amp=cfg.amp,
-        workers=0,
-        eval_every=cfg.pretrain_epochs,
-        progress=cfg.progress,
-        epoch_lines=False,
-        label="pre-train 0-4",
-    )
+    """The settings of the backbone's pre-training on digits 0-4."""
+    kept = {k: getattr(cfg, k) for k in ("model", "model_kwargs", "img_size", "seed", "amp", "progress")}
+    epochs = dict(epochs=cfg.pretrain_epochs, eval_every=cfg.pretrain_epochs)
+    return RunConfig(**kept, **PRETRAIN, **epochs, workers=0, epoch_lines=False, label="pre-train 0-4")
 
 
 def backbone_key(cfg: RunConfig) -> str:
@@ -80,12 +60,12 @@ def digits_tensors(img_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
     return (x - 0.5) / 0.5, torch.tensor(d.target, dtype=torch.long)
 
 
-def split_pretrain(x: torch.Tensor, y: torch.Tensor, seed: int) -> Tuple[TensorImages, TensorImages]:
+def split_pretrain(x: torch.Tensor, y: torch.Tensor, seed: int) -> DataBundle:
     """Digits 0-4 for pre-training: 80 % to train on, 20 % to report the backbone's accuracy."""
     old = torch.nonzero(y < 5).flatten()
     old = old[torch.randperm(old.numel(), generator=torch.Generator().manual_seed(seed))]
     train, held_out = old[: int(0.8 * old.numel())], old[int(0.8 * old.numel()) :]
-    return TensorImages(x[train], y[train]), TensorImages(x[held_out], y[held_out])
+    return DataBundle(TensorImages(x[train], y[train]), TensorImages(x[held_out], y[held_out]), NUM_CLASSES)
 
 
 # The cut of the 5-9 digits into a development half (shots and validation) and a test half does
@@ -123,11 +103,9 @@ def split_new_task(x: torch.Tensor, y: torch.Tensor, shots: int, seed: int) -> N
 
 
 def make_model(cfg: RunConfig, drop_path: float) -> nn.Module:
-    kwargs = {
-        **(DIGITS_MODEL_KWARGS if cfg.model == DIGITS_PRESET["model"] else {}),
-        **(cfg.model_kwargs or {}),
-    }
-    kwargs.setdefault("in_chans", 1)
+    """The digits ViT (or ``cfg.model``) for one grey channel, with a 5-class head."""
+    shrink = DIGITS_MODEL_KWARGS if cfg.model == DIGITS_PRESET["model"] else {}
+    kwargs = {"in_chans": 1, **shrink, **(cfg.model_kwargs or {})}
     return create_timm_model(
         cfg.model, NUM_CLASSES, drop_path=drop_path, img_size=cfg.img_size, kwargs=kwargs
     )
@@ -136,9 +114,8 @@ def make_model(cfg: RunConfig, drop_path: float) -> nn.Module:
 def pretrain(
     cfg: RunConfig, x: torch.Tensor, y: torch.Tensor, out: Path, env: dist.DistEnv, device: torch.device
 ) -> Dict[str, torch.Tensor]:
-    """The backbone pre-trained on digits 0-4, cached as ``out/pretrain/backbone.safetensors``
-    (reused while its settings match). Rank 0 trains; the other ranks wait and read the cache."""
-    from safetensors.torch import load_file, save_file
+    """The backbone pre-trained on digits 0-4 by rank 0, cached in ``out/pretrain`` per settings."""
+    from safetensors.torch import load_file
 
     cache = out / "pretrain" / "backbone.safetensors"
     meta_path = cache.with_suffix(".json")
@@ -151,17 +128,13 @@ def pretrain(
             return False
 
     if env.is_main and not cached():
-        pre_train, pre_val = split_pretrain(x, y, cfg.seed)
         run_dir = out / "pretrain" / key
         # A pre-training run that was killed goes on where it stopped.
         run_cfg = replace(pretrain_config(cfg), resume=(run_dir / "checkpoint.pt").exists())
         random_seed(cfg.seed)
         model = make_model(cfg, drop_path=0.0)
-        result = run_training(
-            model, pre_train, pre_val, NUM_CLASSES, run_cfg, run_dir, dist.DistEnv(), device
-        )
-        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        atomic_write_file(cache, lambda tmp: save_file(state, tmp))
+        result = run_training(model, split_pretrain(x, y, cfg.seed), run_cfg, run_dir, dist.DistEnv(), device)
+        save_weights(model, cache)
         meta = dict(key=key, val_acc_0_4=result.val_acc, epochs=cfg.pretrain_epochs, seconds=result.seconds)
         atomic_write_text(meta_path, json.dumps(meta, indent=2) + "\n")
         log(
@@ -176,16 +149,12 @@ def pretrain(
 
 
 class DigitsExperiment:
-    """Runs of the experiment (methods x draws of the shots) and the checks before any of them;
-    ``seeds`` and ``variants`` default to ``cfg``'s draws and every method (or ``cfg.pace``'s)."""
+    """Runs of the experiment (methods x draws of the shots; by default ``cfg``'s) and their checks."""
 
-    def __init__(
-        self, cfg: RunConfig, env: dist.DistEnv, device: torch.device, seeds=None, variants=None
-    ) -> None:
+    def __init__(self, cfg: RunConfig, env: dist.DistEnv, device: torch.device, seeds=None, variants=None):
         self.cfg, self.env, self.device, self.out = cfg, env, device, Path(cfg.out)
-        self.variants = list(
-            variants or (VARIANTS if cfg.pace is None else [(_table_name(cfg.pace), cfg.pace)])
-        )
+        chosen = VARIANTS if cfg.pace is None else [(_table_name(cfg.pace), cfg.pace)]
+        self.variants = list(variants or chosen)
         self.seeds = list(seeds or [cfg.seed + k for k in range(cfg.repeats)])
         self.backbone = {"backbone": backbone_key(cfg)}
 
@@ -198,8 +167,7 @@ class DigitsExperiment:
         return replace(for_objective(self.cfg, mode), seed=seed, label=label, export=export)
 
     def check_before_training(self) -> None:
-        """Refuse what would fail later before minutes of pre-training: a run folder that holds
-        records (without resume / overwrite), a checkpoint that is unreadable or of another run."""
+        """Refuse, before minutes of pre-training, a run folder or a checkpoint that training would refuse."""
         for name, mode in self.variants:
             for seed in self.seeds:
                 folder = self.run_dir(name, seed)
@@ -212,8 +180,7 @@ class DigitsExperiment:
                     check_fingerprint(saved, expected, path, new_optim, partial=True)
 
     def run_all(self, digits, score_test: bool = True) -> List[MethodRuns]:
-        """Every method on every draw (``score_test=False``, the studies: the test digits are
-        never touched)."""
+        """Every method on every draw (``score_test=False``, the studies: the test digits stay untouched)."""
         rows = [MethodRuns(name, []) for name, _ in self.variants]
         for row, (name, mode) in zip(rows, self.variants):
             for seed in self.seeds:
@@ -222,6 +189,7 @@ class DigitsExperiment:
         return rows
 
     def run(self) -> int:
+        """The no-argument experiment: pre-train (or reuse) the backbone, run, print and write the table."""
         cfg, env = self.cfg, self.env
         self.check_before_training()
         started = time.perf_counter()
@@ -242,25 +210,17 @@ class DigitsExperiment:
         """One method on one draw of the shots; ``digits`` is ``(x, y, pre-trained backbone)``."""
         cfg, (x, y, backbone) = self.cfg, digits
         task = split_new_task(x, y, cfg.shots, seed)
+        run_cfg = self.run_config(name, mode, seed)
         random_seed(seed)  # every method of one draw starts from the same head and adapters
         model = make_model(cfg, drop_path=cfg.drop_path)
         model.load_state_dict({k: v for k, v in backbone.items() if not k.startswith("head.")}, strict=False)
-        add_adapters(model, cfg.adapter, cfg.rank, self.run_config(name, mode, seed).sigma, cfg.backend)
+        add_adapters(model, cfg.adapter, cfg.rank, run_cfg.sigma, cfg.backend)
         if first:
             adapter = f"adapter {cfg.adapter}, rank {cfg.rank}"
             log(f"model: {cfg.model} {count_parameters(model)} ({adapter})", self.env.is_main)
+        data = DataBundle(task.train, task.val, NUM_CLASSES, test=task.test if score_test else None)
         return run_training(
-            model,
-            task.train,
-            task.val,
-            NUM_CLASSES,
-            self.run_config(name, mode, seed),
-            self.run_dir(name, seed),
-            self.env,
-            self.device,
-            fingerprint=self.backbone,
-            export_meta={"model": cfg.model, "num_classes": NUM_CLASSES},
-            test_ds=task.test if score_test else None,
+            model, data, run_cfg, self.run_dir(name, seed), self.env, self.device, self.backbone
         )
 
     def report(self, rows: List[MethodRuns], task: NewTask, total: float) -> None:
@@ -294,13 +254,6 @@ class DigitsExperiment:
         atomic_write_text(self.out / "summary.txt", f"{header}\n{table}\n{TABLE_NOTES}\n")
         runs = {row.name: read_metrics(Path(row.runs[0].out_dir) / "metrics.jsonl") for row in rows}
         plot_runs(runs, self.out / "curves.png", title=f"{header}\n(first draw, seed {seeds[0]})")
-
-
-def run_default(cfg: RunConfig, env: dist.DistEnv, device: torch.device) -> int:
-    """The no-argument experiment (or one of its methods with ``--pace``), repeated over
-    ``repeats`` draws of the shots (seeds ``seed`` .. ``seed + repeats - 1``); one pre-trained
-    backbone serves every draw."""
-    return DigitsExperiment(cfg, env, device).run()
 
 
 def _table_name(mode: str) -> str:

@@ -1,17 +1,12 @@
-"""Data-parallel training under ``torchrun`` (NCCL on GPUs, gloo on CPU).
-
-Every rank holds the whole model. After each backward the gradients of the trainable tensors (the
-adapters and the head: small) are averaged across ranks with one all-reduce of their concatenation,
-which is what ``DistributedDataParallel`` computes; doing it by hand keeps the PACE criterion free
-to run the model any number of times per step (two copies, lazy half batches, FPA's reference pass).
-"""
+"""Data-parallel training under ``torchrun`` (NCCL on GPUs, gloo on CPU); why gradients are averaged
+by hand rather than by ``DistributedDataParallel``: docs/design.md section 11."""
 
 from __future__ import annotations
 
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Any, List, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -38,13 +33,16 @@ def env_from_torchrun() -> DistEnv:
     return DistEnv(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def init(env: DistEnv, device: torch.device) -> None:
-    if not env.enabled or dist.is_initialized():
-        return
+def init(env: DistEnv, device: torch.device) -> Optional[str]:
+    """Join the process group (NCCL on CUDA, gloo on CPU); returns its backend, None when running alone."""
+    if not env.enabled:
+        return None
     backend = "nccl" if device.type == "cuda" else "gloo"
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
+    if not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
+    return backend
 
 
 def shutdown() -> None:
@@ -59,11 +57,10 @@ def barrier(env: DistEnv) -> None:
 
 def broadcast_parameters(params: Sequence[torch.nn.Parameter], env: DistEnv) -> None:
     """Make every rank start from rank 0's values (they are equal already when seeded alike)."""
-    if not env.enabled:
-        return
-    with torch.no_grad():
-        for p in params:
-            dist.broadcast(p.data, src=0)
+    if env.enabled:
+        with torch.no_grad():
+            for p in params:
+                dist.broadcast(p.data, src=0)
 
 
 def average_gradients(params: Sequence[torch.nn.Parameter], env: DistEnv) -> None:
@@ -74,11 +71,8 @@ def average_gradients(params: Sequence[torch.nn.Parameter], env: DistEnv) -> Non
     flat = torch.cat([g.reshape(-1).float() for g in grads])
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
     flat /= env.world_size
-    offset = 0
-    for p, g in zip(params, grads):
-        n = g.numel()
-        chunk = flat[offset : offset + n].view_as(g).to(g.dtype)
-        offset += n
+    for p, g, chunk in zip(params, grads, flat.split([g.numel() for g in grads])):
+        chunk = chunk.view_as(g).to(g.dtype)
         if p.grad is None:
             p.grad = chunk
         else:
@@ -97,20 +91,15 @@ def all_reduce_sum(values: torch.Tensor, env: DistEnv) -> torch.Tensor:
 def all_gather_rows(
     index: torch.Tensor, logits: torch.Tensor, env: DistEnv
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Every rank's ``(index, logits)`` of this step, concatenated in rank order.
-
-    The batch sampler gives every rank the same number of samples per step, so plain
-    ``all_gather`` of equal shapes suffices.
-    """
+    """Every rank's ``(index, logits)`` of this step in rank order (the sampler makes the shapes equal)."""
     if not env.enabled:
         return index, logits
-    idx = index.contiguous()
-    val = logits.detach().float().contiguous()
-    idx_all = [torch.empty_like(idx) for _ in range(env.world_size)]
-    val_all = [torch.empty_like(val) for _ in range(env.world_size)]
-    dist.all_gather(idx_all, idx)
-    dist.all_gather(val_all, val)
-    return torch.cat(idx_all), torch.cat(val_all)
+    gathered = []
+    for t in (index.contiguous(), logits.detach().float().contiguous()):
+        parts = [torch.empty_like(t) for _ in range(env.world_size)]
+        dist.all_gather(parts, t)
+        gathered.append(torch.cat(parts))
+    return gathered[0], gathered[1]
 
 
 def all_gather_object(obj: Any, env: DistEnv) -> List[Any]:

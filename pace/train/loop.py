@@ -1,16 +1,5 @@
-"""The fine-tuning loop: AdamW, cosine decay after linear warm-up (timm's scheduler), the PACE
-criterion, diagnostics, atomic per-epoch checkpoints, exact resume, data-parallel ranks.
-
-Exact resume: a checkpoint is taken at an epoch boundary and holds everything the next step reads
-(the trainable tensors, AdamW's moments, the loss scaler, the PACE_fast bank, the global step and
-the global random streams of every rank; the data order and the augmentation are functions of
-(seed, epoch, index) and need no state). A resumed run rebuilds the model as the first run did,
-then overwrites all of that, so it continues with bit-identical numbers on the same machine.
-
-The step does not wait for the device: its statistics stay there and are read back, summed over
-ranks, every :data:`SYNC_EVERY` steps and at the end of an epoch, which is also where a NaN/inf
-loss is noticed (before any checkpoint is written, so the last checkpoint is always a good one).
-"""
+"""The fine-tuning loop: AdamW, timm's cosine schedule, the PACE criterion, diagnostics, per-epoch
+checkpoints, exact resume, data-parallel ranks (docs/design.md section 11)."""
 
 from __future__ import annotations
 
@@ -19,7 +8,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -35,7 +24,7 @@ from . import checkpoint as ckpt
 from . import distributed as dist
 from .checkpoint import atomic_write_text
 from .config import OPTIMISATION_SETTINGS, RunConfig
-from .data import shard_indices, train_batch_sampler
+from .data import DataBundle, shard_indices, train_batch_sampler
 from .metrics import MetricsLog, peak_memory_mb, read_metrics, reset_peak_memory
 from .plots import plot_runs
 
@@ -44,24 +33,14 @@ SYNC_EVERY = 10  # steps between reads of the step statistics (and progress-bar 
 STEP_MEANS = ("loss", "cls_loss", "consistency", "train_objective_grad_norm")  # means over ranks
 
 
-# RunResult's measured values, in its field order (NaN until measured).
-MEASURED = tuple(
-    "val_acc train_acc val_loss val_grad_norm val_grad_norm_mean val_fp_distance train_objective_grad_norm "
-    "test_acc".split()
-)
-
-
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or inf: the run stops and the last checkpoint stays."""
 
 
 @dataclass
 class RunResult:
-    """A run's numbers. ``val_*``: measured on the evaluation set at the last evaluation (the
-    held-out diagnostics of the PACE paper: eval mode, no noise; see :mod:`pace.diagnostics`),
-    ``val_grad_norm_mean`` averaged over every evaluation (the paper's Fig. 4 quantity);
-    ``train_objective_grad_norm``: the training objective's gradient norm, mean over the last
-    epoch's steps; ``test_acc``: the test set's accuracy, scored once at the end (NaN without one)."""
+    """A run's numbers: ``val_*`` at the last evaluation (``val_grad_norm_mean`` over all of them),
+    ``train_objective_grad_norm`` over the last epoch, ``test_acc`` once at the end (or NaN)."""
 
     label: str
     val_acc: float
@@ -83,77 +62,46 @@ class RunResult:
         return asdict(self)
 
 
+MEASURED = tuple(f.name for f in fields(RunResult))[1:9]  # from val_acc to test_acc: NaN until measured
+
+
 def log(msg: str, enabled: bool = True) -> None:
     if enabled:
         print(msg, file=sys.stderr, flush=True)
-
-
-def amp_context(amp: str, device: torch.device):
-    return lambda: torch.autocast(device.type, dtype=AMP_DTYPES.get(amp), enabled=amp in AMP_DTYPES)
 
 
 def has_adapters(model: nn.Module) -> bool:
     return isinstance(getattr(model, "pace_config", None), pace.PaceConfig)
 
 
-def _eval_loader(part: Dataset, cfg: RunConfig) -> DataLoader:
-    # A loader without a generator draws its workers' base seed from the global torch stream, which
-    # the PACE noise uses: evaluating would shift the noise of every later step.
-    return DataLoader(
-        part,
-        batch_size=cfg.eval_batch_size,
-        num_workers=cfg.workers,
-        generator=torch.Generator().manual_seed(cfg.seed),
-    )
-
-
 class _Training:
     """One run of the loop over a model whose trainable tensors are the ones to fit."""
 
-    def __init__(
-        self, model, train_ds, eval_ds, test_ds, num_classes, cfg, out_dir, env, device, fingerprint
-    ):
-        self.model, self.train_ds, self.eval_ds, self.test_ds, self.cfg = (
-            model,
-            train_ds,
-            eval_ds,
-            test_ds,
-            cfg,
-        )
-        self.out_dir, self.env, self.device, self.main = out_dir, env, device, env.is_main
+    def __init__(self, model, data: DataBundle, cfg, out_dir, env, device, fingerprint):
+        self.model, self.data, self.train_ds = model, data, data.train
+        self.cfg, self.out_dir, self.env, self.device, self.main = cfg, out_dir, env, device, env.is_main
         model.to(device)
         self.names = [n for n, p in model.named_parameters() if p.requires_grad]
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("the model has no trainable tensors")
         dist.broadcast_parameters(self.params, env)
-        self.fingerprint = {
-            **fingerprint,
-            **cfg.fingerprint(),
-            "num_classes": num_classes,
-            "num_train": len(train_ds),
-            "world_size": env.world_size,
-            "trainable": self.names,
-        }
+        n_train = len(data.train)
+        self.fingerprint = {**fingerprint, **cfg.fingerprint(), "num_classes": data.num_classes}
+        self.fingerprint.update(num_train=n_train, world_size=env.world_size, trainable=self.names)
         random_seed(cfg.seed, env.rank)  # the noise differs per rank; the data order does not
-        self.batches = train_batch_sampler(len(train_ds), cfg.batch_size, cfg.seed, env.rank, env.world_size)
-        self.loader = DataLoader(
-            train_ds,
-            batch_sampler=self.batches,
-            num_workers=cfg.workers,
-            generator=torch.Generator().manual_seed(cfg.seed),  # worker seeds: not from the noise stream
-            pin_memory=device.type == "cuda",
-        )
+        self.batches = train_batch_sampler(n_train, cfg.batch_size, cfg.seed, env.rank, env.world_size)
+        self.loader = self._loader(data.train, batch_sampler=self.batches, pin_memory=device.type == "cuda")
         self.steps_per_epoch = len(self.batches)
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.wd)
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
-        fast = cfg.pace == "fast"
-        bank = dict(num_samples=len(train_ds), num_classes=num_classes) if fast else {}
-        self.crit = pace.PaceCriterion(
+        bank = dict(num_samples=n_train, num_classes=data.num_classes) if cfg.pace == "fast" else {}
+        crit = pace.PaceCriterion(
             cfg.pace, cfg.lam, copies=cfg.copies, lazy_interval=cfg.lazy_interval, **bank
         )
-        self.crit.to(device)
-        self.amp = amp_context(cfg.amp, device)
+        self.crit = crit.to(device)
+        amp_dtype = AMP_DTYPES.get(cfg.amp)
+        self.amp = lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
         self.forward_model = torch.compile(model) if cfg.compile else model
         self.checkpoint_path = out_dir / "checkpoint.pt"
         self.epoch, self.step = 0, 0
@@ -161,12 +109,16 @@ class _Training:
         self.last = dict.fromkeys(MEASURED, float("nan"))
         self.val_grad_norms: List[float] = []
         self.peak = 0.0
-        self.pending: List[
-            tuple
-        ] = []  # step statistics still on the device, read back every SYNC_EVERY steps
+        self.pending: List[tuple] = []  # step statistics still on the device
 
     def log(self, message: str) -> None:
         log(f"[{self.cfg.label}] {message}", self.main)
+
+    def _loader(self, ds: Dataset, **kwargs) -> DataLoader:
+        # A loader without a generator draws its workers' base seed from the global torch stream, which
+        # the PACE noise uses: every later step's noise would depend on the loaders made before it.
+        generator = torch.Generator().manual_seed(self.cfg.seed)
+        return DataLoader(ds, num_workers=self.cfg.workers, generator=generator, **kwargs)
 
     def schedule(self) -> CosineLRScheduler:
         total = self.steps_per_epoch * self.cfg.epochs
@@ -258,18 +210,18 @@ class _Training:
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - started
         self.peak = max(self.peak, peak_memory_mb(device))
-        count = max(sum(r["count"] for r in records), 1)
-        steps = max(len(records), 1)
+        total = {
+            k: sum(r[k] for r in records) for k in ("loss", "correct", "count", "train_objective_grad_norm")
+        }
+        steps, count = max(len(records), 1), max(total["count"], 1)
         epoch_record = dict(
-            type="epoch",
-            epoch=self.epoch + 1,
-            step=self.step,
-            train_loss=sum(r["loss"] for r in records) / steps,
-            train_acc=sum(r["correct"] for r in records) / count,
-            train_objective_grad_norm_mean=sum(r["train_objective_grad_norm"] for r in records) / steps,
-            seconds=seconds,
+            type="epoch", epoch=self.epoch + 1, step=self.step, seconds=seconds, peak_mem_mb=self.peak
+        )
+        epoch_record.update(
+            train_loss=total["loss"] / steps,
+            train_acc=total["correct"] / count,
+            train_objective_grad_norm_mean=total["train_objective_grad_norm"] / steps,
             img_per_s=images * env.world_size / max(seconds, 1e-9),
-            peak_mem_mb=self.peak,
         )
         metrics.write(epoch_record)
         return epoch_record
@@ -288,7 +240,7 @@ class _Training:
         ]
         self.pending.clear()
         for r in records:
-            if not all(map(_finite, (r["loss"], r["cls_loss"], r["consistency"]))):
+            if not all(math.isfinite(r[k]) for k in ("loss", "cls_loss", "consistency")):
                 kept = (
                     f"the last good checkpoint {self.checkpoint_path} (epoch {r['epoch'] - 1}) is kept"
                     if self.checkpoint_path.exists() and r["epoch"] > 1
@@ -299,32 +251,28 @@ class _Training:
                 )
             metrics.write({k: v for k, v in r.items() if k not in ("correct", "count")})
         bar.update(len(records))
+        last = records[-1]
         bar.set_postfix(
-            loss=f"{records[-1]['loss']:.3f}",
-            gnorm=f"{records[-1]['train_objective_grad_norm']:.3g}",
-            refresh=False,
+            loss=f"{last['loss']:.3f}", gnorm=f"{last['train_objective_grad_norm']:.3g}", refresh=False
         )
         return records
 
     def diagnose(self, ds: Dataset, fp_distance: bool):
-        """Accuracy, loss, gradient norm of the loss and (optionally) FP-distance on ``ds`` in eval
-        mode without noise (:func:`pace.heldout_diagnostics`); each rank measures its share."""
+        """:func:`pace.heldout_diagnostics` on ``ds`` (eval mode, no noise), each rank measuring its share."""
         part = Subset(ds, shard_indices(len(ds), self.env.rank, self.env.world_size))
+        loader = self._loader(part, batch_size=self.cfg.eval_batch_size)
         with self.amp():
             return pace.heldout_diagnostics(
-                self.model, _eval_loader(part, self.cfg), fp_distance=fp_distance, all_reduce=self.env.enabled
+                self.model, loader, fp_distance=fp_distance, all_reduce=self.env.enabled
             )
 
     def evaluate(self, epoch_record: Dict[str, Any], metrics: MetricsLog) -> None:
         """The paper's diagnostics on the evaluation set, in one pass that also scores it."""
-        measured = self.diagnose(self.eval_ds, fp_distance=has_adapters(self.model))
+        m = self.diagnose(self.data.eval, fp_distance=has_adapters(self.model))
         record = dict(
-            val_acc=measured.accuracy,
-            val_loss=measured.loss,
-            val_grad_norm=measured.grad_norm,
-            val_fp_distance=measured.fp_distance,
+            val_acc=m.accuracy, val_loss=m.loss, val_grad_norm=m.grad_norm, val_fp_distance=m.fp_distance
         )
-        self.val_grad_norms.append(measured.grad_norm)
+        self.val_grad_norms.append(m.grad_norm)
         mean = sum(self.val_grad_norms) / len(self.val_grad_norms)
         self.last.update(record, train_acc=epoch_record["train_acc"], val_grad_norm_mean=mean)
         metrics.write(
@@ -333,7 +281,7 @@ class _Training:
 
     def score_test_set(self, metrics: MetricsLog) -> None:
         """The test set, scored once when training is over (never used to choose anything)."""
-        self.last["test_acc"] = self.diagnose(self.test_ds, fp_distance=False).accuracy
+        self.last["test_acc"] = self.diagnose(self.data.test, fp_distance=False).accuracy
         metrics.write(dict(type="test", epoch=self.epoch, step=self.step, test_acc=self.last["test_acc"]))
 
     def save_checkpoint(self, metrics: MetricsLog) -> None:
@@ -392,7 +340,7 @@ class _Training:
                         f"peak memory {self.peak:.0f} MB, train acc {100 * epoch_record['train_acc']:.1f}%"
                         + (f", val acc {100 * self.last['val_acc']:.2f}%" if evaluated else "")
                     )
-                if self.epoch >= cfg.epochs and self.test_ds is not None:
+                if self.epoch >= cfg.epochs and self.data.test is not None:
                     self.score_test_set(metrics)
                 self.save_checkpoint(metrics)
                 if cfg.stop_after_epoch is not None and self.epoch >= cfg.stop_after_epoch < cfg.epochs:
@@ -401,17 +349,10 @@ class _Training:
         finally:
             bar.close()
             metrics.close()
-        finished = self.epoch >= cfg.epochs
+        done = dict(steps=self.step, epochs_done=self.epoch, finished=self.epoch >= cfg.epochs)
         seconds = time.perf_counter() - started
         return RunResult(
-            cfg.label,
-            **self.last,
-            seconds=seconds,
-            peak_mem_mb=self.peak,
-            steps=self.step,
-            epochs_done=self.epoch,
-            finished=finished,
-            out_dir=str(self.out_dir),
+            cfg.label, **self.last, seconds=seconds, peak_mem_mb=self.peak, **done, out_dir=str(self.out_dir)
         )
 
 
@@ -430,29 +371,17 @@ def check_fingerprint(
             )
 
 
-def _finite(value: Any) -> bool:
-    return isinstance(value, float) and math.isfinite(value)
-
-
 def run_training(
     model: nn.Module,
-    train_ds: Dataset,
-    eval_ds: Dataset,
-    num_classes: int,
+    data: DataBundle,
     cfg: RunConfig,
     out_dir: Path,
     env: dist.DistEnv,
     device: torch.device,
     fingerprint: Optional[Dict[str, Any]] = None,
-    export_meta: Optional[Dict[str, Any]] = None,
-    test_ds: Optional[Dataset] = None,
 ) -> RunResult:
-    """Fit the trainable tensors of ``model`` with the objective ``cfg.pace``; every ``eval_every``
-    epochs measure accuracy, loss, held-out gradient norm and FP-distance on ``eval_ds``; score
-    ``test_ds`` (if given) once at the end. Write metrics,
-    checkpoints, the adapter (if the model has one), the curves and ``result.json`` under
-    ``out_dir`` (rank 0 only), and the merged model to ``cfg.export`` when the run finishes.
-    ``fingerprint`` adds settings a resume must find unchanged to the config's own."""
+    """Fit ``model``'s trainable tensors on ``data.train`` with ``cfg.pace``, evaluate on ``data.eval``,
+    score ``data.test`` (if any) once; write the run's files under ``out_dir`` (rank 0)."""
     out_dir = Path(out_dir)
     with contextlib.ExitStack() as held:
         refusal: Optional[ckpt.RunFolderError] = None
@@ -464,16 +393,14 @@ def run_training(
         message = dist.broadcast_object(None if refusal is None else str(refusal), env)
         if message is not None:  # every rank stops, not only the one that found the folder taken
             raise refusal or ckpt.RunFolderError(message)
-        result = _Training(
-            model, train_ds, eval_ds, test_ds, num_classes, cfg, out_dir, env, device, fingerprint or {}
-        ).run()
+        result = _Training(model, data, cfg, out_dir, env, device, fingerprint or {}).run()
         if env.is_main:
-            _write_outputs(model, result, cfg, out_dir, export_meta or {})
+            _write_outputs(model, result, cfg, out_dir, data.num_classes)
         dist.barrier(env)
     return result
 
 
-def _write_outputs(model, result: RunResult, cfg: RunConfig, out_dir: Path, export_meta) -> None:
+def _write_outputs(model, result: RunResult, cfg: RunConfig, out_dir: Path, num_classes: int) -> None:
     if result.finished and has_adapters(model):
         pace.save_adapter(model, out_dir / "adapter")
         for name in ("adapter.safetensors", "adapter.json"):
@@ -482,15 +409,10 @@ def _write_outputs(model, result: RunResult, cfg: RunConfig, out_dir: Path, expo
     records = read_metrics(out_dir / "metrics.jsonl")
     plot_runs({cfg.label: records}, out_dir / "curves.png", title=cfg.label)
     if result.finished and cfg.export:
-        export_merged(model, cfg.export, export_meta)
+        export_merged(model, cfg.export, {"model": cfg.model, "num_classes": num_classes})
 
 
 def export_merged(model: nn.Module, path: str, meta: Dict[str, Any]) -> Path:
-    """Fold the adapters into plain layers (in place: training is over) and write the model's
-    weights as one safetensors file."""
-    from safetensors.torch import save_file
-
+    """Merge the adapters into the model (in place) and write its weights as one safetensors file."""
     pace.merge(model)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    metadata = {"format": "pace-merged", **{k: str(v) for k, v in meta.items()}}
-    return ckpt.atomic_write_file(path, lambda tmp: save_file(state, tmp, metadata=metadata))
+    return ckpt.save_weights(model, path, {"format": "pace-merged", **{k: str(v) for k, v in meta.items()}})

@@ -1,9 +1,5 @@
-"""metrics.jsonl (one JSON record per line, rank 0 only) and peak-memory readings.
-
-The log is append-only. A checkpoint records the log's length in bytes; a resume cuts the file
-back to that length with one ``truncate`` (the records a killed run wrote after its last
-checkpoint are written again, identically) and says so when records are missing instead.
-"""
+"""metrics.jsonl (one JSON record per line, rank 0 only; resumed by length, docs/design.md section 11)
+and peak-memory readings."""
 
 from __future__ import annotations
 
@@ -45,9 +41,11 @@ class MetricsLog:
         return 0 if self._file is None else self._file.tell()
 
     def write(self, record: Dict[str, Any]) -> None:
-        if self._file is None:
-            return
-        self._file.write(json.dumps(_clean(record), sort_keys=True) + "\n")
+        if self._file is not None:  # JSON has no NaN/inf: they go in as strings, so the file stays JSON
+            clean = {
+                k: str(v) if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()
+            }
+            self._file.write(json.dumps(clean, sort_keys=True) + "\n")
 
     def flush(self) -> None:
         if self._file is not None:
@@ -58,11 +56,6 @@ class MetricsLog:
         if self._file is not None:
             self._file.close()
             self._file = None
-
-
-def _clean(record: Dict[str, Any]) -> Dict[str, Any]:
-    # JSON has no NaN/inf; write them as strings so the file stays valid JSON.
-    return {k: str(v) if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
 
 
 def read_metrics(path: Path) -> List[Dict[str, Any]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -46,15 +47,15 @@ def create_timm_model(
 
 
 def load_checkpoint(model: nn.Module, path: str, allow_partial: bool = False) -> str:
-    """Load pre-trained weights into ``model``: the original ViT release's ``.npz`` (timm's own
-    loader), ``.safetensors`` or ``.pth`` (``weights_only=True``). A classifier whose shape differs
-    (a new task) is left as initialised; any other tensor left so is an error unless
-    ``allow_partial``. Returns a one-line summary."""
+    """Load a ViT ``.npz``, ``.safetensors`` or ``.pth`` into ``model`` and return a one-line summary; a
+    classifier of another shape stays as initialised, any other tensor left so needs ``allow_partial``."""
+    from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"no file at {p}")
     if p.suffix.lower() == ".npz":
-        from timm.models.vision_transformer import VisionTransformer, _load_weights
+        from timm.models.vision_transformer import _load_weights
 
         if not isinstance(model, VisionTransformer):
             raise ValueError(
@@ -67,13 +68,9 @@ def load_checkpoint(model: nn.Module, path: str, allow_partial: bool = False) ->
         return f"loaded {p.name} (ViT .npz)"
 
     state = read_state_dict(p)
-    try:
-        from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
-
-        if isinstance(model, VisionTransformer):  # resamples position embeddings, maps old names
+    if isinstance(model, VisionTransformer):  # resamples position embeddings, maps old names
+        with contextlib.suppress(Exception):  # best effort; plain matching below still works
             state = checkpoint_filter_fn(state, model)
-    except Exception:  # noqa: BLE001 - best effort; plain matching below still works
-        pass
     own = model.state_dict()
     usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     if not usable:

@@ -1,13 +1,5 @@
-"""What the built-in digits experiment reports and the studies around it.
-
-- The table: test accuracy per method, and the paired difference to the baseline (every method of
-  one draw sees the same shots), its mean with a t interval over draws.
-- ``--search``: the small hyperparameter search, scored on the validation digits only (never on
-  the test digits); its result is what :data:`pace.train.config.MODE_SIGMA_LAM` and the digits
-  preset's ``lr`` hold.
-- ``--sweep-lam``: the PACE paper's Fig. 4, the held-out gradient norm averaged over training
-  against lambda, one line per objective.
-"""
+"""The digits experiment's table (paired differences to the baseline, t intervals over draws) and the
+studies around it: ``--search`` (on the validation digits only) and ``--sweep-lam`` (the paper's Fig. 4)."""
 
 from __future__ import annotations
 
@@ -73,8 +65,7 @@ def paired_differences(rows: List[MethodRuns], key: str = "test_acc") -> Dict[st
 
 
 def paired_summary(rows: List[MethodRuns]) -> Dict[str, Dict[str, Any]]:
-    """summary.json's paired comparison: per method the per-draw test-accuracy differences to the
-    baseline, their mean and the 95% t interval's half-width."""
+    """Per method the per-draw test-accuracy differences to the baseline, their mean and 95% t half-width."""
     out = {}
     for name, diffs in paired_differences(rows).items():
         mean, half = t_interval(diffs)
@@ -87,8 +78,8 @@ def format_table(rows: List[MethodRuns], device: torch.device) -> str:
     n = len(rows[0].runs)
     head = (
         f"{'method':<10} {'test acc % (mean+-sd)':>21} {'diff (mean+-95% CI)':>19} {'val acc %':>9} "
-        f"{'val gnorm':>9} "
-        f"{'val gnorm avg':>13} {'train-obj gnorm':>15} {'val FP-dist':>11} {'seconds':>7} {mem:>11}"
+        f"{'val gnorm':>9} {'val gnorm avg':>13} {'train-obj gnorm':>15} {'val FP-dist':>11} {'seconds':>7} "
+        f"{mem:>11}"
     )
     lines = [head, "-" * len(head)]
     diffs = paired_differences(rows)
@@ -123,8 +114,7 @@ SEARCH_SEED_OFFSET = 1000  # the search's draws of the shots are not the table's
 
 
 class _Study:
-    """Runs of one method with changed settings over draws of their own, on one pre-trained
-    backbone (trained once per study), scored on the validation digits only."""
+    """Runs of one method with changed settings on the study's backbone, scored on the validation digits."""
 
     def __init__(self, cfg: RunConfig, env, device) -> None:
         from .default import digits_tensors, pretrain
@@ -143,9 +133,8 @@ class _Study:
 
 
 def run_search(cfg: RunConfig, env, device) -> int:
-    """The search behind the digits defaults, on the validation digits only: first the learning
-    rate of the baseline adapter, then per objective sigma x lam at that learning rate; each
-    candidate scored by its validation accuracy after training, averaged over ``repeats`` draws."""
+    """The search behind the digits defaults: the baseline's learning rate, then per objective sigma x lam
+    at that rate, each candidate scored by its validation accuracy averaged over ``repeats`` draws."""
     study = _Study(cfg, env, device)
     seeds = [cfg.seed + SEARCH_SEED_OFFSET + k for k in range(cfg.repeats)]
     tried: List[Dict[str, Any]] = []
@@ -180,9 +169,8 @@ def run_search(cfg: RunConfig, env, device) -> int:
 
 # -------------------------------------------------------------------------------------- lam sweep
 def run_lam_sweep(cfg: RunConfig, lams: Sequence[float], modes: Sequence[str], env, device) -> int:
-    """The paper's Fig. 4: for each objective and lambda, the held-out gradient norm averaged over
-    the evaluations of training (``val_grad_norm_mean``), mean and range over ``repeats`` draws;
-    written to ``sweep_lam.json`` and ``sweep_lam.png``."""
+    """The paper's Fig. 4: per objective and lambda, ``val_grad_norm_mean`` (mean and range over
+    ``repeats`` draws), written to ``sweep_lam.json`` and ``sweep_lam.png``."""
     from .default import _table_name
 
     study = _Study(cfg, env, device)
@@ -202,10 +190,7 @@ def run_lam_sweep(cfg: RunConfig, lams: Sequence[float], modes: Sequence[str], e
         log(f"[sweep] {name} lam {lam:g}: val grad norm (avg over training) {statistics.fmean(norms):.4g}")
     if env.is_main:
         for r in records:
-            gnorm, acc = (
-                statistics.fmean(r["val_grad_norm_mean_per_draw"]),
-                statistics.fmean(r["val_acc_per_draw"]),
-            )
+            gnorm, acc = (statistics.fmean(r[k]) for k in ("val_grad_norm_mean_per_draw", "val_acc_per_draw"))
             print(f"{r['method']:<10} lam {r['lam']:<8g} val gnorm avg {gnorm:.4f}  val acc {100 * acc:.2f}%")
         sys.stdout.flush()
         sweep = json.dumps({"seeds": seeds, "points": records}, indent=2) + "\n"
