@@ -3,8 +3,10 @@
 
 Both kernel families follow one convention (docs/design.md section 9.1): operands are row-major
 (the ops make them so), so only row strides are passed and the last dimension is addressed with
-unit stride, which lets loads along it vectorise; row offsets are int64; every edge a tile can run
-past is masked (never wrapped), so a reduction over rows counts each row once.
+unit stride, which lets loads along it vectorise; row offsets are int64. A GEMM tile wraps its
+output rows and columns into range (``% N``) for its loads, which then need a mask along the
+reduction only, and masks its stores; a kernel that sums over rows (the rank gradients) masks
+them, so no row is counted twice.
 """
 
 from __future__ import annotations
@@ -32,24 +34,25 @@ def _fwd_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     offs_r = tl.arange(0, R)
-    m_ok = offs_m < N
-    n_ok = offs_n < D
-    r_ok = offs_r < RANK
-    # int64: N*K may pass 2^31, and so may D*K, the weight's column offsets (cols * stride_wd).
-    rows = offs_m.to(tl.int64)
+    # Rows and columns past the edge wrap onto valid ones, so the K loop needs masks along K only;
+    # their results are dropped by the store masks. Row offsets are int64: N*K may pass 2^31, and
+    # so may D*K, the weight's column offsets (cols * stride_wd).
+    rows = (offs_m % N).to(tl.int64)
+    cols = offs_n % D
     x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :]
-    w_ptrs = w_ptr + offs_k[:, None] + offs_n[None, :].to(tl.int64) * stride_wd
+    w_ptrs = w_ptr + offs_k[:, None] + cols[None, :].to(tl.int64) * stride_wd
     a_ptrs = a_ptr + offs_k[:, None] + offs_r[None, :] * stride_ar
+    r_ok = offs_r < RANK
 
     # b0 seeds the accumulator, so no bias registers stay live into the epilogue.
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
     u = tl.zeros((BLOCK_M, R), dtype=tl.float32)
     for k in range(0, cdiv(K, BLOCK_K)):
         k_ok = offs_k < K - k * BLOCK_K
-        x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        x = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
         a = tl.load(a_ptrs, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
         acc = dot_acc(x, w, acc, UPCAST, PRECISION)
         u = dot_acc(x, a, u, UPCAST, PRECISION)
@@ -57,32 +60,32 @@ def _fwd_kernel(
         w_ptrs += BLOCK_K
         a_ptrs += BLOCK_K
 
+    m_ok = offs_m < N
+    n_ok = offs_n < D
     # U is rounded to the input dtype, as the reference's F.linear(x, A) is.
     u_lo = u.to(dtype)
     if pid_n == 0:
-        u_ptrs = u_ptr + rows[:, None] * stride_um + offs_r[None, :]
+        u_ptrs = u_ptr + offs_m.to(tl.int64)[:, None] * stride_um + offs_r[None, :]
         tl.store(u_ptrs, u_lo, mask=m_ok[:, None] & r_ok[None, :])
 
-    bt = tl.load(b_ptr + offs_r[:, None] + offs_n[None, :] * stride_bd,
-                 mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+    bt = tl.load(b_ptr + offs_r[:, None] + cols[None, :] * stride_bd, mask=r_ok[:, None], other=0.0)
     if FOLD_DB:
         # db rides in the first padded rank slot: a column of ones in U, db as that row of B^T.
         slot = offs_r == RANK
         u_lo = tl.where(slot[None, :], 1.0, u_lo.to(tl.float32)).to(dtype)
-        bt = tl.where(slot[:, None], tl.load(db_ptr + offs_n, mask=n_ok, other=0.0)[None, :], bt).to(dtype)
+        bt = tl.where(slot[:, None], tl.load(db_ptr + cols)[None, :], bt).to(dtype)
 
     if NOISE == NOISE_NONE:
         acc = dot_acc(u_lo, bt, acc, UPCAST, PRECISION)
         if HAS_DB and not FOLD_DB:
-            acc += tl.load(db_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            acc += tl.load(db_ptr + cols).to(tl.float32)[None, :]
     elif NOISE == NOISE_GATHER:
         # Any noise layout: gather the noise row of every output row, scale a second accumulator.
         delta = dot_acc(u_lo, bt, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), UPCAST, PRECISION)
         if HAS_DB and not FOLD_DB:
-            delta += tl.load(db_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            delta += tl.load(db_ptr + cols).to(tl.float32)[None, :]
         z_rows = rows // rows_per_noise
-        z = tl.load(z_ptr + z_rows[:, None] * stride_zm + offs_n[None, :],
-                    mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+        z = tl.load(z_ptr + z_rows[:, None] * stride_zm + cols[None, :])
         acc += delta * z.to(tl.float32)
     else:
         # NOISE_SEGMENTS, samples of >= BLOCK_M - 1 rows: the tile holds rows of at most two
@@ -92,13 +95,12 @@ def _fwd_kernel(
         sample = offs_m // rows_per_noise
         for j in tl.static_range(2):
             s = first + j
-            z = tl.load(z_ptr + s.to(tl.int64) * stride_zm + offs_n,
-                        mask=n_ok & (s * rows_per_noise < N), other=0.0)
+            z = tl.load(z_ptr + s.to(tl.int64) * stride_zm + cols, mask=s * rows_per_noise < N, other=0.0)
             bz = (bt.to(tl.float32) * z.to(tl.float32)[None, :]).to(dtype)
             us = tl.where((sample == s)[:, None], u_lo.to(tl.float32), 0.0).to(dtype)
             acc = dot_acc(us, bz, acc, UPCAST, PRECISION)
 
-    y_ptrs = y_ptr + rows[:, None] * stride_ym + offs_n[None, :]
+    y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
     tl.store(y_ptrs, acc.to(dtype), mask=m_ok[:, None] & n_ok[None, :])
 
 
@@ -125,15 +127,15 @@ def _bwd_dx_kernel(
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_d = tl.arange(0, BLOCK_D)
     offs_r = tl.arange(0, R)
-    m_ok = offs_m < N
-    col_ok = offs_k < K
+    # Wrapped edges, as in the forward.
+    rows = (offs_m % N).to(tl.int64)
+    cols = offs_k % K
     r_ok = offs_r < RANK
-    rows = offs_m.to(tl.int64)
     g_ptrs = g_ptr + rows[:, None] * stride_gm + offs_d[None, :]
     # int32 offsets suffice here, unlike the forward's column offsets: a tile of the row-major
     # weight stays below BLOCK_D * K, and the loop advances the (64-bit) pointers. An int64 tile
     # costs registers: 16 bytes of spill at BM128 r64 tf32x3 on sm_90.
-    w_ptrs = w_ptr + offs_d[:, None] * stride_wd + offs_k[None, :]
+    w_ptrs = w_ptr + offs_d[:, None] * stride_wd + cols[None, :]
     b_ptrs = b_ptr + offs_d[:, None] * stride_bd + offs_r[None, :]
     if NOISE == NOISE_GATHER:
         z_rows = rows // rows_per_noise
@@ -151,16 +153,16 @@ def _bwd_dx_kernel(
     p = tl.zeros((BLOCK_M, R), dtype=tl.float32)
     for d in range(0, cdiv(D, BLOCK_D)):
         d_ok = offs_d < D - d * BLOCK_D
-        g = tl.load(g_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        g = tl.load(g_ptrs, mask=d_ok[None, :], other=0.0)
         if COMPUTE_DX:
-            w = tl.load(w_ptrs, mask=d_ok[:, None] & col_ok[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=d_ok[:, None], other=0.0)
             acc = dot_acc(g, w, acc, UPCAST, PRECISION)
         lb = tl.load(b_ptrs, mask=d_ok[:, None] & r_ok[None, :], other=0.0)
         if NOISE == NOISE_NONE:
             p = dot_acc(g, lb, p, UPCAST, PRECISION)
         elif NOISE == NOISE_GATHER:
             # Gz exists only in registers; rounded to the input dtype as the reference's G * z is.
-            z = tl.load(z_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+            z = tl.load(z_ptrs, mask=d_ok[None, :], other=0.0)
             gz = (g.to(tl.float32) * z.to(tl.float32)).to(dtype)
             p = dot_acc(gz, lb, p, UPCAST, PRECISION)
             z_ptrs += BLOCK_D
@@ -177,16 +179,16 @@ def _bwd_dx_kernel(
 
     if NOISE == NOISE_SEGMENTS:
         p = tl.where((offs_m // rows_per_noise > first)[:, None], p1, p)
+    m_ok = offs_m < N
     p_lo = p.to(dtype)
     if pid_k == 0:
-        p_ptrs = p_ptr + rows[:, None] * stride_pm + offs_r[None, :]
+        p_ptrs = p_ptr + offs_m.to(tl.int64)[:, None] * stride_pm + offs_r[None, :]
         tl.store(p_ptrs, p_lo, mask=m_ok[:, None] & r_ok[None, :])
     if COMPUTE_DX:
-        a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :],
-                    mask=r_ok[:, None] & col_ok[None, :], other=0.0)
+        a = tl.load(a_ptr + offs_r[:, None] * stride_ar + cols[None, :], mask=r_ok[:, None], other=0.0)
         acc = dot_acc(p_lo, a, acc, UPCAST, PRECISION)
-        dx_ptrs = dx_ptr + rows[:, None] * stride_dxm + offs_k[None, :]
-        tl.store(dx_ptrs, acc.to(dtype), mask=m_ok[:, None] & col_ok[None, :])
+        dx_ptrs = dx_ptr + offs_m.to(tl.int64)[:, None] * stride_dxm + offs_k[None, :]
+        tl.store(dx_ptrs, acc.to(dtype), mask=m_ok[:, None] & (offs_k < K)[None, :])
 
 
 @triton.jit
@@ -200,7 +202,7 @@ def _rank_grad_kernel(
 ):
     """``out[s] = L[rows of split s]^T (Zr *) Rm[rows of split s]``: a ``[F, r]`` partial sum per
     split, for ``dB = Gz^T U`` (with ``colsum(Gz)`` for ``d db``) and ``dA^T = X^T P``; ``NOISE``:
-    NONE or GATHER. Rows past the split are masked, so each row is summed once."""
+    NONE or GATHER. Rows past the split are masked, not wrapped, so each row is summed once."""
     pid_f = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_f = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
