@@ -11,9 +11,10 @@ from .._triton_utils import NOISE_GATHER, NOISE_SAMPLE, cdiv, dot_acc, grouped_t
 # ------------------------------------------------------------------------------------------------
 # Kernels. One convention with lora_add (docs/design.md section 9.1): operands are row-major (the
 # ops make them so), so only row strides are passed and the last dimension is addressed with unit
-# stride, which lets loads along it vectorise; row offsets are int64 (N*K and N*D may pass 2^31);
-# every edge a tile can run past is masked, never wrapped: rows past a per-sample tile's sample
-# belong to the tail pass, and the dM reduction must count each row once.
+# stride, which lets loads along it vectorise; row offsets are int64 (N*K and N*D may pass 2^31).
+# A GEMM tile wraps its output rows and columns into range for its loads (rows within the tile's
+# own sample), which then need a mask along the reduction only, and masks its stores; dM, which
+# sums over rows, masks them (a wrapped row would be counted twice) and its [D, K] tile too.
 
 # The two-GEMM kernels' names for the shared helpers, until those kernels move to the shared names.
 _cdiv = cdiv
@@ -44,11 +45,12 @@ def _scale(g, z, UPCAST: tl.constexpr):
 @jit_helper
 def _segment_rows(pid_m, seg_len, seg_rows, BLOCK_M: tl.constexpr):
     # Row tiles never straddle two samples: tile pid_m covers rows local..local+BLOCK_M of sample
-    # `seg` (rows seg*seg_len + local), masked at seg_rows (rows past it belong to the tail).
+    # `seg` (rows seg*seg_len + local). Rows past seg_rows (the tail's, or the next sample's) wrap
+    # onto the sample's own rows for the loads; the returned mask drops them at the store.
     tiles_per_seg = cdiv(seg_rows, BLOCK_M)
     seg = pid_m // tiles_per_seg
     local = (pid_m % tiles_per_seg) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rows = seg.to(tl.int64) * seg_len + local
+    rows = seg.to(tl.int64) * seg_len + local % seg_rows
     return rows, local < seg_rows, seg
 
 
@@ -87,8 +89,8 @@ def _lora_mul_fwd_kernel(
     num_pid_n = cdiv(D, BLOCK_N)
     pid_m, pid_n = grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M)
     rows, row_ok, seg = _segment_rows(pid_m, seg_len, seg_rows, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < D
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = offs_n % D
     offs_k = tl.arange(0, BLOCK_K)
 
     xt_ptrs = x_ptr + rows[None, :] * stride_xm + offs_k[:, None]
@@ -96,9 +98,8 @@ def _lora_mul_fwd_kernel(
     if NOISE == NOISE_SAMPLE:
         offs_r = tl.arange(0, R)
         r_ok = offs_r < RANK
-        z = tl.load(z_ptr + seg.to(tl.int64) * stride_zs + cols, mask=col_ok, other=0.0).to(tl.float32)
-        zb = tl.load(b_ptr + cols[:, None] * stride_bd + offs_r[None, :],
-                     mask=col_ok[:, None] & r_ok[None, :], other=0.0)
+        z = tl.load(z_ptr + seg.to(tl.int64) * stride_zs + cols).to(tl.float32)
+        zb = tl.load(b_ptr + cols[:, None] * stride_bd + offs_r[None, :], mask=r_ok[None, :], other=0.0)
         zb = zb.to(tl.float32) * z[:, None]
         if not UPCAST:
             zb = zb.to(w_ptr.dtype.element_ty)
@@ -107,8 +108,8 @@ def _lora_mul_fwd_kernel(
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k_ok = offs_k < K - k0
-        xt = tl.load(xt_ptrs, mask=k_ok[:, None] & row_ok[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        xt = tl.load(xt_ptrs, mask=k_ok[:, None], other=0.0)
+        w = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0)
         if NOISE == NOISE_SAMPLE:
             a = tl.load(a_ptrs, mask=r_ok[:, None] & k_ok[None, :], other=0.0)
             zm = dot_acc(zb, a, tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32), UPCAST, PRECISION)
@@ -119,14 +120,14 @@ def _lora_mul_fwd_kernel(
         w_ptrs += BLOCK_K
 
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[:, None]
+        acc += tl.load(bias_ptr + cols).to(tl.float32)[:, None]
     if HAS_DB:
-        db = tl.load(db_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        db = tl.load(db_ptr + cols).to(tl.float32)
         if NOISE == NOISE_SAMPLE:
             db = db * z
         acc += db[:, None]
-    y_ptrs = y_ptr + rows[None, :] * stride_ym + cols[:, None]
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=col_ok[:, None] & row_ok[None, :])
+    y_ptrs = y_ptr + rows[None, :] * stride_ym + offs_n[:, None]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(offs_n < D)[:, None] & row_ok[None, :])
 
 
 @triton.jit
@@ -195,8 +196,8 @@ def _lora_mul_dx_kernel(
     num_pid_n = cdiv(K, BLOCK_N)
     pid_m, pid_n = grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M)
     rows, row_ok, seg = _segment_rows(pid_m, seg_len, seg_rows, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < K
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = offs_n % K
     offs_d = tl.arange(0, BLOCK_K)
 
     gt_ptrs = g_ptr + rows[None, :] * stride_gm + offs_d[:, None]
@@ -204,8 +205,7 @@ def _lora_mul_dx_kernel(
     if NOISE == NOISE_SAMPLE:
         offs_r = tl.arange(0, R)
         r_ok = offs_r < RANK
-        at = tl.load(a_ptr + offs_r[None, :] * stride_ar + cols[:, None],
-                     mask=col_ok[:, None] & r_ok[None, :], other=0.0)
+        at = tl.load(a_ptr + offs_r[None, :] * stride_ar + cols[:, None], mask=r_ok[None, :], other=0.0)
         if UPCAST:
             at = at.to(tl.float32)
         bt_ptrs = b_ptr + offs_d[None, :] * stride_bd + offs_r[:, None]
@@ -214,8 +214,8 @@ def _lora_mul_dx_kernel(
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_K):
         d_ok = offs_d < D - d0
-        gt = tl.load(gt_ptrs, mask=d_ok[:, None] & row_ok[None, :], other=0.0)
-        wt = tl.load(wt_ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        gt = tl.load(gt_ptrs, mask=d_ok[:, None], other=0.0)
+        wt = tl.load(wt_ptrs, mask=d_ok[None, :], other=0.0)
         if NOISE == NOISE_SAMPLE:
             bt = tl.load(bt_ptrs, mask=r_ok[:, None] & d_ok[None, :], other=0.0)
             z = tl.load(z_ptrs, mask=d_ok, other=0.0).to(tl.float32)
@@ -227,8 +227,8 @@ def _lora_mul_dx_kernel(
         gt_ptrs += BLOCK_K
         wt_ptrs += BLOCK_K * stride_wd
 
-    dx_ptrs = dx_ptr + rows[None, :] * stride_dxm + cols[:, None]
-    tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=col_ok[:, None] & row_ok[None, :])
+    dx_ptrs = dx_ptr + rows[None, :] * stride_dxm + offs_n[:, None]
+    tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=(offs_n < K)[:, None] & row_ok[None, :])
 
 
 @triton.jit
