@@ -63,16 +63,16 @@ def compile_specs(arch: int = 90) -> list[CompileSpec]:
                          rows_per_z="i32")
         for cfg in configs_for_arch(PLAIN_CONFIGS_32 if fp32 else PLAIN_CONFIGS_16, arch):
             specs.append(_spec("lora_mul_fwd noise-free", _lora_mul_fwd_kernel, fwd_sig,
-                               dict(NOISE=NOISE_NONE.value, HAS_BIAS=True, HAS_DB=True, R=16, **common), cfg, dtype,
-                               fwd_div))
+                               dict(NOISE=NOISE_NONE.value, HAS_BIAS=True, HAS_DB=True, R=16, **common), cfg,
+                               dtype, fwd_div))
             specs.append(_spec("lora_mul_dx noise-free", _lora_mul_dx_kernel, dx_sig,
                                dict(NOISE=NOISE_NONE.value, R=16, **common), cfg, dtype, dx_div))
         for by_arch in (SAMPLE_CONFIGS_32 if fp32 else SAMPLE_CONFIGS_16).values():
             for cfg in configs_for_arch(by_arch, arch):
                 for r in (16, 64):
                     specs.append(_spec(f"lora_mul_fwd per-sample r{r}", _lora_mul_fwd_kernel, fwd_sig,
-                                       dict(NOISE=NOISE_SAMPLE.value, HAS_BIAS=True, HAS_DB=True, R=r, **common),
-                                       cfg, dtype, fwd_div))
+                                       dict(NOISE=NOISE_SAMPLE.value, HAS_BIAS=True, HAS_DB=True, R=r,
+                                            **common), cfg, dtype, fwd_div))
                     specs.append(_spec(f"lora_mul_dx per-sample r{r}", _lora_mul_dx_kernel, dx_sig,
                                        dict(NOISE=NOISE_SAMPLE.value, R=r, **common), cfg, dtype, dx_div))
         for cfg in configs_for_arch(TWO_GEMM_FWD_CONFIGS_32 if fp32 else TWO_GEMM_FWD_CONFIGS_16, arch):

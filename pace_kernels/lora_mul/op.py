@@ -286,8 +286,8 @@ def _backward_impl(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
             n_rows, d_out, k_in, max(rows_per_noise, 1), rows_per_split,
             g.stride(0), x.stride(0), z.stride(0), weight.stride(0), dm.stride(0), dm.stride(1),
             db32.stride(0),
-            NOISE=(NOISE_NONE if noise is None else NOISE_GATHER).value, HAS_DB=need_db, SCALE_W=splits == 1, UPCAST=upcast,
-            PRECISION=precision,
+            NOISE=(NOISE_NONE if noise is None else NOISE_GATHER).value, HAS_DB=need_db, SCALE_W=splits == 1,
+            UPCAST=upcast, PRECISION=precision,
         )
         if splits == 1:
             dm, db32 = dm[0], db32[0]
