@@ -16,10 +16,6 @@ from .._triton_utils import NOISE_GATHER, NOISE_SAMPLE, cdiv, dot_acc, grouped_t
 # own sample), which then need a mask along the reduction only, and masks its stores; dM, which
 # sums over rows, masks them (a wrapped row would be counted twice) and its [D, K] tile too.
 
-# The two-GEMM kernels' names for the shared helpers, until those kernels move to the shared names.
-_cdiv = cdiv
-_grouped_tile = grouped_tile
-
 
 @jit_helper
 def _noisy_weight(w, zm, UPCAST: tl.constexpr):
@@ -58,9 +54,11 @@ def _segment_rows(pid_m, seg_len, seg_rows, BLOCK_M: tl.constexpr):
 def _mapped_rows(pid_m, n_rows, row_chunk, row_stride, row_off, BLOCK_M: tl.constexpr):
     # Logical row j is row (j // row_chunk) * row_stride + row_off + j % row_chunk: the identity
     # when row_chunk == n_rows (per-token noise), and "the last row_chunk rows of every sample"
-    # for the ragged tails of per-sample tiles (row_stride = T, row_off = T - row_chunk).
+    # for the ragged tails of per-sample tiles (row_stride = T, row_off = T - row_chunk). Rows past
+    # n_rows wrap onto valid ones for the loads; the returned mask drops them at the store.
     j = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rows = (j // row_chunk) * row_stride + row_off + j % row_chunk
+    jw = j % n_rows
+    rows = (jw // row_chunk) * row_stride + row_off + jw % row_chunk
     return rows, j < n_rows
 
 
@@ -140,14 +138,15 @@ def _lora_mul_fwd_two_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """``Y = X W0^T + b0 + z (X (W0*M)^T + db)`` with a noise row per row (per-token noise, or
-    the ragged tails of per-sample tiles): two accumulators, each as wide as BLOCK_N."""
+    the ragged tails of per-sample tiles): two accumulators, each as wide as BLOCK_N. The noise is
+    always gathered per row (``NOISE_GATHER``, the only mode, so no constexpr chooses it)."""
     pid = tl.program_id(0)
-    num_pid_m = _cdiv(n_rows, BLOCK_M)
-    num_pid_n = _cdiv(D, BLOCK_N)
-    pid_m, pid_n = _grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M)
+    num_pid_m = cdiv(n_rows, BLOCK_M)
+    num_pid_n = cdiv(D, BLOCK_N)
+    pid_m, pid_n = grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M)
     rows, row_ok = _mapped_rows(pid_m, n_rows, row_chunk, row_stride, row_off, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < D
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = offs_n % D
     offs_k = tl.arange(0, BLOCK_K)
 
     x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :]
@@ -157,24 +156,23 @@ def _lora_mul_fwd_two_gemm_kernel(
     acc_m = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k_ok = offs_k < K - k0
-        x = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-        wm = tl.load(wm_ptrs, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        x = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0)
+        wm = tl.load(wm_ptrs, mask=k_ok[None, :], other=0.0)
         acc_w = dot_acc(x, tl.trans(w), acc_w, UPCAST, PRECISION)
         acc_m = dot_acc(x, tl.trans(wm), acc_m, UPCAST, PRECISION)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
         wm_ptrs += BLOCK_K
 
-    out_ok = row_ok[:, None] & col_ok[None, :]
-    z = tl.load(z_ptr + (rows // rows_per_z)[:, None] * stride_zr + cols[None, :], mask=out_ok, other=0.0)
+    z = tl.load(z_ptr + (rows // rows_per_z)[:, None] * stride_zr + cols[None, :])
     if HAS_DB:
-        acc_m += tl.load(db_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        acc_m += tl.load(db_ptr + cols).to(tl.float32)[None, :]
     acc_w += z.to(tl.float32) * acc_m
     if HAS_BIAS:
-        acc_w += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + rows[:, None] * stride_ym + cols[None, :]
-    tl.store(y_ptrs, acc_w.to(y_ptr.dtype.element_ty), mask=out_ok)
+        acc_w += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + rows[:, None] * stride_ym + offs_n[None, :]
+    tl.store(y_ptrs, acc_w.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_n < D)[None, :])
 
 
 @triton.jit
@@ -239,15 +237,15 @@ def _lora_mul_dx_two_gemm_kernel(
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """``dX = G W0 + Gz (W0*M)`` with a noise row per row: both products go into one
-    accumulator (a GEMM over the concatenated reduction [G, Gz] x [W0; W0*M])."""
+    """``dX = G W0 + Gz (W0*M)`` with a noise row per row (``NOISE_GATHER``, the only mode): both
+    products go into one accumulator (a GEMM over the concatenated reduction [G, Gz] x [W0; W0*M])."""
     pid = tl.program_id(0)
-    num_pid_m = _cdiv(n_rows, BLOCK_M)
-    num_pid_n = _cdiv(K, BLOCK_N)
-    pid_m, pid_n = _grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M)
+    num_pid_m = cdiv(n_rows, BLOCK_M)
+    num_pid_n = cdiv(K, BLOCK_N)
+    pid_m, pid_n = grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M)
     rows, row_ok = _mapped_rows(pid_m, n_rows, row_chunk, row_stride, row_off, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < K
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = offs_n % K
     offs_d = tl.arange(0, BLOCK_K)
 
     g_ptrs = g_ptr + rows[:, None] * stride_gm + offs_d[None, :]
@@ -257,11 +255,10 @@ def _lora_mul_dx_two_gemm_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_K):
         d_ok = offs_d < D - d0
-        g_mask = row_ok[:, None] & d_ok[None, :]
-        g = tl.load(g_ptrs, mask=g_mask, other=0.0)
-        z = tl.load(z_ptrs, mask=g_mask, other=0.0).to(tl.float32)
-        w = tl.load(w_ptrs, mask=d_ok[:, None] & col_ok[None, :], other=0.0)
-        wm = tl.load(wm_ptrs, mask=d_ok[:, None] & col_ok[None, :], other=0.0)
+        g = tl.load(g_ptrs, mask=d_ok[None, :], other=0.0)
+        z = tl.load(z_ptrs, mask=d_ok[None, :], other=0.0).to(tl.float32)
+        w = tl.load(w_ptrs, mask=d_ok[:, None], other=0.0)
+        wm = tl.load(wm_ptrs, mask=d_ok[:, None], other=0.0)
         acc = dot_acc(g, w, acc, UPCAST, PRECISION)
         acc = dot_acc(_scale(g, z, UPCAST), wm, acc, UPCAST, PRECISION)
         g_ptrs += BLOCK_K
@@ -269,8 +266,8 @@ def _lora_mul_dx_two_gemm_kernel(
         w_ptrs += BLOCK_K * stride_wd
         wm_ptrs += BLOCK_K * stride_wd
 
-    dx_ptrs = dx_ptr + rows[:, None] * stride_dxm + cols[None, :]
-    tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    dx_ptrs = dx_ptr + rows[:, None] * stride_dxm + offs_n[None, :]
+    tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_n < K)[None, :])
 
 
 @triton.jit
