@@ -188,6 +188,38 @@ def jit_helper(fn: Callable) -> Callable:
 
 if triton is not None:
 
+    # Noise modes: the ``NOISE`` constexpr of every kernel with noise variants, one vocabulary for
+    # both op families. Kernels compare against these names; hosts pass ``.value`` (a plain int, so
+    # launches and traced graphs carry ints). Each kernel's docstring says which modes it takes.
+    NOISE_NONE = tl.constexpr(0)
+    """No noise: ``Zr`` is 1."""
+    NOISE_GATHER = tl.constexpr(1)
+    """A noise row per row, gathered as ``row // rows_per_noise`` (any noise layout)."""
+    NOISE_SEGMENTS = tl.constexpr(2)
+    """Per-sample noise, a row tile holding rows of at most two samples (``lora_add``)."""
+    NOISE_SAMPLE = tl.constexpr(3)
+    """Per-sample noise, every row tile inside one sample, whose noise row it loads once (``lora_mul``)."""
+
+    @jit_helper
+    def cdiv(a, b):
+        """``ceil(a / b)`` inside kernels; ``tl.cdiv`` is itself a jit function, which the interpreter
+        re-patches on every call (about 4 ms)."""
+        return (a + b - 1) // b
+
+    @jit_helper
+    def grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+        """``(pid_m, pid_n)`` of program ``pid`` in grouped order (the Triton matmul tutorial's):
+        ``GROUP_M`` consecutive row tiles sweep the column tiles together, so the weight tiles they
+        share stay in L2. ``num_pid_m`` is a count, not a size, so callers whose row tiles are laid
+        out per sample (``lora_mul``) pass their own."""
+        width = GROUP_M * num_pid_n
+        group = pid // width
+        first_m = group * GROUP_M
+        size_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % width) % size_m
+        pid_n = (pid % width) // size_m
+        return pid_m, pid_n
+
     @jit_helper
     def dot_acc(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
         """``acc + a @ b`` with fp32 accumulation; ``UPCAST`` works around the interpreter's bf16 dot."""

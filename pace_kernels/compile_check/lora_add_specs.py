@@ -7,7 +7,7 @@ import itertools
 
 import torch
 
-from .._triton_utils import configs_for_arch
+from .._triton_utils import NOISE_GATHER, NOISE_SEGMENTS, configs_for_arch
 from ..lora_add.configs import (
     _DX_NAMES,
     _RG_NAMES,
@@ -21,7 +21,7 @@ from ..lora_add.configs import (
 from ..lora_add.kernels import _bwd_dx_kernel, _fwd_kernel, _rank_grad_kernel
 from .machinery import DOT_VARIANTS, TRITON_DTYPE_NAMES, CompileSpec, config_label
 
-_NOISE_NAMES = {1: "gather", 2: "segments"}
+_NOISE_NAMES = {NOISE_GATHER.value: "gather", NOISE_SEGMENTS.value: "segments"}
 
 
 def compile_specs(arch: int = 90) -> list[CompileSpec]:
@@ -36,10 +36,10 @@ def compile_specs(arch: int = 90) -> list[CompileSpec]:
         suffix = f" {precision}" if fp32 else ""
         for r in (16, 64):
             fwd_configs = configs_for_arch(FWD_CONFIGS_32 if fp32 else FWD_CONFIGS_16, arch)
-            for cfg, (noise, fold) in itertools.product(fwd_configs, ((1, False), (2, True))):
+            modes = ((NOISE_GATHER.value, False), (NOISE_SEGMENTS.value, True))
+            for cfg, (noise, fold) in itertools.product(fwd_configs, modes):
                 consts = dict(cfg.kwargs, HAS_BIAS=True, HAS_DB=True, FOLD_DB=fold, NOISE=noise, R=r,
-                              UPCAST=False, PRECISION=precision, stride_xk=1, stride_wk=1, stride_ak=1,
-                              stride_br=1, stride_zd=1, stride_yd=1, stride_ur=1)
+                              UPCAST=False, PRECISION=precision)
                 sig = dict(x_ptr=f"*{t}", w_ptr=f"*{t}", bias_ptr=f"*{t}", a_ptr=f"*{t}", b_ptr=f"*{t}",
                            db_ptr=f"*{t}", z_ptr="*fp32", y_ptr=f"*{t}", u_ptr=f"*{t}", **common,
                            stride_xm="i32", stride_wd="i32", stride_ar="i32", stride_bd="i32",
@@ -51,10 +51,9 @@ def compile_specs(arch: int = 90) -> list[CompileSpec]:
                                       cfg.num_stages),
                     divisible=("D", "K", "stride_xm", "stride_wd", "stride_ar", "stride_zm", "stride_ym")))
             dx_configs = configs_for_arch(DX_CONFIGS_32 if fp32 else DX_CONFIGS_16, arch)
-            for cfg, noise in itertools.product(dx_configs, (1, 2)):
+            for cfg, noise in itertools.product(dx_configs, (NOISE_GATHER.value, NOISE_SEGMENTS.value)):
                 consts = dict(cfg.kwargs, NOISE=noise, COMPUTE_DX=True, R=r, UPCAST=False,
-                              PRECISION=precision, stride_gd=1, stride_wk=1, stride_ak=1, stride_br=1,
-                              stride_zd=1, stride_dxk=1, stride_pr=1)
+                              PRECISION=precision)
                 sig = dict(g_ptr=f"*{t}", w_ptr=f"*{t}", a_ptr=f"*{t}", b_ptr=f"*{t}", z_ptr="*fp32",
                            dx_ptr=f"*{t}", p_ptr=f"*{t}", **common,
                            stride_gm="i32", stride_wd="i32", stride_ar="i32", stride_bd="i32",
@@ -65,9 +64,8 @@ def compile_specs(arch: int = 90) -> list[CompileSpec]:
                     dtype, note=config_label(consts, _DX_NAMES, cfg.num_warps, cfg.num_stages),
                     divisible=("D", "K", "stride_gm", "stride_wd", "stride_ar", "stride_zm", "stride_dxm")))
             for cfg in configs_for_arch(RANK_GRAD_CONFIGS_32 if fp32 else RANK_GRAD_CONFIGS_16, arch):
-                consts = dict(cfg.kwargs, HAS_NOISE=True, HAS_COLSUM=True, R=r, UPCAST=False,
-                              PRECISION=precision, stride_lf=1, stride_zf=1, stride_rr=1, stride_or=1,
-                              stride_cf=1)
+                consts = dict(cfg.kwargs, NOISE=NOISE_GATHER.value, HAS_COLSUM=True, R=r, UPCAST=False,
+                              PRECISION=precision)
                 sig = dict(l_ptr=f"*{t}", z_ptr="*fp32", r_ptr=f"*{t}", out_ptr="*fp32", colsum_ptr="*fp32",
                            N="i32", F="i32", RANK="i32", rows_per_noise="i32", rows_per_split="i32",
                            stride_lm="i32", stride_zm="i32", stride_rm="i32", stride_os="i32",

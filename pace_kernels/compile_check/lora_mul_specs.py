@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 import triton
 
-from .._triton_utils import configs_for_arch
+from .._triton_utils import NOISE_GATHER, NOISE_NONE, NOISE_SAMPLE, configs_for_arch
 from ..lora_mul.configs import (
     DM_CONFIGS_16,
     DM_CONFIGS_32,
@@ -63,18 +63,18 @@ def compile_specs(arch: int = 90) -> list[CompileSpec]:
                          rows_per_z="i32")
         for cfg in configs_for_arch(PLAIN_CONFIGS_32 if fp32 else PLAIN_CONFIGS_16, arch):
             specs.append(_spec("lora_mul_fwd noise-free", _lora_mul_fwd_kernel, fwd_sig,
-                               dict(PER_SAMPLE=False, HAS_BIAS=True, HAS_DB=True, R=16, **common), cfg, dtype,
-                               fwd_div))
+                               dict(NOISE=NOISE_NONE.value, HAS_BIAS=True, HAS_DB=True, R=16, **common), cfg,
+                               dtype, fwd_div))
             specs.append(_spec("lora_mul_dx noise-free", _lora_mul_dx_kernel, dx_sig,
-                               dict(PER_SAMPLE=False, R=16, **common), cfg, dtype, dx_div))
+                               dict(NOISE=NOISE_NONE.value, R=16, **common), cfg, dtype, dx_div))
         for by_arch in (SAMPLE_CONFIGS_32 if fp32 else SAMPLE_CONFIGS_16).values():
             for cfg in configs_for_arch(by_arch, arch):
                 for r in (16, 64):
                     specs.append(_spec(f"lora_mul_fwd per-sample r{r}", _lora_mul_fwd_kernel, fwd_sig,
-                                       dict(PER_SAMPLE=True, HAS_BIAS=True, HAS_DB=True, R=r, **common),
-                                       cfg, dtype, fwd_div))
+                                       dict(NOISE=NOISE_SAMPLE.value, HAS_BIAS=True, HAS_DB=True, R=r,
+                                            **common), cfg, dtype, fwd_div))
                     specs.append(_spec(f"lora_mul_dx per-sample r{r}", _lora_mul_dx_kernel, dx_sig,
-                                       dict(PER_SAMPLE=True, R=r, **common), cfg, dtype, dx_div))
+                                       dict(NOISE=NOISE_SAMPLE.value, R=r, **common), cfg, dtype, dx_div))
         for cfg in configs_for_arch(TWO_GEMM_FWD_CONFIGS_32 if fp32 else TWO_GEMM_FWD_CONFIGS_16, arch):
             sig = dict(x_ptr=f"*{t}", w_ptr=f"*{t}", wm_ptr=f"*{t}", z_ptr="*fp32", bias_ptr=f"*{t}",
                        db_ptr=f"*{t}", y_ptr=f"*{t}", **rows_args, stride_xm="i32", stride_wd="i32",
@@ -94,7 +94,7 @@ def compile_specs(arch: int = 90) -> list[CompileSpec]:
                        stride_gm="i32", stride_xm="i32", stride_zr="i32", stride_wd="i32",
                        stride_dms="i32", stride_dmd="i32", stride_ddbs="i32")
             for scale_w in (True, False):
-                consts = dict(HAS_Z=True, HAS_DB=True, SCALE_W=scale_w, **common)
+                consts = dict(NOISE=NOISE_GATHER.value, HAS_DB=True, SCALE_W=scale_w, **common)
                 # one split: rows_per_split = N, any value; several: multiples of 128 rows
                 divisible = ("D", "K", "stride_gm", "stride_xm", "stride_zr", "stride_wd", "stride_dms",
                              "stride_dmd", "stride_ddbs") + (() if scale_w else ("rows_per_split",))

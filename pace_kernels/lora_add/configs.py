@@ -9,6 +9,10 @@ import triton
 # L40S). Every entry compiles for its archs with tensor cores, no spills and within the shared
 # memory at rank <= 64 (``python -m pace_kernels.compile_check --arch N``); the first of each list
 # is what runs with autotuning off. The interpreter runs one small config instead.
+# Blocks: forward BLOCK_M rows of X, BLOCK_N output features, BLOCK_K the reduction over in
+# features; dX BLOCK_M rows of G, BLOCK_K in features (columns of dX), BLOCK_D the reduction over
+# output features; rank gradients BLOCK_F features of L (rows of the [F, r] result), BLOCK_N rows
+# of L, the reduction.
 
 
 def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int,

@@ -7,6 +7,9 @@ import torch
 import triton
 
 from .._triton_utils import (
+    NOISE_GATHER,
+    NOISE_NONE,
+    NOISE_SEGMENTS,
     autotune_for_device,
     contiguous_or_none,
     dot_flags,
@@ -52,7 +55,7 @@ the two-segment path: a row tile then never holds rows of more than two samples.
 
 
 def check_segment_tile(block_m: int, rows_per_noise: int) -> None:
-    """The two-segment path (``NOISE == 2``) is right only while a row tile holds rows of at most two
+    """The two-segment path (``NOISE_SEGMENTS``) is right only while a row tile holds rows of at most two
     samples, i.e. ``BLOCK_M <= T + 1``: refuse a config that breaks it (a future 256-row tile, say)
     rather than mix three samples' noise in one tile."""
     if block_m > rows_per_noise + 1:
@@ -63,28 +66,21 @@ def check_segment_tile(block_m: int, rows_per_noise: int) -> None:
 
 
 def _unit_stride(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
-    # The kernels take the strides of their 2-D operands but read b0 and db with unit stride, and
-    # compute some offsets (K-strided ones) in int32: the ops make every operand row-major, which
-    # costs nothing for the contiguous tensors the public entry point passes.
+    # The kernels read every operand row-major (unit stride along the last dimension, the row
+    # stride passed; kernels.py): the ops make their inputs so, which costs nothing for the
+    # contiguous tensors the public entry point passes.
     return [contiguous_or_none(t) for t in tensors]
 
 
-NOISE_NONE = 0
-"""The kernels' ``NOISE`` constexpr: no noise."""
-NOISE_GATHER = 1
-"""``NOISE``: gather the noise row of every output row (any noise layout)."""
-NOISE_SEGMENTS = 2
-"""``NOISE``: per-sample noise, at most two samples per row tile (see ``kernels._fwd_kernel``)."""
-
-
 def _noise_mode(noise: torch.Tensor | None, rows_per_noise: int, *, folds_db: bool, has_db: bool) -> int:
-    """The ``NOISE`` constexpr of a launch. The segment path needs samples of at least
-    :data:`SEGMENT_MIN_ROWS` rows, and a delta bias only when it rides in a spare rank slot."""
+    """The ``NOISE`` constexpr of a launch (``_triton_utils.NOISE_*``). The segment path needs
+    samples of at least :data:`SEGMENT_MIN_ROWS` rows, and a delta bias only when it rides in a
+    spare rank slot."""
     if noise is None:
-        return NOISE_NONE
+        return NOISE_NONE.value
     if rows_per_noise >= SEGMENT_MIN_ROWS and (folds_db or not has_db):
-        return NOISE_SEGMENTS
-    return NOISE_GATHER
+        return NOISE_SEGMENTS.value
+    return NOISE_GATHER.value
 
 
 def _num_splits(n_rows: int, n_cols: int) -> int:
@@ -113,12 +109,8 @@ def _rank_grads(lhs: torch.Tensor, rhs: torch.Tensor, noise: torch.Tensor | None
     wrap_triton(_rank_grad_32 if lhs.dtype == torch.float32 else _rank_grad_16)[grid](
         lhs, z, rhs, partial, colsum,
         n_rows, n_cols, rank, max(rows_per_noise, 1), rows_per_split,
-        lhs.stride(0), lhs.stride(1),
-        z.stride(0), z.stride(1),
-        rhs.stride(0), rhs.stride(1),
-        partial.stride(0), partial.stride(1), partial.stride(2),
-        colsum.stride(0), colsum.stride(1),
-        HAS_NOISE=noise is not None, HAS_COLSUM=with_colsum,
+        lhs.stride(0), z.stride(0), rhs.stride(0), partial.stride(0), partial.stride(1), colsum.stride(0),
+        NOISE=(NOISE_NONE if noise is None else NOISE_GATHER).value, HAS_COLSUM=with_colsum,
         R=padded_rank(rank), UPCAST=upcast, PRECISION=precision,
     )
     return partial.sum(0), (colsum.sum(0) if with_colsum else None)
@@ -143,7 +135,7 @@ def _forward_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     noise_mode = _noise_mode(noise, rows_per_noise, folds_db=fold_db, has_db=delta_bias is not None)
 
     def grid(meta):
-        if noise_mode == NOISE_SEGMENTS:
+        if noise_mode == NOISE_SEGMENTS.value:
             check_segment_tile(meta["BLOCK_M"], rows_per_noise)
         return (triton.cdiv(n_rows, meta["BLOCK_M"]) * triton.cdiv(d_out, meta["BLOCK_N"]),)
 
@@ -151,13 +143,8 @@ def _forward_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         x, weight, bias if bias is not None else x, lora_a, lora_b,
         delta_bias if delta_bias is not None else x, z, y, u,
         n_rows, d_out, k_in, rank, max(rows_per_noise, 1),
-        x.stride(0), x.stride(1),
-        weight.stride(0), weight.stride(1),
-        lora_a.stride(0), lora_a.stride(1),
-        lora_b.stride(0), lora_b.stride(1),
-        z.stride(0), z.stride(1),
-        y.stride(0), y.stride(1),
-        u.stride(0), u.stride(1),
+        x.stride(0), weight.stride(0), lora_a.stride(0), lora_b.stride(0), z.stride(0), y.stride(0),
+        u.stride(0),
         HAS_BIAS=bias is not None, HAS_DB=delta_bias is not None, FOLD_DB=fold_db,
         NOISE=noise_mode, R=r_pad, UPCAST=upcast, PRECISION=precision,
     )
@@ -193,7 +180,7 @@ def _backward_impl(grad_y: torch.Tensor, x: torch.Tensor, u: torch.Tensor, weigh
     noise_mode = _noise_mode(noise, rows_per_noise, folds_db=True, has_db=False)
 
     def grid(meta):
-        if noise_mode == NOISE_SEGMENTS:
+        if noise_mode == NOISE_SEGMENTS.value:
             check_segment_tile(meta["BLOCK_M"], rows_per_noise)
         # Without dX only P = Gz B is computed: one program per row tile.
         col_tiles = triton.cdiv(k_in, meta["BLOCK_K"]) if need_dx else 1
@@ -202,13 +189,8 @@ def _backward_impl(grad_y: torch.Tensor, x: torch.Tensor, u: torch.Tensor, weigh
     wrap_triton(kernel)[grid](
         g, weight, lora_a, lora_b, z, dx_arg, p,
         n_rows, d_out, k_in, rank, max(rows_per_noise, 1),
-        g.stride(0), g.stride(1),
-        weight.stride(0), weight.stride(1),
-        lora_a.stride(0), lora_a.stride(1),
-        lora_b.stride(0), lora_b.stride(1),
-        z.stride(0), z.stride(1),
-        dx_arg.stride(0), dx_arg.stride(1),
-        p.stride(0), p.stride(1),
+        g.stride(0), weight.stride(0), lora_a.stride(0), lora_b.stride(0), z.stride(0), dx_arg.stride(0),
+        p.stride(0),
         NOISE=noise_mode, COMPUTE_DX=need_dx,
         R=padded_rank(rank), UPCAST=upcast, PRECISION=precision,
     )

@@ -8,9 +8,9 @@ import triton
 # wgmma), 80 A100 (163 KiB), 86 the 99 KiB parts (sm_86/sm_89: RTX 30xx/40xx, A10, L4, L40S).
 # Every entry compiles for its archs with tensor cores, no spills and within the shared memory at
 # rank <= 64 (``python -m pace_kernels.compile_check --arch N``); the first of each list is what
-# runs with autotuning off. Tiles are (BLOCK_M rows of X, BLOCK_N output features, BLOCK_K
-# reduction). The interpreter runs one small config instead (autotuning there would run every
-# config, slowly).
+# runs with autotuning off. The kernels share the names BLOCK_M/N/K but not their roles: each
+# table says what they mean for the kernels it serves. The interpreter runs one small config
+# instead (autotuning there would run every config, slowly).
 
 
 def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.Config:
@@ -23,15 +23,18 @@ def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.Config:
 # fp32 on sm_8x: tf32x3 holds its split operands in registers, so BLOCK_K 16 (64x64x32 spills).
 _SM8X_32 = [_cfg(64, 64, 16, 8, 3), _cfg(64, 32, 16, 4, 3)]
 
-# Noise-free GEMM against the merged weight (forward and dX).
+# Noise-free GEMM against the merged weight, forward and dX. Forward: BLOCK_M rows of X, BLOCK_N
+# output features, BLOCK_K the reduction over in features. dX: BLOCK_M rows of G, BLOCK_N in
+# features (columns of dX), BLOCK_K the reduction over output features.
 _PLAIN_16 = [_cfg(128, 128, 64, 8, 3), _cfg(128, 256, 64, 8, 3), _cfg(64, 128, 64, 4, 4)]
 # sm_8x: 128x256x64 spills on sm_86 with Triton 3.6.
 _PLAIN_SM8X_16 = [_cfg(128, 128, 64, 8, 3), _cfg(64, 128, 64, 4, 4)]
 PLAIN_CONFIGS_16 = {90: _PLAIN_16, 80: _PLAIN_SM8X_16, 86: _PLAIN_SM8X_16}
 PLAIN_CONFIGS_32 = {90: [_cfg(64, 64, 32, 4, 3)], 80: _SM8X_32, 86: _SM8X_32}
-# Per-sample tiles, by the tile height sample_plan chose (forward and dX). On sm_8x the dX kernel
-# spills at rank 64 with 64x128x64 and 64x256 tiles (and on sm_80 with 128x128x32 and 64x64x32 w4),
-# the forward (8 B) with 128x64x64.
+# Per-sample tiles, forward and dX, keyed by the tile height sample_plan chose (= BLOCK_M); the
+# blocks mean what they mean in the noise-free lists (BLOCK_K: in features in the forward, output
+# features in dX). On sm_8x the dX kernel spills at rank 64 with 64x128x64 and 64x256 tiles (and
+# on sm_80 with 128x128x32 and 64x64x32 w4), the forward (8 B) with 128x64x64.
 _SAMPLE_128_SM8X_16 = [_cfg(128, 64, 32, 8, 4)]
 _SAMPLE_64_SM8X_16 = [_cfg(64, 128, 32, 8, 4), _cfg(64, 128, 32, 8, 3)]
 SAMPLE_CONFIGS_16 = {
@@ -48,7 +51,8 @@ SAMPLE_CONFIGS_32 = {
     # sm_8x: 64x64x16 w8 (dX r64, sm_86) and 64x32x16 w4 (fwd r64, sm_80) spill 8 B with Triton 3.6.
     64: {90: [_cfg(64, 64, 32, 4, 3)], 80: _SAMPLE_64_SM8X_32, 86: _SAMPLE_64_SM8X_32},
 }
-# Two-GEMM form: two accumulators in the forward (so half the width), one in dX. The Hopper dX
+# Two-GEMM form: two accumulators in the forward (so half the width), one in dX; the blocks as in
+# the noise-free lists (BLOCK_N output features forward, in features in dX). The Hopper dX
 # configs need 122,880 and 172,032 bytes of shared memory on sm_86: three stages of 32-wide K there
 # (64x128x32 with 4 warps spills 12 B on sm_80).
 _TWO_GEMM_FWD_16 = [_cfg(128, 64, 64, 8, 3), _cfg(64, 64, 64, 4, 4)]
@@ -58,7 +62,8 @@ _TWO_GEMM_DX_SM8X_16 = [_cfg(128, 128, 32, 8, 3), _cfg(128, 64, 32, 8, 4)]
 TWO_GEMM_DX_CONFIGS_16 = {90: [_cfg(128, 128, 32, 8, 4), _cfg(64, 128, 64, 4, 4)], 80: _TWO_GEMM_DX_SM8X_16,
                           86: _TWO_GEMM_DX_SM8X_16}
 TWO_GEMM_DX_CONFIGS_32 = {90: [_cfg(64, 64, 32, 4, 3)], 80: _SM8X_32, 86: _SM8X_32}
-# dM = (Gz^T X) * W0: tiles of [D, K], reduction over the rows (every BLOCK_K divides 128).
+# dM = (Gz^T X) * W0: BLOCK_M output features (rows of dM), BLOCK_N in features (columns of dM),
+# BLOCK_K rows of G and X, the reduction (every BLOCK_K divides 128, the split granule).
 # sm_8x: 128x128x32 in four stages needs 102,400 B with Triton 3.6 (sm_86 has 101,376); 64x128x32 w4 s4
 # spills 12 B on sm_80 with Triton 3.6; fp32 64x64x32 w4 spills 52 B on sm_86.
 _DM_SM8X_16 = [_cfg(128, 128, 32, 8, 3), _cfg(128, 128, 64, 8, 2), _cfg(64, 128, 32, 4, 3)]

@@ -6,30 +6,15 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .._triton_utils import dot_acc, jit_helper
+from .._triton_utils import NOISE_GATHER, NOISE_SAMPLE, cdiv, dot_acc, grouped_tile, jit_helper
 
 # ------------------------------------------------------------------------------------------------
-# Kernels. Every kernel assumes unit stride along its tensors' last dimension (the ops make
-# them contiguous) and computes row offsets in int64: N*K and N*D may pass 2^31.
-
-
-@jit_helper
-def _cdiv(a, b):
-    # tl.cdiv is itself a jit function, which the interpreter re-patches on every call (~4 ms).
-    return (a + b - 1) // b
-
-
-@jit_helper
-def _grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
-    # Consecutive programs share weight column tiles across GROUP_M row tiles, so the weight
-    # (and W0*M) tiles they read stay in L2.
-    width = GROUP_M * num_pid_n
-    group = pid // width
-    first_m = group * GROUP_M
-    size_m = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % size_m
-    pid_n = (pid % width) // size_m
-    return pid_m, pid_n
+# Kernels. One convention with lora_add (docs/design.md section 9.1): operands are row-major (the
+# ops make them so), so only row strides are passed and the last dimension is addressed with unit
+# stride, which lets loads along it vectorise; row offsets are int64 (N*K and N*D may pass 2^31).
+# A GEMM tile wraps its output rows and columns into range for its loads (rows within the tile's
+# own sample), which then need a mask along the reduction only, and masks its stores; dM, which
+# sums over rows, masks them (a wrapped row would be counted twice) and its [D, K] tile too.
 
 
 @jit_helper
@@ -56,11 +41,12 @@ def _scale(g, z, UPCAST: tl.constexpr):
 @jit_helper
 def _segment_rows(pid_m, seg_len, seg_rows, BLOCK_M: tl.constexpr):
     # Row tiles never straddle two samples: tile pid_m covers rows local..local+BLOCK_M of sample
-    # `seg` (rows seg*seg_len + local), masked at seg_rows (rows past it belong to the tail).
-    tiles_per_seg = _cdiv(seg_rows, BLOCK_M)
+    # `seg` (rows seg*seg_len + local). Rows past seg_rows (the tail's, or the next sample's) wrap
+    # onto the sample's own rows for the loads; the returned mask drops them at the store.
+    tiles_per_seg = cdiv(seg_rows, BLOCK_M)
     seg = pid_m // tiles_per_seg
     local = (pid_m % tiles_per_seg) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rows = seg.to(tl.int64) * seg_len + local
+    rows = seg.to(tl.int64) * seg_len + local % seg_rows
     return rows, local < seg_rows, seg
 
 
@@ -68,9 +54,11 @@ def _segment_rows(pid_m, seg_len, seg_rows, BLOCK_M: tl.constexpr):
 def _mapped_rows(pid_m, n_rows, row_chunk, row_stride, row_off, BLOCK_M: tl.constexpr):
     # Logical row j is row (j // row_chunk) * row_stride + row_off + j % row_chunk: the identity
     # when row_chunk == n_rows (per-token noise), and "the last row_chunk rows of every sample"
-    # for the ragged tails of per-sample tiles (row_stride = T, row_off = T - row_chunk).
+    # for the ragged tails of per-sample tiles (row_stride = T, row_off = T - row_chunk). Rows past
+    # n_rows wrap onto valid ones for the loads; the returned mask drops them at the store.
     j = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rows = (j // row_chunk) * row_stride + row_off + j % row_chunk
+    jw = j % n_rows
+    rows = (jw // row_chunk) * row_stride + row_off + jw % row_chunk
     return rows, j < n_rows
 
 
@@ -79,15 +67,15 @@ def _lora_mul_fwd_kernel(
     x_ptr, w_ptr, a_ptr, b_ptr, z_ptr, bias_ptr, db_ptr, y_ptr,
     D, K, RANK, n_seg, seg_len, seg_rows,
     stride_xm, stride_wd, stride_ar, stride_bd, stride_zs, stride_ym,
-    PER_SAMPLE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DB: tl.constexpr,
+    NOISE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DB: tl.constexpr,
     R: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """``Y = X W^T + b0 + z db`` with one accumulator, loop over K.
 
-    PER_SAMPLE: every row tile lies in one sample b, and its weight ``W_b = W0 * (1 + z_b M)`` is
+    ``NOISE_SAMPLE``: every row tile lies in one sample b, and its weight ``W_b = W0 * (1 + z_b M)`` is
     built per K step from the ``W0`` tile and ``(z_b B) A``: an r-wide product whose left factor
-    ``z_b B`` is loaded (and scaled) once per program. Otherwise ``w_ptr`` holds the merged
+    ``z_b B`` is loaded (and scaled) once per program. ``NOISE_NONE``: ``w_ptr`` holds the merged
     noise-free weight ``W0 * (1 + M)`` (``n_seg = 1``, ``seg_len = seg_rows = N``).
 
     The tile is computed transposed, ``Y^T [BLOCK_N, BLOCK_M] = W [BLOCK_N, K] X^T``: the weight is
@@ -95,22 +83,21 @@ def _lora_mul_fwd_kernel(
     built there reaches the tensor cores without a round trip through shared memory.
     """
     pid = tl.program_id(0)
-    num_pid_m = n_seg * _cdiv(seg_rows, BLOCK_M)
-    num_pid_n = _cdiv(D, BLOCK_N)
-    pid_m, pid_n = _grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M)
+    num_pid_m = n_seg * cdiv(seg_rows, BLOCK_M)
+    num_pid_n = cdiv(D, BLOCK_N)
+    pid_m, pid_n = grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M)
     rows, row_ok, seg = _segment_rows(pid_m, seg_len, seg_rows, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < D
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = offs_n % D
     offs_k = tl.arange(0, BLOCK_K)
 
     xt_ptrs = x_ptr + rows[None, :] * stride_xm + offs_k[:, None]
     w_ptrs = w_ptr + cols[:, None].to(tl.int64) * stride_wd + offs_k[None, :]
-    if PER_SAMPLE:
+    if NOISE == NOISE_SAMPLE:
         offs_r = tl.arange(0, R)
         r_ok = offs_r < RANK
-        z = tl.load(z_ptr + seg.to(tl.int64) * stride_zs + cols, mask=col_ok, other=0.0).to(tl.float32)
-        zb = tl.load(b_ptr + cols[:, None] * stride_bd + offs_r[None, :],
-                     mask=col_ok[:, None] & r_ok[None, :], other=0.0)
+        z = tl.load(z_ptr + seg.to(tl.int64) * stride_zs + cols).to(tl.float32)
+        zb = tl.load(b_ptr + cols[:, None] * stride_bd + offs_r[None, :], mask=r_ok[None, :], other=0.0)
         zb = zb.to(tl.float32) * z[:, None]
         if not UPCAST:
             zb = zb.to(w_ptr.dtype.element_ty)
@@ -119,9 +106,9 @@ def _lora_mul_fwd_kernel(
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k_ok = offs_k < K - k0
-        xt = tl.load(xt_ptrs, mask=k_ok[:, None] & row_ok[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-        if PER_SAMPLE:
+        xt = tl.load(xt_ptrs, mask=k_ok[:, None], other=0.0)
+        w = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0)
+        if NOISE == NOISE_SAMPLE:
             a = tl.load(a_ptrs, mask=r_ok[:, None] & k_ok[None, :], other=0.0)
             zm = dot_acc(zb, a, tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32), UPCAST, PRECISION)
             w = _noisy_weight(w, zm, UPCAST)
@@ -131,14 +118,14 @@ def _lora_mul_fwd_kernel(
         w_ptrs += BLOCK_K
 
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[:, None]
+        acc += tl.load(bias_ptr + cols).to(tl.float32)[:, None]
     if HAS_DB:
-        db = tl.load(db_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-        if PER_SAMPLE:
+        db = tl.load(db_ptr + cols).to(tl.float32)
+        if NOISE == NOISE_SAMPLE:
             db = db * z
         acc += db[:, None]
-    y_ptrs = y_ptr + rows[None, :] * stride_ym + cols[:, None]
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=col_ok[:, None] & row_ok[None, :])
+    y_ptrs = y_ptr + rows[None, :] * stride_ym + offs_n[:, None]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(offs_n < D)[:, None] & row_ok[None, :])
 
 
 @triton.jit
@@ -151,14 +138,15 @@ def _lora_mul_fwd_two_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """``Y = X W0^T + b0 + z (X (W0*M)^T + db)`` with a noise row per row (per-token noise, or
-    the ragged tails of per-sample tiles): two accumulators, each as wide as BLOCK_N."""
+    the ragged tails of per-sample tiles): two accumulators, each as wide as BLOCK_N. The noise is
+    always gathered per row (``NOISE_GATHER``, the only mode, so no constexpr chooses it)."""
     pid = tl.program_id(0)
-    num_pid_m = _cdiv(n_rows, BLOCK_M)
-    num_pid_n = _cdiv(D, BLOCK_N)
-    pid_m, pid_n = _grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M)
+    num_pid_m = cdiv(n_rows, BLOCK_M)
+    num_pid_n = cdiv(D, BLOCK_N)
+    pid_m, pid_n = grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M)
     rows, row_ok = _mapped_rows(pid_m, n_rows, row_chunk, row_stride, row_off, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < D
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = offs_n % D
     offs_k = tl.arange(0, BLOCK_K)
 
     x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :]
@@ -168,24 +156,23 @@ def _lora_mul_fwd_two_gemm_kernel(
     acc_m = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k_ok = offs_k < K - k0
-        x = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-        wm = tl.load(wm_ptrs, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        x = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0)
+        wm = tl.load(wm_ptrs, mask=k_ok[None, :], other=0.0)
         acc_w = dot_acc(x, tl.trans(w), acc_w, UPCAST, PRECISION)
         acc_m = dot_acc(x, tl.trans(wm), acc_m, UPCAST, PRECISION)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
         wm_ptrs += BLOCK_K
 
-    out_ok = row_ok[:, None] & col_ok[None, :]
-    z = tl.load(z_ptr + (rows // rows_per_z)[:, None] * stride_zr + cols[None, :], mask=out_ok, other=0.0)
+    z = tl.load(z_ptr + (rows // rows_per_z)[:, None] * stride_zr + cols[None, :])
     if HAS_DB:
-        acc_m += tl.load(db_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        acc_m += tl.load(db_ptr + cols).to(tl.float32)[None, :]
     acc_w += z.to(tl.float32) * acc_m
     if HAS_BIAS:
-        acc_w += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + rows[:, None] * stride_ym + cols[None, :]
-    tl.store(y_ptrs, acc_w.to(y_ptr.dtype.element_ty), mask=out_ok)
+        acc_w += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + rows[:, None] * stride_ym + offs_n[None, :]
+    tl.store(y_ptrs, acc_w.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_n < D)[None, :])
 
 
 @triton.jit
@@ -193,31 +180,30 @@ def _lora_mul_dx_kernel(
     g_ptr, w_ptr, a_ptr, b_ptr, z_ptr, dx_ptr,
     D, K, RANK, n_seg, seg_len, seg_rows,
     stride_gm, stride_wd, stride_ar, stride_bd, stride_zs, stride_dxm,
-    PER_SAMPLE: tl.constexpr, R: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    NOISE: tl.constexpr, R: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """``dX = G W`` with one accumulator, loop over D (BLOCK_K of them per step); BLOCK_N spans in
-    features. PER_SAMPLE: ``W = W_b`` built per step as in the forward, now transposed:
+    features. ``NOISE_SAMPLE``: ``W = W_b`` built per step as in the forward, now transposed:
     ``W_b^T = W0^T * (1 + (A^T B^T) z_b)``, with ``A^T`` loaded once per program and the noise
-    along the reduction. Otherwise ``w_ptr`` is the merged noise-free weight. Computed
+    along the reduction. ``NOISE_NONE``: ``w_ptr`` is the merged noise-free weight. Computed
     transposed, ``dX^T [BLOCK_N, BLOCK_M] = W^T G^T``, for the forward's reason.
     """
     pid = tl.program_id(0)
-    num_pid_m = n_seg * _cdiv(seg_rows, BLOCK_M)
-    num_pid_n = _cdiv(K, BLOCK_N)
-    pid_m, pid_n = _grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M)
+    num_pid_m = n_seg * cdiv(seg_rows, BLOCK_M)
+    num_pid_n = cdiv(K, BLOCK_N)
+    pid_m, pid_n = grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M)
     rows, row_ok, seg = _segment_rows(pid_m, seg_len, seg_rows, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < K
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = offs_n % K
     offs_d = tl.arange(0, BLOCK_K)
 
     gt_ptrs = g_ptr + rows[None, :] * stride_gm + offs_d[:, None]
     wt_ptrs = w_ptr + offs_d[None, :].to(tl.int64) * stride_wd + cols[:, None]
-    if PER_SAMPLE:
+    if NOISE == NOISE_SAMPLE:
         offs_r = tl.arange(0, R)
         r_ok = offs_r < RANK
-        at = tl.load(a_ptr + offs_r[None, :] * stride_ar + cols[:, None],
-                     mask=col_ok[:, None] & r_ok[None, :], other=0.0)
+        at = tl.load(a_ptr + offs_r[None, :] * stride_ar + cols[:, None], mask=r_ok[None, :], other=0.0)
         if UPCAST:
             at = at.to(tl.float32)
         bt_ptrs = b_ptr + offs_d[None, :] * stride_bd + offs_r[:, None]
@@ -226,9 +212,9 @@ def _lora_mul_dx_kernel(
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_K):
         d_ok = offs_d < D - d0
-        gt = tl.load(gt_ptrs, mask=d_ok[:, None] & row_ok[None, :], other=0.0)
-        wt = tl.load(wt_ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        if PER_SAMPLE:
+        gt = tl.load(gt_ptrs, mask=d_ok[:, None], other=0.0)
+        wt = tl.load(wt_ptrs, mask=d_ok[None, :], other=0.0)
+        if NOISE == NOISE_SAMPLE:
             bt = tl.load(bt_ptrs, mask=r_ok[:, None] & d_ok[None, :], other=0.0)
             z = tl.load(z_ptrs, mask=d_ok, other=0.0).to(tl.float32)
             mt = dot_acc(at, bt, tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32), UPCAST, PRECISION)
@@ -239,8 +225,8 @@ def _lora_mul_dx_kernel(
         gt_ptrs += BLOCK_K
         wt_ptrs += BLOCK_K * stride_wd
 
-    dx_ptrs = dx_ptr + rows[None, :] * stride_dxm + cols[:, None]
-    tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=col_ok[:, None] & row_ok[None, :])
+    dx_ptrs = dx_ptr + rows[None, :] * stride_dxm + offs_n[:, None]
+    tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=(offs_n < K)[:, None] & row_ok[None, :])
 
 
 @triton.jit
@@ -251,15 +237,15 @@ def _lora_mul_dx_two_gemm_kernel(
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """``dX = G W0 + Gz (W0*M)`` with a noise row per row: both products go into one
-    accumulator (a GEMM over the concatenated reduction [G, Gz] x [W0; W0*M])."""
+    """``dX = G W0 + Gz (W0*M)`` with a noise row per row (``NOISE_GATHER``, the only mode): both
+    products go into one accumulator (a GEMM over the concatenated reduction [G, Gz] x [W0; W0*M])."""
     pid = tl.program_id(0)
-    num_pid_m = _cdiv(n_rows, BLOCK_M)
-    num_pid_n = _cdiv(K, BLOCK_N)
-    pid_m, pid_n = _grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M)
+    num_pid_m = cdiv(n_rows, BLOCK_M)
+    num_pid_n = cdiv(K, BLOCK_N)
+    pid_m, pid_n = grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M)
     rows, row_ok = _mapped_rows(pid_m, n_rows, row_chunk, row_stride, row_off, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < K
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = offs_n % K
     offs_d = tl.arange(0, BLOCK_K)
 
     g_ptrs = g_ptr + rows[:, None] * stride_gm + offs_d[None, :]
@@ -269,11 +255,10 @@ def _lora_mul_dx_two_gemm_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_K):
         d_ok = offs_d < D - d0
-        g_mask = row_ok[:, None] & d_ok[None, :]
-        g = tl.load(g_ptrs, mask=g_mask, other=0.0)
-        z = tl.load(z_ptrs, mask=g_mask, other=0.0).to(tl.float32)
-        w = tl.load(w_ptrs, mask=d_ok[:, None] & col_ok[None, :], other=0.0)
-        wm = tl.load(wm_ptrs, mask=d_ok[:, None] & col_ok[None, :], other=0.0)
+        g = tl.load(g_ptrs, mask=d_ok[None, :], other=0.0)
+        z = tl.load(z_ptrs, mask=d_ok[None, :], other=0.0).to(tl.float32)
+        w = tl.load(w_ptrs, mask=d_ok[:, None], other=0.0)
+        wm = tl.load(wm_ptrs, mask=d_ok[:, None], other=0.0)
         acc = dot_acc(g, w, acc, UPCAST, PRECISION)
         acc = dot_acc(_scale(g, z, UPCAST), wm, acc, UPCAST, PRECISION)
         g_ptrs += BLOCK_K
@@ -281,8 +266,8 @@ def _lora_mul_dx_two_gemm_kernel(
         w_ptrs += BLOCK_K * stride_wd
         wm_ptrs += BLOCK_K * stride_wd
 
-    dx_ptrs = dx_ptr + rows[:, None] * stride_dxm + cols[None, :]
-    tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    dx_ptrs = dx_ptr + rows[:, None] * stride_dxm + offs_n[None, :]
+    tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_n < K)[None, :])
 
 
 @triton.jit
@@ -290,22 +275,23 @@ def _lora_mul_dm_kernel(
     g_ptr, x_ptr, z_ptr, w_ptr, dm_ptr, ddb_ptr,
     N, D, K, rows_per_z, rows_per_split,
     stride_gm, stride_xm, stride_zr, stride_wd, stride_dms, stride_dmd, stride_ddbs,
-    HAS_Z: tl.constexpr, HAS_DB: tl.constexpr, SCALE_W: tl.constexpr,
+    NOISE: tl.constexpr, HAS_DB: tl.constexpr, SCALE_W: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """``Gz^T X`` over the rows of split ``program_id(1)`` (``rows_per_split`` of them), tile
-    [out features, in features], fp32, into slot ``s`` of ``dm`` (``[S, D, K]``); ``Gz = z G`` is
-    formed per step from the gathered noise rows (``row // rows_per_z``). The programs of the first
+    [out features, in features], fp32, into slot ``s`` of ``dm`` (``[S, D, K]``); ``NOISE_GATHER``:
+    ``Gz = z G`` is formed per step from the gathered noise rows (``row // rows_per_z``);
+    ``NOISE_NONE``: ``Gz = G``. The programs of the first
     column tile also sum the split's ``Gz`` over rows into slot ``s`` of ``ddb`` (``[S, D]``): the
     partial ``d db = colsum(Gz)``. SCALE_W (one split): the tile is the whole sum and is multiplied
     by ``W0`` here, ``dM = (Gz^T X) * W0``; otherwise the launcher sums the slots in a fixed order
     and multiplies after. Each slot element has exactly one owner: no atomics."""
     pid = tl.program_id(0)
     pid_s = tl.program_id(1)
-    num_pid_m = _cdiv(D, BLOCK_M)
-    num_pid_n = tl.maximum(_cdiv(K, BLOCK_N), 1)  # as the grid: one column tile sums d db when K == 0
-    pid_m, pid_n = _grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M)
+    num_pid_m = cdiv(D, BLOCK_M)
+    num_pid_n = tl.maximum(cdiv(K, BLOCK_N), 1)  # as the grid: one column tile sums d db when K == 0
+    pid_m, pid_n = grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M)
     offs_d = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     d_ok = offs_d < D
     offs_k = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -322,7 +308,7 @@ def _lora_mul_dm_kernel(
         r = rows + n0
         r_ok = r < row_end
         g = tl.load(g_ptrs, mask=r_ok[:, None] & d_ok[None, :], other=0.0)
-        if HAS_Z:
+        if NOISE == NOISE_GATHER:
             z_ptrs = z_ptr + (r // rows_per_z)[:, None] * stride_zr + offs_d[None, :]
             z = tl.load(z_ptrs, mask=r_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
             g = _scale(g, z, UPCAST)

@@ -10,6 +10,9 @@ import torch
 import triton
 
 from .._triton_utils import (
+    NOISE_GATHER,
+    NOISE_NONE,
+    NOISE_SAMPLE,
     autotune_for_device,
     contiguous_or_none,
     dot_flags,
@@ -216,7 +219,7 @@ def _forward_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
             x, w, w, w, y, bias_arg, db_arg, y,
             d_out, k_in, rank, 1, n_rows, n_rows,
             x.stride(0), w.stride(0), 0, 0, 0, y.stride(0),
-            PER_SAMPLE=False, R=16, **flags,
+            NOISE=NOISE_NONE.value, R=16, **flags,
         )
         return y
 
@@ -233,7 +236,7 @@ def _forward_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
          d_out, k_in, n_seg * plan.tail_rows, plan.tail_rows, seg_len, seg_len - plan.tail_rows, seg_len,
          x.stride(0), weight.stride(0), noise.stride(0), y.stride(0)),
         d_out,
-        dict(sample=dict(PER_SAMPLE=True, R=padded_rank(rank), **flags), two_gemm=flags),
+        dict(sample=dict(NOISE=NOISE_SAMPLE.value, R=padded_rank(rank), **flags), two_gemm=flags),
     )
     return y
 
@@ -283,8 +286,8 @@ def _backward_impl(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
             n_rows, d_out, k_in, max(rows_per_noise, 1), rows_per_split,
             g.stride(0), x.stride(0), z.stride(0), weight.stride(0), dm.stride(0), dm.stride(1),
             db32.stride(0),
-            HAS_Z=noise is not None, HAS_DB=need_db, SCALE_W=splits == 1, UPCAST=upcast,
-            PRECISION=precision,
+            NOISE=(NOISE_NONE if noise is None else NOISE_GATHER).value, HAS_DB=need_db, SCALE_W=splits == 1,
+            UPCAST=upcast, PRECISION=precision,
         )
         if splits == 1:
             dm, db32 = dm[0], db32[0]
@@ -314,7 +317,7 @@ def _backward_impl(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
                 g, w, w, w, g, dx,
                 d_out, k_in, rank, 1, n_rows, n_rows,
                 g.stride(0), w.stride(0), 0, 0, 0, dx.stride(0),
-                PER_SAMPLE=False, R=16, **consts,
+                NOISE=NOISE_NONE.value, R=16, **consts,
             )
         else:
             seg_len = rows_per_noise
@@ -331,7 +334,7 @@ def _backward_impl(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
                  d_out, k_in, n_seg * plan.tail_rows, plan.tail_rows, seg_len, seg_len - plan.tail_rows,
                  seg_len, g.stride(0), weight.stride(0), noise.stride(0), dx.stride(0)),
                 k_in,
-                dict(sample=dict(PER_SAMPLE=True, R=padded_rank(rank), **consts), two_gemm=consts),
+                dict(sample=dict(NOISE=NOISE_SAMPLE.value, R=padded_rank(rank), **consts), two_gemm=consts),
             )
     if d_lora_a is None:
         d_lora_a, d_lora_b = torch.zeros_like(lora_a), torch.zeros_like(lora_b)

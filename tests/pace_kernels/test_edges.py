@@ -324,3 +324,30 @@ def test_op_bodies_have_hints_torch_can_read(module: str) -> None:
     op = importlib.import_module(f"pace_kernels.{module}.op")
     for fn in (op._forward_impl, op._backward_impl):
         torch.library.infer_schema(fn, mutates_args=())
+
+
+def test_kernels_share_one_tile_order_and_one_noise_vocabulary() -> None:
+    """Issue 11 item 5 (docs/design.md section 9.1): both families order their tiles with the one
+    ``grouped_tile`` and choose their noise variant with one ``NOISE`` constexpr whose values are the
+    shared ``NOISE_*`` names (no ``PER_SAMPLE`` / ``HAS_Z`` / ``HAS_NOISE`` flags of their own)."""
+    from pace_kernels import _triton_utils
+    from pace_kernels.lora_add import kernels as add_kernels
+    from pace_kernels.lora_add import op as add_op
+    from pace_kernels.lora_mul import kernels as mul_kernels
+
+    assert add_kernels.grouped_tile is mul_kernels.grouped_tile is _triton_utils.grouped_tile
+    assert not hasattr(add_kernels, "_tile_ids")
+    kernels = {name: getattr(m, name) for m in (add_kernels, mul_kernels) for name in dir(m)
+               if isinstance(getattr(m, name), triton.runtime.KernelInterface) and name.endswith("_kernel")}
+    with_noise = {name for name, kernel in kernels.items() if "NOISE" in kernel.arg_names}
+    assert with_noise == {"_fwd_kernel", "_bwd_dx_kernel", "_rank_grad_kernel", "_lora_mul_fwd_kernel",
+                          "_lora_mul_dx_kernel", "_lora_mul_dm_kernel"}
+    for name, kernel in kernels.items():
+        assert not {"PER_SAMPLE", "HAS_Z", "HAS_NOISE"} & set(kernel.arg_names), name
+    modes = {_triton_utils.NOISE_NONE.value, _triton_utils.NOISE_GATHER.value,
+             _triton_utils.NOISE_SEGMENTS.value, _triton_utils.NOISE_SAMPLE.value}
+    assert len(modes) == 4
+    z = torch.ones(1)
+    assert add_op._noise_mode(None, 200, folds_db=True, has_db=True) == _triton_utils.NOISE_NONE.value
+    assert add_op._noise_mode(z, 200, folds_db=True, has_db=True) == _triton_utils.NOISE_SEGMENTS.value
+    assert add_op._noise_mode(z, 5, folds_db=True, has_db=True) == _triton_utils.NOISE_GATHER.value
