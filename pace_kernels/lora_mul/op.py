@@ -158,13 +158,12 @@ def _adapter_weight(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Te
 
 FACTOR_BUILD_MAX_ROWS = 2048
 """Most rows for which the two-GEMM kernels build their ``W0*M`` tiles from the factors (one r-wide
-product per row-tile program and K step) instead of reading a ``W0*M`` buffer that two torch ops
-build first. Building costs ``cdiv(rows, BLOCK_M) * 2 D K R`` MMA FLOPs; the buffer costs two
-launches, a ``D x K`` transient and about five ``D x K`` passes of memory traffic. At an H100's
-rates the build is the cheaper up to about 90 row tiles at 16-bit operands and 30 at fp32's
-three-pass dots, so up to 2,048 rows (32 tiles of 64 rows) on either: the ragged tails of
-per-sample tiles (5 rows per sample at ViT's T = 197) and short per-token calls; long per-token
-calls keep the buffer (docs/design.md section 9.3)."""
+product per row-tile program and K step) instead of reading a ``W0*M`` buffer that ``mm`` and
+``mul_`` build first. The build costs ``cdiv(rows, BLOCK_M) * 2 D K R`` more MMA FLOPs; the buffer
+costs two launches, a ``D x K`` transient and four ``D x K`` passes of memory traffic. At an H100's
+rates the build is cheaper up to about 75 row tiles with 16-bit operands and 25 with fp32's
+tf32x3 dots (docs/design.md section 9.3, "The ragged tails"): 2,048 rows takes every ViT tail
+(5 rows per sample at T = 197) and short per-token calls; long per-token calls keep the buffer."""
 
 
 DM_SPLIT_TARGET_PROGRAMS = 2 * 132
