@@ -246,7 +246,7 @@ def _forward_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     n_seg = n_rows // seg_len
     plan = sample_plan(seg_len, SAMPLE_BLOCK_MS)
     tail_rows = n_seg * plan.tail_rows
-    factors = tail_rows <= FACTOR_BUILD_MAX_ROWS
+    factors = bool(tail_rows <= FACTOR_BUILD_MAX_ROWS)  # a constexpr: a plain bool under tracing too
     wm = weight if factors or not tail_rows else _adapter_weight(weight, lora_a, lora_b, merged=False)
     _launch_rows_kernels(
         "fwd", operand_bits, plan, n_seg, seg_len,
@@ -346,7 +346,7 @@ def _backward_impl(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
             n_seg = n_rows // seg_len
             plan = sample_plan(seg_len, SAMPLE_BLOCK_MS)
             tail_rows = n_seg * plan.tail_rows
-            factors = tail_rows <= FACTOR_BUILD_MAX_ROWS
+            factors = bool(tail_rows <= FACTOR_BUILD_MAX_ROWS)  # a constexpr: a plain bool under tracing too
             wm = weight if factors or not tail_rows else _adapter_weight(weight, lora_a, lora_b, merged=False)
             _launch_rows_kernels(
                 "dx", operand_bits, plan, n_seg, seg_len,
