@@ -18,6 +18,10 @@ from ..lora_mul.configs import (
     SAMPLE_CONFIGS_32,
     TWO_GEMM_DX_CONFIGS_16,
     TWO_GEMM_DX_CONFIGS_32,
+    TWO_GEMM_FACTORS_DX_CONFIGS_16,
+    TWO_GEMM_FACTORS_DX_CONFIGS_32,
+    TWO_GEMM_FACTORS_FWD_CONFIGS_16,
+    TWO_GEMM_FACTORS_FWD_CONFIGS_32,
     TWO_GEMM_FWD_CONFIGS_16,
     TWO_GEMM_FWD_CONFIGS_32,
 )
@@ -75,19 +79,34 @@ def compile_specs(arch: int = 90) -> list[CompileSpec]:
                                             **common), cfg, dtype, fwd_div))
                     specs.append(_spec(f"lora_mul_dx per-sample r{r}", _lora_mul_dx_kernel, dx_sig,
                                        dict(NOISE=NOISE_SAMPLE.value, R=r, **common), cfg, dtype, dx_div))
-        for cfg in configs_for_arch(TWO_GEMM_FWD_CONFIGS_32 if fp32 else TWO_GEMM_FWD_CONFIGS_16, arch):
-            sig = dict(x_ptr=f"*{t}", w_ptr=f"*{t}", wm_ptr=f"*{t}", z_ptr="*fp32", bias_ptr=f"*{t}",
-                       db_ptr=f"*{t}", y_ptr=f"*{t}", **rows_args, stride_xm="i32", stride_wd="i32",
-                       stride_zr="i32", stride_ym="i32")
-            specs.append(_spec("lora_mul_fwd two-GEMM", _lora_mul_fwd_two_gemm_kernel, sig,
-                               dict(HAS_BIAS=True, HAS_DB=True, **common), cfg, dtype,
-                               ("D", "K", "stride_xm", "stride_wd", "stride_zr", "stride_ym")))
-        for cfg in configs_for_arch(TWO_GEMM_DX_CONFIGS_32 if fp32 else TWO_GEMM_DX_CONFIGS_16, arch):
-            sig = dict(g_ptr=f"*{t}", w_ptr=f"*{t}", wm_ptr=f"*{t}", z_ptr="*fp32", dx_ptr=f"*{t}",
-                       **rows_args, stride_gm="i32", stride_wd="i32", stride_zr="i32", stride_dxm="i32")
-            specs.append(_spec("lora_mul_dx two-GEMM", _lora_mul_dx_two_gemm_kernel, sig, dict(common), cfg,
-                               dtype,
-                               ("D", "K", "stride_gm", "stride_wd", "stride_zr", "stride_dxm")))
+        # The two-GEMM kernels read a W0*M buffer or build it from the factors (the launcher's
+        # choice by row count; each has its config lists), the build at padded rank 16 and 64.
+        fwd_lists = {False: TWO_GEMM_FWD_CONFIGS_32 if fp32 else TWO_GEMM_FWD_CONFIGS_16,
+                     True: TWO_GEMM_FACTORS_FWD_CONFIGS_32 if fp32 else TWO_GEMM_FACTORS_FWD_CONFIGS_16}
+        dx_lists = {False: TWO_GEMM_DX_CONFIGS_32 if fp32 else TWO_GEMM_DX_CONFIGS_16,
+                    True: TWO_GEMM_FACTORS_DX_CONFIGS_32 if fp32 else TWO_GEMM_FACTORS_DX_CONFIGS_16}
+        two_fwd_sig = dict(x_ptr=f"*{t}", w_ptr=f"*{t}", wm_ptr=f"*{t}", a_ptr=f"*{t}", b_ptr=f"*{t}",
+                           z_ptr="*fp32", bias_ptr=f"*{t}", db_ptr=f"*{t}", y_ptr=f"*{t}", RANK="i32",
+                           **rows_args, stride_xm="i32", stride_wd="i32", stride_ar="i32", stride_bd="i32",
+                           stride_zr="i32", stride_ym="i32")
+        two_dx_sig = dict(g_ptr=f"*{t}", w_ptr=f"*{t}", wm_ptr=f"*{t}", a_ptr=f"*{t}", b_ptr=f"*{t}",
+                          z_ptr="*fp32", dx_ptr=f"*{t}", RANK="i32", **rows_args, stride_gm="i32",
+                          stride_wd="i32", stride_ar="i32", stride_bd="i32", stride_zr="i32",
+                          stride_dxm="i32")
+        two_fwd_div = ("D", "K", "stride_xm", "stride_wd", "stride_ar", "stride_zr", "stride_ym")
+        two_dx_div = ("D", "K", "stride_gm", "stride_wd", "stride_ar", "stride_zr", "stride_dxm")
+        # (Row names: "lora_mul_dx two-GEMM" is the buffer kernel alone, as `--only` matches substrings.)
+        modes = ((False, 16, "two-GEMM"), (True, 16, "factors two-GEMM r16"),
+                 (True, 64, "factors two-GEMM r64"))
+        for factors, r, label in modes:
+            for cfg in configs_for_arch(fwd_lists[factors], arch):
+                specs.append(_spec(f"lora_mul_fwd {label}", _lora_mul_fwd_two_gemm_kernel,
+                                   two_fwd_sig,
+                                   dict(HAS_BIAS=True, HAS_DB=True, FACTORS=factors, R=r, **common),
+                                   cfg, dtype, two_fwd_div))
+            for cfg in configs_for_arch(dx_lists[factors], arch):
+                specs.append(_spec(f"lora_mul_dx {label}", _lora_mul_dx_two_gemm_kernel, two_dx_sig,
+                                   dict(FACTORS=factors, R=r, **common), cfg, dtype, two_dx_div))
         for cfg in configs_for_arch(DM_CONFIGS_32 if fp32 else DM_CONFIGS_16, arch):
             sig = dict(g_ptr=f"*{t}", x_ptr=f"*{t}", z_ptr="*fp32", w_ptr=f"*{t}", dm_ptr="*fp32",
                        ddb_ptr="*fp32", N="i32", D="i32", K="i32", rows_per_z="i32", rows_per_split="i32",

@@ -128,18 +128,30 @@ def _lora_mul_fwd_kernel(
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(offs_n < D)[:, None] & row_ok[None, :])
 
 
+@jit_helper
+def _masked_adapter(w, m):
+    # W0*M from the W0 tile and the fp32 product tile M, rounded as the reference rounds both
+    # (M to the operand dtype, then W0*M): the tail rows then round as the buffer they replace did.
+    m = m.to(w.dtype).to(tl.float32)
+    return (w.to(tl.float32) * m).to(w.dtype)
+
+
 @triton.jit
 def _lora_mul_fwd_two_gemm_kernel(
-    x_ptr, w_ptr, wm_ptr, z_ptr, bias_ptr, db_ptr, y_ptr,
-    D, K, n_rows, row_chunk, row_stride, row_off, rows_per_z,
-    stride_xm, stride_wd, stride_zr, stride_ym,
-    HAS_BIAS: tl.constexpr, HAS_DB: tl.constexpr,
+    x_ptr, w_ptr, wm_ptr, a_ptr, b_ptr, z_ptr, bias_ptr, db_ptr, y_ptr,
+    D, K, RANK, n_rows, row_chunk, row_stride, row_off, rows_per_z,
+    stride_xm, stride_wd, stride_ar, stride_bd, stride_zr, stride_ym,
+    HAS_BIAS: tl.constexpr, HAS_DB: tl.constexpr, FACTORS: tl.constexpr, R: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """``Y = X W0^T + b0 + z (X (W0*M)^T + db)`` with a noise row per row (per-token noise, or
     the ragged tails of per-sample tiles): two accumulators, each as wide as BLOCK_N. The noise is
-    always gathered per row (``NOISE_GATHER``, the only mode, so no constexpr chooses it)."""
+    always gathered per row (``NOISE_GATHER``, the only mode, so no constexpr chooses it).
+
+    FACTORS: the ``W0*M`` tile is built per K step from the ``W0`` tile and ``B A`` (an r-wide
+    product; the ``B`` rows are loaded once per program), so no ``D x K`` buffer exists; otherwise
+    ``wm_ptr`` holds ``W0*M`` (the launcher's choice, docs/design.md section 9.3)."""
     pid = tl.program_id(0)
     num_pid_m = cdiv(n_rows, BLOCK_M)
     num_pid_n = cdiv(D, BLOCK_N)
@@ -151,19 +163,33 @@ def _lora_mul_fwd_two_gemm_kernel(
 
     x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :]
     w_ptrs = w_ptr + cols[:, None].to(tl.int64) * stride_wd + offs_k[None, :]
-    wm_ptrs = wm_ptr + cols[:, None].to(tl.int64) * stride_wd + offs_k[None, :]
+    if FACTORS:
+        offs_r = tl.arange(0, R)
+        r_ok = offs_r < RANK
+        b = tl.load(b_ptr + cols[:, None] * stride_bd + offs_r[None, :], mask=r_ok[None, :], other=0.0)
+        if UPCAST:
+            b = b.to(tl.float32)
+        a_ptrs = a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :]
+    else:
+        wm_ptrs = wm_ptr + cols[:, None].to(tl.int64) * stride_wd + offs_k[None, :]
     acc_w = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_m = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k_ok = offs_k < K - k0
         x = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0)
-        wm = tl.load(wm_ptrs, mask=k_ok[None, :], other=0.0)
+        if FACTORS:
+            a = tl.load(a_ptrs, mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+            m = dot_acc(b, a, tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32), UPCAST, PRECISION)
+            wm = _masked_adapter(w, m)
+            a_ptrs += BLOCK_K
+        else:
+            wm = tl.load(wm_ptrs, mask=k_ok[None, :], other=0.0)
+            wm_ptrs += BLOCK_K
         acc_w = dot_acc(x, tl.trans(w), acc_w, UPCAST, PRECISION)
         acc_m = dot_acc(x, tl.trans(wm), acc_m, UPCAST, PRECISION)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
-        wm_ptrs += BLOCK_K
 
     z = tl.load(z_ptr + (rows // rows_per_z)[:, None] * stride_zr + cols[None, :])
     if HAS_DB:
@@ -231,14 +257,16 @@ def _lora_mul_dx_kernel(
 
 @triton.jit
 def _lora_mul_dx_two_gemm_kernel(
-    g_ptr, w_ptr, wm_ptr, z_ptr, dx_ptr,
-    D, K, n_rows, row_chunk, row_stride, row_off, rows_per_z,
-    stride_gm, stride_wd, stride_zr, stride_dxm,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    g_ptr, w_ptr, wm_ptr, a_ptr, b_ptr, z_ptr, dx_ptr,
+    D, K, RANK, n_rows, row_chunk, row_stride, row_off, rows_per_z,
+    stride_gm, stride_wd, stride_ar, stride_bd, stride_zr, stride_dxm,
+    FACTORS: tl.constexpr, R: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """``dX = G W0 + Gz (W0*M)`` with a noise row per row (``NOISE_GATHER``, the only mode): both
-    products go into one accumulator (a GEMM over the concatenated reduction [G, Gz] x [W0; W0*M])."""
+    products go into one accumulator (a GEMM over the concatenated reduction [G, Gz] x [W0; W0*M]).
+    FACTORS: the ``W0*M`` tile is built per step from ``B`` rows and the ``A`` columns loaded once
+    per program, as in the forward."""
     pid = tl.program_id(0)
     num_pid_m = cdiv(n_rows, BLOCK_M)
     num_pid_n = cdiv(K, BLOCK_N)
@@ -251,20 +279,34 @@ def _lora_mul_dx_two_gemm_kernel(
     g_ptrs = g_ptr + rows[:, None] * stride_gm + offs_d[None, :]
     z_ptrs = z_ptr + (rows // rows_per_z)[:, None] * stride_zr + offs_d[None, :]
     w_ptrs = w_ptr + offs_d[:, None].to(tl.int64) * stride_wd + cols[None, :]
-    wm_ptrs = wm_ptr + offs_d[:, None].to(tl.int64) * stride_wd + cols[None, :]
+    if FACTORS:
+        offs_r = tl.arange(0, R)
+        r_ok = offs_r < RANK
+        a = tl.load(a_ptr + offs_r[:, None] * stride_ar + cols[None, :], mask=r_ok[:, None], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+        b_ptrs = b_ptr + offs_d[:, None] * stride_bd + offs_r[None, :]
+    else:
+        wm_ptrs = wm_ptr + offs_d[:, None].to(tl.int64) * stride_wd + cols[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_K):
         d_ok = offs_d < D - d0
         g = tl.load(g_ptrs, mask=d_ok[None, :], other=0.0)
         z = tl.load(z_ptrs, mask=d_ok[None, :], other=0.0).to(tl.float32)
         w = tl.load(w_ptrs, mask=d_ok[:, None], other=0.0)
-        wm = tl.load(wm_ptrs, mask=d_ok[:, None], other=0.0)
+        if FACTORS:
+            b = tl.load(b_ptrs, mask=d_ok[:, None] & r_ok[None, :], other=0.0)
+            m = dot_acc(b, a, tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32), UPCAST, PRECISION)
+            wm = _masked_adapter(w, m)
+            b_ptrs += BLOCK_K * stride_bd
+        else:
+            wm = tl.load(wm_ptrs, mask=d_ok[:, None], other=0.0)
+            wm_ptrs += BLOCK_K * stride_wd
         acc = dot_acc(g, w, acc, UPCAST, PRECISION)
         acc = dot_acc(_scale(g, z, UPCAST), wm, acc, UPCAST, PRECISION)
         g_ptrs += BLOCK_K
         z_ptrs += BLOCK_K
         w_ptrs += BLOCK_K * stride_wd
-        wm_ptrs += BLOCK_K * stride_wd
 
     dx_ptrs = dx_ptr + rows[:, None] * stride_dxm + offs_n[None, :]
     tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_n < K)[None, :])

@@ -32,6 +32,10 @@ from .configs import (
     SAMPLE_CONFIGS_32,
     TWO_GEMM_DX_CONFIGS_16,
     TWO_GEMM_DX_CONFIGS_32,
+    TWO_GEMM_FACTORS_DX_CONFIGS_16,
+    TWO_GEMM_FACTORS_DX_CONFIGS_32,
+    TWO_GEMM_FACTORS_FWD_CONFIGS_16,
+    TWO_GEMM_FACTORS_FWD_CONFIGS_32,
     TWO_GEMM_FWD_CONFIGS_16,
     TWO_GEMM_FWD_CONFIGS_32,
 )
@@ -118,10 +122,17 @@ for _bm in SAMPLE_BLOCK_MS:
         _by_arch = _table.get(_bm, {90: [_INTERP_CONFIG]})
         _fwd_sample[_operand_bits, _bm] = _tune(_lora_mul_fwd_kernel, _by_arch, _SEG_KEY)
         _dx_sample[_operand_bits, _bm] = _tune(_lora_mul_dx_kernel, _by_arch, _SEG_KEY)
-_fwd_two_gemm = {16: _tune(_lora_mul_fwd_two_gemm_kernel, TWO_GEMM_FWD_CONFIGS_16, _ROWS_KEY),
-                 32: _tune(_lora_mul_fwd_two_gemm_kernel, TWO_GEMM_FWD_CONFIGS_32, _ROWS_KEY)}
-_dx_two_gemm = {16: _tune(_lora_mul_dx_two_gemm_kernel, TWO_GEMM_DX_CONFIGS_16, _ROWS_KEY),
-                32: _tune(_lora_mul_dx_two_gemm_kernel, TWO_GEMM_DX_CONFIGS_32, _ROWS_KEY)}
+# Keyed by (operand bits, FACTORS): building W0*M in the kernel has config lists of its own.
+_fwd_two_gemm = {
+    (16, False): _tune(_lora_mul_fwd_two_gemm_kernel, TWO_GEMM_FWD_CONFIGS_16, _ROWS_KEY),
+    (32, False): _tune(_lora_mul_fwd_two_gemm_kernel, TWO_GEMM_FWD_CONFIGS_32, _ROWS_KEY),
+    (16, True): _tune(_lora_mul_fwd_two_gemm_kernel, TWO_GEMM_FACTORS_FWD_CONFIGS_16, _ROWS_KEY),
+    (32, True): _tune(_lora_mul_fwd_two_gemm_kernel, TWO_GEMM_FACTORS_FWD_CONFIGS_32, _ROWS_KEY)}
+_dx_two_gemm = {
+    (16, False): _tune(_lora_mul_dx_two_gemm_kernel, TWO_GEMM_DX_CONFIGS_16, _ROWS_KEY),
+    (32, False): _tune(_lora_mul_dx_two_gemm_kernel, TWO_GEMM_DX_CONFIGS_32, _ROWS_KEY),
+    (16, True): _tune(_lora_mul_dx_two_gemm_kernel, TWO_GEMM_FACTORS_DX_CONFIGS_16, _ROWS_KEY),
+    (32, True): _tune(_lora_mul_dx_two_gemm_kernel, TWO_GEMM_FACTORS_DX_CONFIGS_32, _ROWS_KEY)}
 _dm = {16: _tune(_lora_mul_dm_kernel, DM_CONFIGS_16, ("N", "D", "K")),
        32: _tune(_lora_mul_dm_kernel, DM_CONFIGS_32, ("N", "D", "K"))}
 
@@ -138,14 +149,24 @@ def _kernel_flags(dtype: torch.dtype) -> tuple[int, bool, str]:
 
 def _adapter_weight(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
                     merged: bool) -> torch.Tensor:
-    """The call's one transient ``D x K``: ``W0*M`` for the two-GEMM kernels, or the merged
-    ``W0*(1+M)`` for the noise-free GEMM. ``M`` and ``W0*M`` are rounded to the operand dtype as
-    the reference rounds them."""
+    """The call's one transient ``D x K``: ``W0*M`` for the two-GEMM kernels when they do not
+    build it (:data:`FACTOR_BUILD_MAX_ROWS`), or the merged ``W0*(1+M)`` for the noise-free GEMM.
+    ``M`` and ``W0*M`` are rounded to the operand dtype as the reference rounds them."""
     w = torch.mm(lora_b, lora_a)
     w.mul_(weight)
     if merged:
         w.add_(weight)
     return w
+
+
+FACTOR_BUILD_MAX_ROWS = 2048
+"""Most rows for which the two-GEMM kernels build their ``W0*M`` tiles from the factors (one r-wide
+product per row-tile program and K step) instead of reading a ``W0*M`` buffer that ``mm`` and
+``mul_`` build first. The build costs ``cdiv(rows, BLOCK_M) * 2 D K R`` more MMA FLOPs; the buffer
+costs two launches, a ``D x K`` transient and four ``D x K`` passes of memory traffic. At an H100's
+rates the build is cheaper up to about 75 row tiles with 16-bit operands and 25 with fp32's
+tf32x3 dots (docs/design.md section 9.3, "The ragged tails"): 2,048 rows takes every ViT tail
+(5 rows per sample at T = 197) and short per-token calls; long per-token calls keep the buffer."""
 
 
 DM_SPLIT_TARGET_PROGRAMS = 2 * 132
@@ -185,7 +206,8 @@ def _launch_rows_kernels(kind: str, operand_bits: int, plan: SamplePlan, n_seg: 
 
         wrap_triton(tuned)[grid](*per_sample_args, **consts["sample"])
     if plan.tail_rows:
-        tuned = (_fwd_two_gemm if kind == "fwd" else _dx_two_gemm)[operand_bits]
+        factors = consts["two_gemm"]["FACTORS"]
+        tuned = (_fwd_two_gemm if kind == "fwd" else _dx_two_gemm)[operand_bits, factors]
         n_rows = n_seg * plan.tail_rows
 
         def grid2(meta):
@@ -226,17 +248,20 @@ def _forward_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     seg_len = rows_per_noise
     n_seg = n_rows // seg_len
     plan = sample_plan(seg_len, SAMPLE_BLOCK_MS)
-    wm = _adapter_weight(weight, lora_a, lora_b, merged=False) if plan.tail_rows else weight
+    tail_rows = n_seg * plan.tail_rows
+    factors = bool(tail_rows <= FACTOR_BUILD_MAX_ROWS)  # a constexpr: a plain bool under tracing too
+    wm = weight if factors or not tail_rows else _adapter_weight(weight, lora_a, lora_b, merged=False)
     _launch_rows_kernels(
         "fwd", operand_bits, plan, n_seg, seg_len,
         (x, weight, lora_a, lora_b, noise, bias_arg, db_arg, y,
          d_out, k_in, rank, n_seg, seg_len, plan.main_rows,
          x.stride(0), weight.stride(0), lora_a.stride(0), lora_b.stride(0), noise.stride(0), y.stride(0)),
-        (x, weight, wm, noise, bias_arg, db_arg, y,
-         d_out, k_in, n_seg * plan.tail_rows, plan.tail_rows, seg_len, seg_len - plan.tail_rows, seg_len,
-         x.stride(0), weight.stride(0), noise.stride(0), y.stride(0)),
+        (x, weight, wm, lora_a, lora_b, noise, bias_arg, db_arg, y,
+         d_out, k_in, rank, tail_rows, plan.tail_rows, seg_len, seg_len - plan.tail_rows, seg_len,
+         x.stride(0), weight.stride(0), lora_a.stride(0), lora_b.stride(0), noise.stride(0), y.stride(0)),
         d_out,
-        dict(sample=dict(NOISE=NOISE_SAMPLE.value, R=padded_rank(rank), **flags), two_gemm=flags),
+        dict(sample=dict(NOISE=NOISE_SAMPLE.value, R=padded_rank(rank), **flags),
+             two_gemm=dict(FACTORS=factors, R=padded_rank(rank), **flags)),
     )
     return y
 
@@ -323,18 +348,22 @@ def _backward_impl(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
             seg_len = rows_per_noise
             n_seg = n_rows // seg_len
             plan = sample_plan(seg_len, SAMPLE_BLOCK_MS)
-            wm = _adapter_weight(weight, lora_a, lora_b, merged=False) if plan.tail_rows else weight
+            tail_rows = n_seg * plan.tail_rows
+            factors = bool(tail_rows <= FACTOR_BUILD_MAX_ROWS)  # a constexpr: a plain bool under tracing too
+            wm = weight if factors or not tail_rows else _adapter_weight(weight, lora_a, lora_b, merged=False)
             _launch_rows_kernels(
                 "dx", operand_bits, plan, n_seg, seg_len,
                 (g, weight, lora_a, lora_b, noise, dx,
                  d_out, k_in, rank, n_seg, seg_len, plan.main_rows,
                  g.stride(0), weight.stride(0), lora_a.stride(0), lora_b.stride(0), noise.stride(0),
                  dx.stride(0)),
-                (g, weight, wm, noise, dx,
-                 d_out, k_in, n_seg * plan.tail_rows, plan.tail_rows, seg_len, seg_len - plan.tail_rows,
-                 seg_len, g.stride(0), weight.stride(0), noise.stride(0), dx.stride(0)),
+                (g, weight, wm, lora_a, lora_b, noise, dx,
+                 d_out, k_in, rank, tail_rows, plan.tail_rows, seg_len, seg_len - plan.tail_rows, seg_len,
+                 g.stride(0), weight.stride(0), lora_a.stride(0), lora_b.stride(0), noise.stride(0),
+                 dx.stride(0)),
                 k_in,
-                dict(sample=dict(NOISE=NOISE_SAMPLE.value, R=padded_rank(rank), **consts), two_gemm=consts),
+                dict(sample=dict(NOISE=NOISE_SAMPLE.value, R=padded_rank(rank), **consts),
+                     two_gemm=dict(FACTORS=factors, R=padded_rank(rank), **consts)),
             )
     if d_lora_a is None:
         d_lora_a, d_lora_b = torch.zeros_like(lora_a), torch.zeros_like(lora_b)

@@ -304,6 +304,45 @@ def test_compile_specs_cover_every_kernel_and_argument() -> None:
         assert set(spec.divisible) <= set(spec.signature), spec.name
 
 
+def test_ragged_tails_build_w0m_in_the_kernels(device: str, monkeypatch) -> None:
+    """At T = 197 each sample's 5-row tail runs in the two-GEMM kernels, which build their ``W0*M``
+    tiles from the factors (docs/design.md section 9.3): the forward and the dX pass run no torch
+    product, so no ``D x K`` tensor is made (the launcher built ``W0*M`` with ``mm`` and ``mul_``
+    in each, twice per layer: issue 11 item 9). Whichever way the tail gets ``W0*M``, the rows of
+    the per-sample tiles keep their bits and the tail rows agree to rounding; the buffer path (long
+    per-token calls) still matches the reference."""
+    case = Case("bf16", 197, 40, 24, 10, "sample", True, True, 2, True)
+    inputs = make_inputs(case, device)
+    x, w, bias, a, b, db, z = (None if inputs[n] is None else inputs[n].detach()
+                               for n in ("x", "weight", "bias", "lora_a", "lora_b", "delta_bias", "noise"))
+    op = lora_mul.op
+    plan = lora_mul.sample_plan(case.tokens, lora_mul.SAMPLE_BLOCK_MS)
+    assert (plan.main_rows, plan.tail_rows) == (192, 5)
+
+    def run() -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            y = op._forward_impl(x, w, bias, a, b, db, z, case.tokens)
+            dx = op._backward_impl(inputs["grad"], x, w, a, b, z, case.tokens, True, False, False)[0]
+        products = [e.name for e in prof.events() if e.name in ("aten::mm", "aten::mul_", "aten::mul")]
+        return y, dx, products
+
+    y, dx, products = run()
+    assert products == []
+    monkeypatch.setattr(op, "FACTOR_BUILD_MAX_ROWS", 0)
+    y_buf, dx_buf, products = run()
+    assert products == ["aten::mm", "aten::mul_"] * 2  # the probe sees the buffer being built
+
+    main = torch.arange(x.shape[0], device=x.device) % case.tokens < plan.main_rows
+    assert torch.equal(y[main], y_buf[main]) and torch.equal(dx[main], dx_buf[main])
+    for got, buf in ((y[~main], y_buf[~main]), (dx[~main], dx_buf[~main])):
+        # to rounding: within two bf16 ulps of the largest tail value (cancellation makes an
+        # elementwise relative bound meaningless for the small ones)
+        assert (got.float() - buf.float()).abs().max() <= 2 ** -7 * buf.float().abs().max()
+    assert_matches_reference(inputs, "buffer path")
+    monkeypatch.undo()
+    assert_matches_reference(inputs, "factor path")
+
+
 def test_two_copy_batch_equals_two_calls(device: str) -> None:
     """docs/design.md section 4: in ``[x; x]`` copy c of sample b is sample ``c*B + b`` with its own
     noise row."""
