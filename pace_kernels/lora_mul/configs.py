@@ -66,14 +66,17 @@ TWO_GEMM_DX_CONFIGS_32 = {90: [_cfg(64, 64, 32, 4, 3)], 80: _SM8X_32, 86: _SM8X_
 # product tile costs registers, so they have lists of their own. Checked at ranks 16 and 64 with
 # Triton 3.8 (2026-12-02): every config of the buffer lists spilled on sm_8x (fwd, 16-bit, 60-184 B;
 # dX 8-600 B), as did dX 64x128x64 w4 on sm_90 (168 B at r16) and the fp32 64x64x32 ones (tf32x3).
+# Rechecked after the kernels took the wrapped-edge convention (2026-12-03): on sm_86/89, dX 64x64x32
+# w4 spilled 36 B at r64 (w8 does not) and, with Triton 3.6, fwd fp32 64x64x16 w4 8 B at r64.
 _FACTORS_FWD_SM8X_16 = [_cfg(128, 64, 32, 8, 3), _cfg(64, 64, 32, 4, 4)]
 TWO_GEMM_FACTORS_FWD_CONFIGS_16 = {90: [_cfg(128, 64, 64, 8, 3), _cfg(128, 64, 32, 8, 4)],
                                    80: _FACTORS_FWD_SM8X_16, 86: _FACTORS_FWD_SM8X_16}
 _FACTORS_FWD_32 = [_cfg(64, 64, 16, 4, 3), _cfg(64, 32, 16, 4, 3)]
-TWO_GEMM_FACTORS_FWD_CONFIGS_32 = {90: _FACTORS_FWD_32, 80: _FACTORS_FWD_32, 86: _FACTORS_FWD_32}
+TWO_GEMM_FACTORS_FWD_CONFIGS_32 = {90: _FACTORS_FWD_32, 80: _FACTORS_FWD_32,
+                                   86: [_cfg(64, 32, 16, 4, 3), _cfg(32, 64, 16, 4, 3)]}
 TWO_GEMM_FACTORS_DX_CONFIGS_16 = {90: [_cfg(128, 128, 32, 8, 4), _cfg(128, 64, 32, 8, 4)],
                                   80: [_cfg(128, 64, 16, 8, 4), _cfg(64, 64, 32, 8, 4)],
-                                  86: [_cfg(128, 64, 32, 8, 4), _cfg(64, 64, 32, 4, 4)]}
+                                  86: [_cfg(128, 64, 32, 8, 4), _cfg(64, 64, 32, 8, 4)]}
 _FACTORS_DX_SM8X_32 = [_cfg(64, 32, 16, 4, 2), _cfg(32, 64, 16, 4, 3)]
 TWO_GEMM_FACTORS_DX_CONFIGS_32 = {90: [_cfg(64, 64, 16, 4, 3), _cfg(64, 32, 16, 4, 3)],
                                   80: _FACTORS_DX_SM8X_32, 86: _FACTORS_DX_SM8X_32}
