@@ -21,9 +21,8 @@ from .checkpoint import atomic_write_text, load_training_checkpoint, refuse_exis
 from .config import DIGITS_MODEL_KWARGS, DIGITS_PRESET, RunConfig, for_objective
 from .data import DataBundle, TensorImages
 from .loop import RunResult, check_fingerprint, log, run_training
-from .metrics import read_metrics
+from .metrics import plot_runs, read_metrics
 from .model import add_adapters, count_parameters, create_timm_model
-from .plots import plot_runs
 from .studies import TABLE_NOTES, MethodRuns, format_table, paired_summary
 
 # (table name, --pace mode) in the order of the table.

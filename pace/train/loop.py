@@ -25,8 +25,7 @@ from . import distributed as dist
 from .checkpoint import atomic_write_text
 from .config import OPTIMISATION_SETTINGS, RunConfig
 from .data import DataBundle, shard_indices, train_batch_sampler
-from .metrics import MetricsLog, peak_memory_mb, read_metrics, reset_peak_memory
-from .plots import plot_runs
+from .metrics import MetricsLog, peak_memory_mb, plot_runs, read_metrics, reset_peak_memory
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 SYNC_EVERY = 10  # steps between reads of the step statistics (and progress-bar updates)

@@ -16,7 +16,7 @@ import torch
 from .checkpoint import atomic_write_text
 from .config import RunConfig, for_objective
 from .loop import RunResult, log
-from .plots import plot_lam_sweep
+from .metrics import plot_lam_sweep
 
 TABLE_NOTES = (
     "test acc: the test digits, scored once after training; diff: test acc minus the baseline's on the "
