@@ -40,32 +40,25 @@ model and data:
 --model               str    any timm model name
 --model-kwargs        json   extra timm.create_model arguments, a JSON object, e.g. '{{"depth": 6}}'
 --pretrained          flag   load the model's pre-trained weights from the timm hub (needs network)
---checkpoint          str    pre-trained weights: .npz (original ViT layout), .safetensors or .pth/.pt/.bin
-                             (weights only); a classifier of another shape stays as initialised, any other
-                             tensor that does not fit is an error
+--checkpoint          str    pre-trained weights: ViT .npz, .safetensors or .pth/.pt/.bin (weights only); a
+                             classifier of another shape stays as initialised, any other misfit is an error
 --partial-checkpoint  flag   accept a --checkpoint that leaves backbone tensors randomly initialised
---data                str    dataset folder: NOAH format (train800val200.txt, test.txt, ... of 'path label'
-                             lines; paths may not leave DIR) or ImageFolder (train/<class>/*, val/ or test/);
-                             omit it for the built-in default
---split               str    training split: a list file in DIR or DIR/annotations (train800val200) or an
-                             ImageFolder subfolder (train)
---eval-split          str    evaluation split (val200 after --split train800, else test or test_meta.list;
-                             ImageFolder: val, else test)
+--data                str    dataset folder: NOAH lists ('path label' lines, paths inside DIR) or ImageFolder
+                             (train/<class>/*, val/ or test/); omit it for the built-in default
+--split               str    training split: a NOAH list (train800val200) or an ImageFolder subfolder (train)
+--eval-split          str    evaluation split (val200 after train800, else test or test_meta.list; val, test)
 --num-classes         int    number of classes (default: from the labels)
 --img-size            int    input resolution
---augment    none|flip-crop  none (resize) or flip-crop (FGVC / few-shot: resize to 256/224, random crop,
-                             flip), drawn from (seed, epoch, image) whatever --workers
+--augment    none|flip-crop  none (resize) or flip-crop (FGVC / few-shot: resize 256/224, random crop, flip)
 --normalize  imagenet|model  input normalisation: ImageNet mean/std (as the PACE code) or the model's own
 adapter and PACE:
 --adapter             kinds  adapter put into every linear layer (docs/design.md)
 --rank                int    adapter rank
---pace                str    objective, one of {modes}: none (the baseline adapter), pace (two noisy copies),
-                             fast (one copy + a bank of past logits), lazy (pace every --lazy-interval
-                             steps), fpa (consistency with the pre-trained model). Default: none with --data;
-                             the built-in compares none, pace, fast, lazy; --sweep-lam: a list (pace,fpa)
+--pace                str    objective, one of {modes}: none, pace (two noisy copies), fast (one copy + past
+                             logits), lazy (pace every --lazy-interval steps), fpa (vs the pre-trained model);
+                             default none with --data; built-in: none, pace, fast, lazy; --sweep-lam: a list
 --lam                 float  consistency strength lambda; default per objective {lam}
---sigma               float  std of the noise N(1, S^2) on adapter outputs, decreasing with depth; default per
-                             objective {sigma}
+--sigma               float  std S of the adapter noise N(1, S^2), lower in deeper layers; default {sigma}
 --lazy-interval       int    lazy: the PACE step comes every N steps
 --copies              int    pace: number of noisy copies (consistency averaged over pairs)
 optimisation (AdamW, cosine decay to 1% of --lr after linear warm-up):
@@ -80,12 +73,10 @@ run:
 --compile             flag   torch.compile the model for training
 --backend  auto|torch|triton  PaceLinear backend; auto = fused Triton on CUDA, the PyTorch reference elsewhere
 --device     auto|cpu|cuda   where to train; auto = CUDA if present
---seed                int    seed of data order, augmentation, initialisation and noise (rank r: seed + r),
-                             0 .. {max_seed}
+--seed                int    seed of data order, augmentation, init, noise (rank r: seed + r), 0 .. {max_seed}
 --out                 str    output folder
---resume              flag   continue from the last checkpoint (built-in: of each method and draw) to the
-                             result of an uninterrupted run; flags that change the result must match (else
-                             exit 2); --epochs may grow
+--resume              flag   continue from the last checkpoint (of each method and draw) to the result of an
+                             uninterrupted run; flags that change the result must match; --epochs may grow
 --resume-new-optim    flag   with --resume: keep weights and optimiser moments but allow a new --lr, --wd,
                              --warmup-epochs, --epochs, --seed, with fresh random streams (e.g. after a NaN)
 --overwrite           flag   delete the records of a run already in --out and start a new one there
