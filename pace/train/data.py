@@ -263,8 +263,3 @@ def train_batch_sampler(
         range(n), num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True
     )
     return BatchSampler(order, batch_size, drop_last=n // world_size >= batch_size)
-
-
-def shard_indices(n: int, rank: int, world_size: int) -> List[int]:
-    """Evaluation share of one rank (every sample exactly once over all ranks)."""
-    return list(range(rank, n, world_size))

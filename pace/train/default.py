@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -247,7 +247,7 @@ class DigitsExperiment:
             "seeds": seeds,
             "hyperparameters": {"lr": cfg.lr, "batch_size": cfg.batch_size, "epochs": cfg.epochs, **settings},
             "paired": paired_summary(rows),
-            "results": {row.name: [r.as_dict() for r in row.runs] for row in rows},
+            "results": {row.name: [asdict(r) for r in row.runs] for row in rows},
         }
         atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2) + "\n")
         atomic_write_text(self.out / "summary.txt", f"{header}\n{table}\n{TABLE_NOTES}\n")

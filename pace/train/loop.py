@@ -24,7 +24,7 @@ from . import checkpoint as ckpt
 from . import distributed as dist
 from .checkpoint import atomic_write_text
 from .config import OPTIMISATION_SETTINGS, RunConfig
-from .data import DataBundle, shard_indices, train_batch_sampler
+from .data import DataBundle, train_batch_sampler
 from .metrics import MetricsLog, peak_memory_mb, plot_runs, read_metrics, reset_peak_memory
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -57,9 +57,6 @@ class RunResult:
     finished: bool
     out_dir: str
 
-    def as_dict(self) -> Dict[str, Any]:
-        return asdict(self)
-
 
 MEASURED = tuple(f.name for f in fields(RunResult))[1:9]  # from val_acc to test_acc: NaN until measured
 
@@ -77,7 +74,7 @@ class _Training:
     """One run of the loop over a model whose trainable tensors are the ones to fit."""
 
     def __init__(self, model, data: DataBundle, cfg, out_dir, env, device, fingerprint):
-        self.model, self.data, self.train_ds = model, data, data.train
+        self.model, self.data = model, data
         self.cfg, self.out_dir, self.env, self.device, self.main = cfg, out_dir, env, device, env.is_main
         model.to(device)
         self.names = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -95,10 +92,8 @@ class _Training:
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.wd)
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
         bank = dict(num_samples=n_train, num_classes=data.num_classes) if cfg.pace == "fast" else {}
-        crit = pace.PaceCriterion(
-            cfg.pace, cfg.lam, copies=cfg.copies, lazy_interval=cfg.lazy_interval, **bank
-        )
-        self.crit = crit.to(device)
+        copies = dict(copies=cfg.copies, lazy_interval=cfg.lazy_interval)
+        self.crit = pace.PaceCriterion(cfg.pace, cfg.lam, **copies, **bank).to(device)
         amp_dtype = AMP_DTYPES.get(cfg.amp)
         self.amp = lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
         self.forward_model = torch.compile(model) if cfg.compile else model
@@ -120,19 +115,14 @@ class _Training:
         return DataLoader(ds, num_workers=self.cfg.workers, generator=generator, **kwargs)
 
     def schedule(self) -> CosineLRScheduler:
-        total = self.steps_per_epoch * self.cfg.epochs
-        warmup = int(round(self.cfg.warmup_epochs * self.steps_per_epoch))
+        cfg, low = self.cfg, self.cfg.lr * self.cfg.min_lr_ratio
+        warmup = int(round(cfg.warmup_epochs * self.steps_per_epoch))
         for group in self.opt.param_groups:
-            group.update(lr=self.cfg.lr, initial_lr=self.cfg.lr, weight_decay=self.cfg.wd)
-        sched = CosineLRScheduler(
-            self.opt,
-            t_initial=max(2, total - warmup),  # 1 only makes timm warn; the lrs are the same
-            lr_min=self.cfg.lr * self.cfg.min_lr_ratio,
-            warmup_t=warmup,
-            warmup_lr_init=self.cfg.lr * self.cfg.min_lr_ratio,
-            warmup_prefix=True,
-            t_in_epochs=False,
-        )
+            group.update(lr=cfg.lr, initial_lr=cfg.lr, weight_decay=cfg.wd)
+        # t_initial 1 only makes timm warn; the learning rates are those of 2
+        t_initial = max(2, self.steps_per_epoch * cfg.epochs - warmup)
+        warm = dict(warmup_t=warmup, warmup_lr_init=low, warmup_prefix=True)
+        sched = CosineLRScheduler(self.opt, t_initial, lr_min=low, t_in_epochs=False, **warm)
         sched.step_update(self.step)
         return sched
 
@@ -173,8 +163,8 @@ class _Training:
         cfg, env, device = self.cfg, self.env, self.device
         self.model.train()
         self.batches.sampler.set_epoch(self.epoch)
-        if hasattr(self.train_ds, "set_epoch"):
-            self.train_ds.set_epoch(self.epoch)
+        if hasattr(self.data.train, "set_epoch"):
+            self.data.train.set_epoch(self.epoch)
         started = time.perf_counter()
         records: List[Dict[str, Any]] = []
         images = 0
@@ -258,7 +248,7 @@ class _Training:
 
     def diagnose(self, ds: Dataset, fp_distance: bool):
         """:func:`pace.heldout_diagnostics` on ``ds`` (eval mode, no noise), each rank measuring its share."""
-        part = Subset(ds, shard_indices(len(ds), self.env.rank, self.env.world_size))
+        part = Subset(ds, range(self.env.rank, len(ds), self.env.world_size))  # each sample on one rank
         loader = self._loader(part, batch_size=self.cfg.eval_batch_size)
         with self.amp():
             return pace.heldout_diagnostics(
@@ -404,7 +394,7 @@ def _write_outputs(model, result: RunResult, cfg: RunConfig, out_dir: Path, num_
         pace.save_adapter(model, out_dir / "adapter")
         for name in ("adapter.safetensors", "adapter.json"):
             ckpt.with_run_file_mode(out_dir / name)
-    atomic_write_text(out_dir / "result.json", json.dumps(result.as_dict(), indent=2) + "\n")
+    atomic_write_text(out_dir / "result.json", json.dumps(asdict(result), indent=2) + "\n")
     records = read_metrics(out_dir / "metrics.jsonl")
     plot_runs({cfg.label: records}, out_dir / "curves.png", title=cfg.label)
     if result.finished and cfg.export:
