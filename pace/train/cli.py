@@ -120,33 +120,23 @@ def _default_text(name: str) -> str:
     return f" (default: {data}" + (f"; built-in: {digits})" if digits != data else ")")
 
 
-def _flag_rows(table: str) -> List[list]:
-    """``[group title, flag, kind, help]`` for each flag of the table."""
-    rows: List[list] = []
-    title = ""
-    for line in table.strip().splitlines():
-        if line.startswith(" "):
-            rows[-1][3] += " " + line.strip()
-        elif line.startswith("--"):
-            rows.append([title, *line.split(maxsplit=2)])
-        else:
-            title = line.rstrip(":")
-    return rows
-
-
 def _add_flags(parser: argparse.ArgumentParser) -> None:
     import pace
 
-    adapters = list(ADAPTERS)
     types = {"str": str, "int": int, "float": float, "json": json.loads, "lams": _lams}
     table = FLAGS.format(
         modes=", ".join(pace.MODES), lam=_per_objective(1), sigma=_per_objective(0), max_seed=MAX_SEED
     )
-    groups: dict = {}
-    for title, flag, kind, help_text in _flag_rows(table):
-        group = (
-            groups[title] if title in groups else groups.setdefault(title, parser.add_argument_group(title))
-        )
+    rows: List[list] = []  # [group, flag, kind, help]
+    group = parser  # the table opens with a group title
+    for line in table.strip().splitlines():
+        if line.startswith(" "):
+            rows[-1][3] += " " + line.strip()
+        elif line.startswith("--"):
+            rows.append([group, *line.split(maxsplit=2)])
+        else:
+            group = parser.add_argument_group(line.rstrip(":"))
+    for group, flag, kind, help_text in rows:
         if kind == "flag":
             group.add_argument(flag, action="store_true", help=help_text)
             continue
@@ -154,7 +144,8 @@ def _add_flags(parser: argparse.ArgumentParser) -> None:
         if kind in types:
             group.add_argument(flag, type=types[kind], help=help_text)
         else:
-            group.add_argument(flag, choices=adapters if kind == "kinds" else kind.split("|"), help=help_text)
+            choices = list(ADAPTERS) if kind == "kinds" else kind.split("|")
+            group.add_argument(flag, choices=choices, help=help_text)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -177,10 +168,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-class UsageError(Exception):
-    """Bad input, reported as one line naming the flag, exit status 2."""
-
-
 def _flags(text: str) -> str:
     """A RunConfig message with its `setting` names written as the flags they come from."""
     return re.sub(r"`(\w+)`", lambda m: "--" + m.group(1).replace("_", "-"), text)
@@ -190,23 +177,23 @@ def _check_writable(path: Path, flag: str, want_dir: bool) -> None:
     """Fail before training, not after it, when ``path`` cannot be written."""
     if path.exists() and path.is_dir() != want_dir:
         what, expected = ("a file", "a folder") if want_dir else ("a directory", "a file path")
-        raise UsageError(f"{flag} {path}: is {what}, expected {expected}")
+        raise ValueError(f"{flag} {path}: is {what}, expected {expected}")
     existing = path if path.exists() else path.parent
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir():
-        raise UsageError(f"{flag} {path}: {existing} is a file")
+        raise ValueError(f"{flag} {path}: {existing} is a file")
     if not os.access(existing, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise UsageError(f"{flag} {path}: not writable")
+        raise ValueError(f"{flag} {path}: not writable")
 
 
 @contextlib.contextmanager
 def _from_flag(flag: str) -> Iterator[None]:
-    """Bad input found by library code becomes a usage error that names the flag it came from."""
+    """Bad input found by library code becomes an error that names the flag it came from."""
     try:
         yield
     except (ValueError, TypeError) as exc:
-        raise UsageError(f"{flag}: {_one_line(exc)}") from None
+        raise ValueError(f"{flag}: {_one_line(exc)}") from None
 
 
 def _device(choice: str, env):
@@ -214,10 +201,10 @@ def _device(choice: str, env):
 
     if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise UsageError("--device cuda: no CUDA device is available")
+            raise ValueError("--device cuda: no CUDA device is available")
         visible = torch.cuda.device_count()
         if env.local_rank >= visible:  # more ranks per node than GPUs: set_device would crash
-            raise UsageError(
+            raise ValueError(
                 f"--device {choice}: LOCAL_RANK {env.local_rank} but only {visible} GPU(s) visible "
                 "(start at most that many processes per node, or pass --device cpu)"
             )
@@ -235,7 +222,7 @@ def _run(given: dict, env) -> int:
     try:
         cfg = build_config(given)
     except ValueError as exc:
-        raise UsageError(_flags(str(exc))) from None
+        raise ValueError(_flags(str(exc))) from None
     _check_writable(Path(cfg.out), "--out", want_dir=True)
     if cfg.export:
         _check_writable(Path(cfg.export), "--export", want_dir=False)
@@ -244,7 +231,7 @@ def _run(given: dict, env) -> int:
         torch.set_num_threads(cfg.threads or 1)
     amp = cfg.amp if cfg.amp != "auto" else ("bf16" if device.type == "cuda" else "none")
     if amp == "fp16" and device.type == "cpu":
-        raise UsageError("--amp fp16 needs CUDA (use bf16 or none on CPU)")
+        raise ValueError("--amp fp16 needs CUDA (use bf16 or none on CPU)")
     on_cuda_or_data = device.type == "cuda" or cfg.data is not None
     cfg = replace(cfg, amp=amp, epoch_lines=cfg.epoch_lines and on_cuda_or_data)
     backend = dist.init(env, device)
@@ -338,7 +325,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     out = getattr(args, "out", DEFAULT_OUT)
     try:
         return _run(vars(args), env)
-    except (UsageError, ValueError, TypeError) as exc:  # bad input; these kinds name the flag here
+    except (ValueError, TypeError) as exc:  # bad input; these kinds name the flag here
         flag = {RunFolderError: "--out: ", ResumeError: "--resume: ", UnreadableImageError: "--data: "}
         fix = "; pass --resume to continue that run or --overwrite to replace it"
         message = flag.get(type(exc), "") + _one_line(exc) + (fix if isinstance(exc, RunFolderError) else "")
