@@ -75,28 +75,19 @@ class DataBundle:
 
 
 def _find_list(root: Path, split: str) -> Optional[Path]:
-    for folder in (root, root / "annotations"):
-        for cand in (folder / split, folder / f"{split}.txt"):
-            if cand.is_file():
-                return cand
-    return None
+    places = (folder / name for folder in (root, root / "annotations") for name in (split, f"{split}.txt"))
+    return next((cand for cand in places if cand.is_file()), None)
 
 
 def _resolve_image(root: Path, rel: str) -> Optional[Path]:
     # NOAH lists name images relative to the dataset folder ("images/train800/000001.jpg"); the
     # few-shot lists and the PACE code's reader take them relative to "images/", some lists keep an
-    # extra leading folder: try those in turn. A path that leads out of the folder is refused.
+    # extra leading folder: try those in turn.
     rel_path = Path(rel)
     candidates = [root / rel_path, root / "images" / rel_path]
     if len(rel_path.parts) > 1:
         candidates.append(root / "images" / Path(*rel_path.parts[1:]))
-    norm = os.path.normpath(rel)
-    if os.path.isabs(norm) or norm == os.pardir or norm.startswith(os.pardir + os.sep):
-        raise ValueError(f"{rel!r} leads outside the dataset folder {root}")
-    for cand in candidates:
-        if cand.is_file():
-            return cand
-    return None
+    return next((cand for cand in candidates if cand.is_file()), None)
 
 
 def read_list(root: Path, list_path: Path) -> List[Tuple[Path, int]]:
@@ -122,10 +113,10 @@ def read_list(root: Path, list_path: Path) -> List[Tuple[Path, int]]:
             raise ValueError(f"{where}: label {label!r} is not an integer") from None
         if y < 0:
             raise ValueError(f"{where}: label {y} is negative")
-        try:
-            path = _resolve_image(root, rel)
-        except ValueError as exc:
-            raise ValueError(f"{where}: {exc}") from None
+        norm = os.path.normpath(rel)
+        if os.path.isabs(norm) or norm == os.pardir or norm.startswith(os.pardir + os.sep):
+            raise ValueError(f"{where}: {rel!r} leads outside the dataset folder {root}")
+        path = _resolve_image(root, rel)
         if path is None:
             missing.append(rel)
         else:
