@@ -105,12 +105,8 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def _series(records: List[Dict[str, Any]], kind: str, key: str, scale: float = 1.0):
-    xs, ys = [], []
-    for r in records:
-        if r.get("type") == kind and isinstance(r.get(key), (int, float)):
-            xs.append(r["step"])
-            ys.append(scale * r[key])
-    return xs, ys
+    points = [r for r in records if r.get("type") == kind and isinstance(r.get(key), (int, float))]
+    return [r["step"] for r in points], [scale * r[key] for r in points]
 
 
 def _figure(size):
@@ -135,8 +131,8 @@ def plot_runs(runs: Mapping[str, List[Dict[str, Any]]], path: Path, title: str =
     for i, (name, records) in enumerate(runs.items()):
         color = f"C{i}"
         label = name if len(runs) > 1 else None
-        ax_g.plot(*_series(records, "eval", "val_grad_norm"), "o-", color=color, ms=3, label=label)
-        ax_fp.plot(*_series(records, "eval", "val_fp_distance"), "o-", color=color, ms=3, label=label)
+        for ax, key in ((ax_g, "val_grad_norm"), (ax_fp, "val_fp_distance")):
+            ax.plot(*_series(records, "eval", key), "o-", color=color, ms=3, label=label)
         val, train = (f"{name} val", f"{name} train") if label else ("val", "train")
         ax_acc.plot(*_series(records, "eval", "val_acc", 100), "o-", color=color, ms=3, label=val)
         ax_acc.plot(*_series(records, "eval", "train_acc", 100), "--", color=color, lw=0.8, label=train)
