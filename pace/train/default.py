@@ -178,6 +178,18 @@ class DigitsExperiment:
                     path, new_optim = folder / "checkpoint.pt", self.cfg.resume_new_optim
                     check_fingerprint(saved, expected, path, new_optim, partial=True)
 
+    def digits(self) -> tuple:
+        """``(x, y, backbone)``: every digit and the backbone pre-trained on 0-4 (or its cached copy)."""
+        x, y = digits_tensors(self.cfg.img_size)
+        return x, y, pretrain(self.cfg, x, y, self.out, self.env, self.device)
+
+    def study(self, digits, folder: str, name: str, mode: str, **settings) -> List[RunResult]:
+        """One method's runs with other ``settings`` in ``out/folder``, never scored on the test digits."""
+        cfg = replace(self.cfg, out=str(self.out / folder), **settings)
+        experiment = DigitsExperiment(cfg, self.env, self.device, self.seeds, [(name, mode)])
+        experiment.check_before_training()
+        return experiment.run_all(digits, score_test=False)[0].runs
+
     def run_all(self, digits, score_test: bool = True) -> List[MethodRuns]:
         """Every method on every draw (``score_test=False``, the studies: the test digits stay untouched)."""
         rows = [MethodRuns(name, []) for name, _ in self.variants]

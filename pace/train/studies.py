@@ -8,7 +8,6 @@ import math
 import statistics
 import sys
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any, Dict, List, Sequence, Tuple
 
 import torch
@@ -113,35 +112,19 @@ SEARCH_MODES = (("PACE", "pace"), ("PACE_fast", "fast"), ("PACE_lazy", "lazy"))
 SEARCH_SEED_OFFSET = 1000  # the search's draws of the shots are not the table's
 
 
-class _Study:
-    """Runs of one method with changed settings on the study's backbone, scored on the validation digits."""
-
-    def __init__(self, cfg: RunConfig, env, device) -> None:
-        from .default import digits_tensors, pretrain
-
-        self.cfg, self.env, self.device, self.out = cfg, env, device, Path(cfg.out)
-        x, y = digits_tensors(cfg.img_size)
-        self.digits = (x, y, pretrain(cfg, x, y, self.out, env, device))
-
-    def runs(self, seeds: List[int], name: str, mode: str, folder: str, **settings) -> List[RunResult]:
-        from .default import DigitsExperiment
-
-        cfg = replace(self.cfg, out=str(self.out / folder), **settings)
-        experiment = DigitsExperiment(cfg, self.env, self.device, seeds, [(name, mode)])
-        experiment.check_before_training()
-        return experiment.run_all(self.digits, score_test=False)[0].runs
-
-
 def run_search(cfg: RunConfig, env, device) -> int:
     """The search behind the digits defaults: the baseline's learning rate, then per objective sigma x lam
     at that rate, each candidate scored by its validation accuracy averaged over ``repeats`` draws."""
-    study = _Study(cfg, env, device)
+    from .default import DigitsExperiment
+
     seeds = [cfg.seed + SEARCH_SEED_OFFSET + k for k in range(cfg.repeats)]
+    study = DigitsExperiment(cfg, env, device, seeds)
+    digits = study.digits()
     tried: List[Dict[str, Any]] = []
 
     def score(name: str, mode: str, **settings) -> float:
         tag = "-".join(f"{k}{v:g}" for k, v in settings.items())
-        runs = study.runs(seeds, name, mode, f"search/{tag}", **settings)
+        runs = study.study(digits, f"search/{tag}", name, mode, **settings)
         val_acc = statistics.fmean(r.val_acc for r in runs)
         gnorm = statistics.fmean(r.val_grad_norm_mean for r in runs)
         tried.append({"method": name, **settings, "val_acc": val_acc, "val_grad_norm_mean": gnorm})
@@ -171,15 +154,16 @@ def run_search(cfg: RunConfig, env, device) -> int:
 def run_lam_sweep(cfg: RunConfig, lams: Sequence[float], modes: Sequence[str], env, device) -> int:
     """The paper's Fig. 4: per objective and lambda, ``val_grad_norm_mean`` (mean and range over
     ``repeats`` draws), written to ``sweep_lam.json`` and ``sweep_lam.png``."""
-    from .default import _table_name
+    from .default import DigitsExperiment, _table_name
 
-    study = _Study(cfg, env, device)
     seeds = [cfg.seed + k for k in range(cfg.repeats)]
+    study = DigitsExperiment(cfg, env, device, seeds)
+    digits = study.digits()
     points: Dict[str, List[tuple]] = {}
     records: List[Dict[str, Any]] = []
     for mode, lam in ((mode, lam) for mode in modes for lam in lams):
         name = _table_name(mode)
-        runs = study.runs(seeds, name, mode, f"sweep-lam/lam{lam:g}", pace=mode, lam=lam)
+        runs = study.study(digits, f"sweep-lam/lam{lam:g}", name, mode, pace=mode, lam=lam)
         norms = [r.val_grad_norm_mean for r in runs]
         points.setdefault(name, []).append((lam, statistics.fmean(norms), min(norms), max(norms)))
         sigma = for_objective(replace(cfg, pace=mode, lam=lam), mode).sigma
