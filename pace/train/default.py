@@ -4,6 +4,7 @@ scikit-learn's digits 0-4, adapted to 5-9 from a few shots per class with and wi
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
@@ -117,16 +118,10 @@ def pretrain(
     from safetensors.torch import load_file
 
     cache = out / "pretrain" / "backbone.safetensors"
-    meta_path = cache.with_suffix(".json")
-    key = backbone_key(cfg)
-
-    def cached() -> bool:
-        try:
-            return cache.is_file() and json.loads(meta_path.read_text()).get("key") == key
-        except (OSError, ValueError):
-            return False
-
-    if env.is_main and not cached():
+    meta_path, key, meta = cache.with_suffix(".json"), backbone_key(cfg), {}
+    with contextlib.suppress(OSError, ValueError):  # none yet, or unreadable: pre-train again
+        meta = json.loads(meta_path.read_text()) if env.is_main and cache.is_file() else {}
+    if env.is_main and meta.get("key") != key:
         run_dir = out / "pretrain" / key
         # A pre-training run that was killed goes on where it stopped.
         run_cfg = replace(pretrain_config(cfg), resume=(run_dir / "checkpoint.pt").exists())
@@ -141,7 +136,7 @@ def pretrain(
             f"held-out 0-4 digits (cached: {cache})"
         )
     elif env.is_main:
-        acc = json.loads(meta_path.read_text()).get("val_acc_0_4", float("nan"))
+        acc = meta.get("val_acc_0_4", float("nan"))
         log(f"using the cached pre-trained backbone {cache} ({100 * acc:.1f}% on held-out 0-4)")
     dist.barrier(env)
     return load_file(str(cache))
@@ -155,7 +150,7 @@ class DigitsExperiment:
         chosen = VARIANTS if cfg.pace is None else [(_table_name(cfg.pace), cfg.pace)]
         self.variants = list(variants or chosen)
         self.seeds = list(seeds or [cfg.seed + k for k in range(cfg.repeats)])
-        self.backbone = {"backbone": backbone_key(cfg)}
+        self.fingerprint = {"backbone": backbone_key(cfg), "num_classes": NUM_CLASSES}
 
     def run_dir(self, name: str, seed: int) -> Path:
         return self.out / name / f"seed{seed}"
@@ -171,12 +166,11 @@ class DigitsExperiment:
             for seed in self.seeds:
                 folder = self.run_dir(name, seed)
                 refuse_existing(folder, self.cfg.resume, self.cfg.overwrite)
-                if self.cfg.resume and (folder / "checkpoint.pt").exists():
-                    saved = load_training_checkpoint(folder / "checkpoint.pt")["fingerprint"]
-                    expected = {**self.run_config(name, mode, seed).fingerprint(), **self.backbone}
-                    expected["num_classes"] = NUM_CLASSES
-                    path, new_optim = folder / "checkpoint.pt", self.cfg.resume_new_optim
-                    check_fingerprint(saved, expected, path, new_optim, partial=True)
+                path = folder / "checkpoint.pt"
+                if self.cfg.resume and path.exists():
+                    expected = {**self.run_config(name, mode, seed).fingerprint(), **self.fingerprint}
+                    saved = load_training_checkpoint(path)["fingerprint"]
+                    check_fingerprint(saved, expected, path, self.cfg.resume_new_optim, partial=True)
 
     def digits(self) -> tuple:
         """``(x, y, backbone)``: every digit and the backbone pre-trained on 0-4 (or its cached copy)."""
@@ -231,7 +225,7 @@ class DigitsExperiment:
             log(f"model: {cfg.model} {count_parameters(model)} ({adapter})", self.env.is_main)
         data = DataBundle(task.train, task.val, NUM_CLASSES, test=task.test if score_test else None)
         return run_training(
-            model, data, run_cfg, self.run_dir(name, seed), self.env, self.device, self.backbone
+            model, data, run_cfg, self.run_dir(name, seed), self.env, self.device, self.fingerprint
         )
 
     def report(self, rows: List[MethodRuns], task: NewTask, total: float) -> None:
