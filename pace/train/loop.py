@@ -384,24 +384,16 @@ def run_training(
             raise refusal or ckpt.RunFolderError(message)
         result = _Training(model, data, cfg, out_dir, env, device, fingerprint or {}).run()
         if env.is_main:
-            _write_outputs(model, result, cfg, out_dir, data.num_classes)
+            if result.finished and has_adapters(model):
+                pace.save_adapter(model, out_dir / "adapter")
+                for name in ("adapter.safetensors", "adapter.json"):
+                    ckpt.with_run_file_mode(out_dir / name)
+            atomic_write_text(out_dir / "result.json", json.dumps(asdict(result), indent=2) + "\n")
+            records = read_metrics(out_dir / "metrics.jsonl")
+            plot_runs({cfg.label: records}, out_dir / "curves.png", title=cfg.label)
+            if result.finished and cfg.export:
+                pace.merge(model)  # in place: the run is over
+                meta = {"format": "pace-merged", "model": cfg.model, "num_classes": str(data.num_classes)}
+                ckpt.save_weights(model, cfg.export, meta)
         dist.barrier(env)
     return result
-
-
-def _write_outputs(model, result: RunResult, cfg: RunConfig, out_dir: Path, num_classes: int) -> None:
-    if result.finished and has_adapters(model):
-        pace.save_adapter(model, out_dir / "adapter")
-        for name in ("adapter.safetensors", "adapter.json"):
-            ckpt.with_run_file_mode(out_dir / name)
-    atomic_write_text(out_dir / "result.json", json.dumps(asdict(result), indent=2) + "\n")
-    records = read_metrics(out_dir / "metrics.jsonl")
-    plot_runs({cfg.label: records}, out_dir / "curves.png", title=cfg.label)
-    if result.finished and cfg.export:
-        export_merged(model, cfg.export, {"model": cfg.model, "num_classes": num_classes})
-
-
-def export_merged(model: nn.Module, path: str, meta: Dict[str, Any]) -> Path:
-    """Merge the adapters into the model (in place) and write its weights as one safetensors file."""
-    pace.merge(model)
-    return ckpt.save_weights(model, path, {"format": "pace-merged", **{k: str(v) for k, v in meta.items()}})
