@@ -4,6 +4,7 @@ pyplot state): the paper's diagnostics per evaluation, the objective's gradient 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -24,20 +25,16 @@ class MetricsLog:
     """Append-only JSON-lines log; ``path`` None (ranks other than 0) writes nothing."""
 
     def __init__(self, path: Optional[Path], resume_at_bytes: Optional[int] = None) -> None:
-        self.path = path
-        self._file = None
+        self.path, self._file, self.missing_bytes = path, None, 0
         if path is None:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.missing_bytes = 0
-        if resume_at_bytes is None:
-            self._file = open(path, "w")
-            return
-        size = path.stat().st_size if path.exists() else 0
-        self.missing_bytes = max(0, resume_at_bytes - size)
-        if size > resume_at_bytes:
-            os.truncate(path, resume_at_bytes)
-        self._file = open(path, "a")
+        if resume_at_bytes is not None:
+            size = path.stat().st_size if path.exists() else 0
+            self.missing_bytes = max(0, resume_at_bytes - size)
+            if size > resume_at_bytes:
+                os.truncate(path, resume_at_bytes)
+        self._file = open(path, "w" if resume_at_bytes is None else "a")
 
     @property
     def bytes(self) -> int:
@@ -83,11 +80,8 @@ def reset_peak_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         return
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
+    with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -95,12 +89,10 @@ def peak_memory_mb(device: torch.device) -> float:
     includes Python and the libraries (a few hundred MB before any tensor)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    try:
+    with contextlib.suppress(OSError):
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
-    except OSError:
-        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
