@@ -72,11 +72,7 @@ def average_gradients(params: Sequence[torch.nn.Parameter], env: DistEnv) -> Non
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
     flat /= env.world_size
     for p, g, chunk in zip(params, grads, flat.split([g.numel() for g in grads])):
-        chunk = chunk.view_as(g).to(g.dtype)
-        if p.grad is None:
-            p.grad = chunk
-        else:
-            p.grad.copy_(chunk)
+        p.grad = g.copy_(chunk.view_as(g))  # back in the gradient's own dtype
 
 
 def all_reduce_sum(values: torch.Tensor, env: DistEnv) -> torch.Tensor:

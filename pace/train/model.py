@@ -28,10 +28,8 @@ def create_timm_model(
         near = timm.list_models(f"*{name.split('.')[0][:12]}*")[:3]
         hint = f" (similar: {', '.join(near)})" if near else ""
         raise ValueError(f"unknown timm model {name!r}{hint}")
-    kw: Dict[str, Any] = dict(kwargs or {})
-    kw.setdefault("drop_path_rate", drop_path)
-    if img_size is not None:
-        kw.setdefault("img_size", img_size)
+    sized = {} if img_size is None else {"img_size": img_size}
+    kw: Dict[str, Any] = {"drop_path_rate": drop_path, **sized, **(kwargs or {})}
     try:
         model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **kw)
     except TypeError as exc:
