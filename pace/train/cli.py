@@ -1,5 +1,4 @@
-"""``pace-train``'s command line: flags, and the one place where errors become one line and an exit
-status (a bad input's ValueError / TypeError: 2, naming the flag it came from)."""
+"""``pace-train``'s command line: the flags, and the one place where errors become exit statuses."""
 
 from __future__ import annotations
 

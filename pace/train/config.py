@@ -1,5 +1,4 @@
-"""The settings of one ``pace-train`` run, every default and check in one place; a ValueError names
-each setting in backquotes, which the CLI turns into flag names."""
+"""A run's settings, defaults and checks; errors name settings in backquotes, which the CLI makes flags."""
 
 from __future__ import annotations
 

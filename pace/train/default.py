@@ -1,6 +1,4 @@
-"""The built-in experiment, no download, minutes on a laptop CPU: a small ViT pre-trained on
-scikit-learn's digits 0-4, adapted to 5-9 from a few shots per class with and without PACE
-(docs/design.md section 11)."""
+"""The built-in experiment (docs/design.md section 11): a small ViT on digits 0-4, adapted to 5-9."""
 
 from __future__ import annotations
 

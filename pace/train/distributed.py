@@ -1,5 +1,4 @@
-"""Data-parallel training under ``torchrun`` (NCCL on GPUs, gloo on CPU); why gradients are averaged
-by hand rather than by ``DistributedDataParallel``: docs/design.md section 11."""
+"""Data-parallel training under ``torchrun``; why not ``DistributedDataParallel``: docs/design.md s. 11."""
 
 from __future__ import annotations
 

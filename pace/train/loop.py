@@ -1,5 +1,4 @@
-"""The fine-tuning loop: AdamW, timm's cosine schedule, the PACE criterion, diagnostics, per-epoch
-checkpoints, exact resume, data-parallel ranks (docs/design.md section 11)."""
+"""The fine-tuning loop (docs/design.md section 11): AdamW, cosine schedule, checkpoints, exact resume."""
 
 from __future__ import annotations
 

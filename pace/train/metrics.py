@@ -1,6 +1,4 @@
-"""metrics.jsonl (one JSON record per line, rank 0 only; resumed by length, docs/design.md section 11),
-peak-memory readings, and the figures drawn from the records on matplotlib's Agg canvas (no GUI, no
-pyplot state): the paper's diagnostics per evaluation, the objective's gradient norm, Fig. 4."""
+"""metrics.jsonl (one JSON record per line, rank 0, resumed by length), peak memory, and the figures."""
 
 from __future__ import annotations
 
@@ -101,7 +99,7 @@ def _series(records: List[Dict[str, Any]], kind: str, key: str, scale: float = 1
     return [r["step"] for r in points], [scale * r[key] for r in points]
 
 
-def _figure(size):
+def _figure(size):  # Agg canvas: no GUI backend, no pyplot state
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

@@ -1,5 +1,4 @@
-"""The digits experiment's table (paired differences to the baseline, t intervals over draws) and the
-studies around it: ``--search`` (on the validation digits only) and ``--sweep-lam`` (the paper's Fig. 4)."""
+"""The digits table (paired differences, t intervals) and its studies: ``--search``, ``--sweep-lam``."""
 
 from __future__ import annotations
 
