@@ -1,4 +1,4 @@
-"""Data-parallel training under ``torchrun``; why not ``DistributedDataParallel``: docs/design.md s. 11."""
+"""Data-parallel training under ``torchrun`` (why by hand, not DDP: docs/design.md section 11)."""
 
 from __future__ import annotations
 
