@@ -47,16 +47,12 @@ def atomic_write_text(path: PathLike, text: str) -> Path:
     return with_run_file_mode(atomic_write(path, lambda tmp: Path(tmp).write_text(text)))
 
 
-def atomic_write_file(path: PathLike, write) -> Path:
-    return with_run_file_mode(atomic_write(path, write))
-
-
 def save_weights(model: torch.nn.Module, path: PathLike, metadata: Optional[Dict[str, str]] = None) -> Path:
     """``model``'s state dict as one safetensors file, written atomically."""
     from safetensors.torch import save_file
 
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    return atomic_write_file(path, lambda tmp: save_file(state, tmp, metadata=metadata))
+    return with_run_file_mode(atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata)))
 
 
 def capture_rng(generator: Optional[torch.Generator] = None) -> Dict[str, Any]:
@@ -86,10 +82,6 @@ def restore_rng(state: Dict[str, Any], generator: Optional[torch.Generator] = No
         torch.cuda.set_rng_state_all(state["cuda"])
     if generator is not None and "generator" in state:
         generator.set_state(state["generator"])
-
-
-def save_training_checkpoint(state: Dict[str, Any], path: PathLike) -> Path:
-    return atomic_save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **state}, path)
 
 
 def load_training_checkpoint(path: PathLike) -> Dict[str, Any]:

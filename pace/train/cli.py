@@ -167,11 +167,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _flags(text: str) -> str:
-    """A RunConfig message with its `setting` names written as the flags they come from."""
-    return re.sub(r"`(\w+)`", lambda m: "--" + m.group(1).replace("_", "-"), text)
-
-
 def _check_writable(path: Path, flag: str, want_dir: bool) -> None:
     """Fail before training, not after it, when ``path`` cannot be written."""
     if path.exists() and path.is_dir() != want_dir:
@@ -220,8 +215,8 @@ def _run(given: dict, env) -> int:
         given["progress"] = not given.pop("no_progress")
     try:
         cfg = build_config(given)
-    except ValueError as exc:
-        raise ValueError(_flags(str(exc))) from None
+    except ValueError as exc:  # RunConfig names a setting in backquotes: write it as its flag
+        raise ValueError(re.sub(r"`(\w+)`", lambda m: "--" + m[1].replace("_", "-"), str(exc))) from None
     _check_writable(Path(cfg.out), "--out", want_dir=True)
     if cfg.export:
         _check_writable(Path(cfg.export), "--export", want_dir=False)
@@ -332,11 +327,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     except NonFiniteLossError as exc:
         return _fail(_one_line(exc), EXIT_NON_FINITE)
     except OSError as exc:
-        return _fail(
-            f"I/O error: {_one_line(exc)}; the files written before in {out} stay intact "
-            "(the last checkpoint continues with --resume)",
-            EXIT_IO,
-        )
+        kept = f"the files written before in {out} stay intact (the last checkpoint continues with --resume)"
+        return _fail(f"I/O error: {_one_line(exc)}; {kept}", EXIT_IO)
     except KeyboardInterrupt:
         return _fail("interrupted", 130)
     finally:

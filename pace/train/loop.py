@@ -277,6 +277,8 @@ class _Training:
         if self.main:
             metrics.flush()
             state = {
+                "format": ckpt.CHECKPOINT_FORMAT,
+                "version": ckpt.CHECKPOINT_VERSION,
                 "epoch": self.epoch,
                 "epochs": self.cfg.epochs,
                 "step": self.step,
@@ -291,7 +293,7 @@ class _Training:
                 "measured": self.last,
                 "val_grad_norms": self.val_grad_norms,
             }
-            ckpt.save_training_checkpoint(state, self.checkpoint_path)
+            ckpt.atomic_save(state, self.checkpoint_path)
         dist.barrier(self.env)
 
     def run(self) -> RunResult:
