@@ -85,7 +85,7 @@ def split_new_task(x: torch.Tensor, y: torch.Tensor, shots: int, seed: int) -> N
     (drawn with ``seed``) and the rest for validation. Train, validation and test are disjoint."""
     fixed = torch.Generator().manual_seed(TEST_SPLIT_SEED)
     draw = torch.Generator().manual_seed(seed)
-    parts: Dict[str, List[torch.Tensor]] = {"train": [], "val": [], "test": []}
+    parts = []  # per digit: (train, val, test) indices
     for c in range(5, 10):
         idx = torch.nonzero(y == c).flatten()
         idx = idx[torch.randperm(idx.numel(), generator=fixed)]
@@ -93,11 +93,8 @@ def split_new_task(x: torch.Tensor, y: torch.Tensor, shots: int, seed: int) -> N
         if shots >= dev.numel():
             raise ValueError(f"shots {shots}: digit {c} has only {dev.numel()} images outside the test half")
         dev = dev[torch.randperm(dev.numel(), generator=draw)]
-        parts["train"].append(dev[:shots])
-        parts["val"].append(dev[shots:])
-        parts["test"].append(test)
-    sets = {k: torch.cat(v) for k, v in parts.items()}
-    return NewTask(**{k: TensorImages(x[i], y[i] - 5) for k, i in sets.items()})
+        parts.append((dev[:shots], dev[shots:], test))
+    return NewTask(*(TensorImages(x[i], y[i] - 5) for i in map(torch.cat, zip(*parts))))
 
 
 def make_model(cfg: RunConfig, drop_path: float) -> nn.Module:

@@ -47,14 +47,12 @@ def create_timm_model(
 def load_checkpoint(model: nn.Module, path: str, allow_partial: bool = False) -> str:
     """Load a ViT ``.npz``, ``.safetensors`` or ``.pth`` into ``model`` and return a one-line summary; a
     classifier of another shape stays as initialised, any other tensor left so needs ``allow_partial``."""
-    from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+    from timm.models.vision_transformer import VisionTransformer, _load_weights, checkpoint_filter_fn
 
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"no file at {p}")
     if p.suffix.lower() == ".npz":
-        from timm.models.vision_transformer import _load_weights
-
         if not isinstance(model, VisionTransformer):
             raise ValueError(
                 f".npz files hold the original ViT release layout; {type(model).__name__} is not a ViT"
