@@ -177,7 +177,4 @@ def claim(out_dir: Path, resume: bool, overwrite: bool) -> Iterator[None]:
             stale.unlink(missing_ok=True)
         for name in refuse_existing(out_dir, resume, overwrite):
             (out_dir / name).unlink()
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+        yield  # closing the file, however the run ends, releases the lock

@@ -16,6 +16,7 @@ import torch.nn as nn
 from timm.scheduler import CosineLRScheduler
 from timm.utils import random_seed
 from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm import tqdm
 
 import pace
 
@@ -97,11 +98,9 @@ class _Training:
         self.amp = lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
         self.forward_model = torch.compile(model) if cfg.compile else model
         self.checkpoint_path = out_dir / "checkpoint.pt"
-        self.epoch, self.step = 0, 0
-        self.metrics_bytes: Optional[int] = None
+        self.epoch, self.step, self.peak, self.metrics_bytes = 0, 0, 0.0, None
         self.last = dict.fromkeys(MEASURED, float("nan"))
         self.val_grad_norms: List[float] = []
-        self.peak = 0.0
         self.pending: List[tuple] = []  # step statistics still on the device
 
     def log(self, message: str) -> None:
@@ -166,7 +165,7 @@ class _Training:
             self.data.train.set_epoch(self.epoch)
         started = time.perf_counter()
         records: List[Dict[str, Any]] = []
-        images = 0
+        images = 0  # on this rank
         for x, y, idx in self.loader:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             idx = torch.as_tensor(idx)  # stays on the CPU: the criterion checks it without a device sync
@@ -302,14 +301,12 @@ class _Training:
             self.resume()
         start_epoch = self.epoch
         metrics = MetricsLog(self.out_dir / "metrics.jsonl" if main else None, self.metrics_bytes)
-        if main and metrics.missing_bytes:
+        if metrics.missing_bytes:  # 0 on ranks other than 0
             self.log(
                 f"note: {metrics.path} lacks {metrics.missing_bytes} bytes of records the checkpoint had "
                 "written (deleted or cut short); those records are lost, training goes on"
             )
         sched = self.schedule()
-        from tqdm import tqdm
-
         total = self.steps_per_epoch * max(0, cfg.epochs - start_epoch)
         shown = dict(desc=cfg.label, unit="step", file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
         bar = tqdm(total=total, disable=not (main and cfg.progress), **shown)
@@ -339,11 +336,9 @@ class _Training:
         finally:
             bar.close()
             metrics.close()
-        done = dict(steps=self.step, epochs_done=self.epoch, finished=self.epoch >= cfg.epochs)
-        seconds = time.perf_counter() - started
-        return RunResult(
-            cfg.label, **self.last, seconds=seconds, peak_mem_mb=self.peak, **done, out_dir=str(self.out_dir)
-        )
+        seconds, finished = time.perf_counter() - started, self.epoch >= cfg.epochs
+        done = dict(steps=self.step, epochs_done=self.epoch, finished=finished, out_dir=str(self.out_dir))
+        return RunResult(cfg.label, **self.last, seconds=seconds, peak_mem_mb=self.peak, **done)
 
 
 def check_fingerprint(
