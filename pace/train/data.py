@@ -8,12 +8,10 @@ from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD  # what the PACE (and NOAH) code uses
 from torch.utils.data import BatchSampler, Dataset, DistributedSampler
 
 from .checkpoint import short_reason
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)  # what the PACE (and NOAH) code normalises with
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class UnreadableImageError(ValueError):
@@ -163,8 +161,6 @@ def load_folder_data(
     eval_split: Optional[str],
     img_size: int,
     augment: str,
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
     num_classes: Optional[int] = None,
     seed: int = 0,
 ) -> DataBundle:
@@ -172,7 +168,7 @@ def load_folder_data(
     root = Path(data_dir)
     if not root.is_dir():
         raise ValueError(f"{root} is not a directory")
-    train_tf, eval_tf = build_transforms(img_size, augment, mean, std)
+    train_tf, eval_tf = build_transforms(img_size, augment, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
     train_list = _find_list(root, split or "train800val200")
     if train_list is not None:
         train, evals, n, names = _noah_samples(root, train_list, split, eval_split, num_classes)
