@@ -57,9 +57,8 @@ def barrier(env: DistEnv) -> None:
 def broadcast_parameters(params: Sequence[torch.nn.Parameter], env: DistEnv) -> None:
     """Make every rank start from rank 0's values (they are equal already when seeded alike)."""
     if env.enabled:
-        with torch.no_grad():
-            for p in params:
-                dist.broadcast(p.data, src=0)
+        for p in params:
+            dist.broadcast(p.data, src=0)  # .data: written in place, outside autograd
 
 
 def average_gradients(params: Sequence[torch.nn.Parameter], env: DistEnv) -> None:

@@ -103,7 +103,6 @@ def format_table(rows: List[MethodRuns], device: torch.device) -> str:
     return "\n".join(lines)
 
 
-# ------------------------------------------------------------------------------------------ search
 SEARCH_LRS = (3e-3, 1e-2, 3e-2)
 SEARCH_SIGMAS = (0.5, 1.0)
 SEARCH_LAMS = (0.5, 2.0)
@@ -149,7 +148,6 @@ def run_search(cfg: RunConfig, env, device) -> int:
     return 0
 
 
-# -------------------------------------------------------------------------------------- lam sweep
 def run_lam_sweep(cfg: RunConfig, lams: Sequence[float], modes: Sequence[str], env, device) -> int:
     """The paper's Fig. 4: per objective and lambda, ``val_grad_norm_mean`` (mean and range over
     ``repeats`` draws), written to ``sweep_lam.json`` and ``sweep_lam.png``."""
