@@ -156,9 +156,8 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="pace-train",
-        description="Fine-tune a timm model with PACE adapters (PACE, PACE_fast, PACE_lazy_half, FPA). "
-        "Without --data: the built-in experiment (pre-train a small ViT on digits 0-4, adapt it to "
-        "digits 5-9 from a few shots with and without PACE, print a table).",
+        description="Fine-tune a timm model with PACE adapters (PACE, PACE_fast, PACE_lazy_half, FPA); "
+        "without --data, run the built-in digits experiment and print its table.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         argument_default=argparse.SUPPRESS,  # unset flags take RunConfig's defaults (pace.train.config)

@@ -201,15 +201,10 @@ class _Training:
             k: sum(r[k] for r in records) for k in ("loss", "correct", "count", "train_objective_grad_norm")
         }
         steps, count = max(len(records), 1), max(total["count"], 1)
-        epoch_record = dict(
-            type="epoch", epoch=self.epoch + 1, step=self.step, seconds=seconds, peak_mem_mb=self.peak
-        )
-        epoch_record.update(
-            train_loss=total["loss"] / steps,
-            train_acc=total["correct"] / count,
-            train_objective_grad_norm_mean=total["train_objective_grad_norm"] / steps,
-            img_per_s=images * env.world_size / max(seconds, 1e-9),
-        )
+        epoch_record = dict(type="epoch", epoch=self.epoch + 1, step=self.step, seconds=seconds)
+        epoch_record.update(peak_mem_mb=self.peak, img_per_s=images * env.world_size / max(seconds, 1e-9))
+        epoch_record.update(train_loss=total["loss"] / steps, train_acc=total["correct"] / count)
+        epoch_record["train_objective_grad_norm_mean"] = total["train_objective_grad_norm"] / steps
         metrics.write(epoch_record)
         return epoch_record
 
