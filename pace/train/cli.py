@@ -171,9 +171,7 @@ def _check_writable(path: Path, flag: str, want_dir: bool) -> None:
     if path.exists() and path.is_dir() != want_dir:
         what, expected = ("a file", "a folder") if want_dir else ("a directory", "a file path")
         raise ValueError(f"{flag} {path}: is {what}, expected {expected}")
-    existing = path if path.exists() else path.parent
-    while not existing.exists():
-        existing = existing.parent
+    existing = next(p for p in (path, *path.parents) if p.exists())
     if not existing.is_dir():
         raise ValueError(f"{flag} {path}: {existing} is a file")
     if not os.access(existing, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
@@ -238,9 +236,8 @@ def _run(given: dict, env) -> int:
     if cfg.search:
         return run_search(cfg, env, device)
     if cfg.sweep_lam:
-        return run_lam_sweep(
-            replace(cfg, pace=None), cfg.sweep_lam, (cfg.pace or "pace,fpa").split(","), env, device
-        )
+        modes = (cfg.pace or "pace,fpa").split(",")
+        return run_lam_sweep(replace(cfg, pace=None), cfg.sweep_lam, modes, env, device)
     return DigitsExperiment(cfg, env, device).run()
 
 

@@ -9,7 +9,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD  # what the PACE (and NOAH) code uses
-from torch.utils.data import BatchSampler, Dataset, DistributedSampler
+from torch.utils.data import BatchSampler, Dataset, DistributedSampler, TensorDataset
 
 from .checkpoint import short_reason
 
@@ -18,19 +18,14 @@ class UnreadableImageError(ValueError):
     """An image file PIL cannot decode; one string argument, so a DataLoader worker re-raises it as itself."""
 
 
-class TensorImages(Dataset):
-    """Images already in memory: ``x [N, C, H, W]``, ``y [N]``."""
+class TensorImages(TensorDataset):
+    """Images already in memory: ``x [N, C, H, W]``, ``y [N]``, each item with its index."""
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
         if x.shape[0] != y.shape[0]:
             raise ValueError(f"x has {x.shape[0]} images but y has {y.shape[0]} labels")
-        self.x, self.y = x, y.long()
-
-    def __len__(self) -> int:
-        return self.x.shape[0]
-
-    def __getitem__(self, i: int):
-        return self.x[i], self.y[i], i
+        super().__init__(x, y.long(), torch.arange(x.shape[0]))
+        self.x, self.y = self.tensors[:2]
 
 
 class ImageFiles(Dataset):
@@ -246,7 +241,5 @@ def train_batch_sampler(
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     if n < world_size:
         raise ValueError(f"the training set has {n} samples, fewer than the {world_size} processes")
-    order = DistributedSampler(
-        range(n), num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True
-    )
+    order = DistributedSampler(range(n), num_replicas=world_size, rank=rank, seed=seed, drop_last=True)
     return BatchSampler(order, batch_size, drop_last=n // world_size >= batch_size)

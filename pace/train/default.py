@@ -219,9 +219,8 @@ class DigitsExperiment:
             adapter = f"adapter {cfg.adapter}, rank {cfg.rank}"
             log(f"model: {cfg.model} {count_parameters(model)} ({adapter})", self.env.is_main)
         data = DataBundle(task.train, task.val, NUM_CLASSES, test=task.test if score_test else None)
-        return run_training(
-            model, data, run_cfg, self.run_dir(name, seed), self.env, self.device, self.fingerprint
-        )
+        folder = self.run_dir(name, seed)
+        return run_training(model, data, run_cfg, folder, self.env, self.device, self.fingerprint)
 
     def report(self, rows: List[MethodRuns], task: NewTask, total: float) -> None:
         cfg, seeds = self.cfg, self.seeds

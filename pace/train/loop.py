@@ -223,20 +223,15 @@ class _Training:
         self.pending.clear()
         for r in records:
             if not all(math.isfinite(r[k]) for k in ("loss", "cls_loss", "consistency")):
-                kept = (
-                    f"the last good checkpoint {self.checkpoint_path} (epoch {r['epoch'] - 1}) is kept"
-                    if self.checkpoint_path.exists() and r["epoch"] > 1
-                    else "no checkpoint was written yet"
-                )
-                raise NonFiniteLossError(
-                    f"non-finite loss ({r['loss']}) at epoch {r['epoch']}, step {r['step']}: stopping; {kept}"
-                )
+                where = f"non-finite loss ({r['loss']}) at epoch {r['epoch']}, step {r['step']}: stopping"
+                kept = f"the last good checkpoint {self.checkpoint_path} (epoch {r['epoch'] - 1}) is kept"
+                if not (self.checkpoint_path.exists() and r["epoch"] > 1):
+                    kept = "no checkpoint was written yet"
+                raise NonFiniteLossError(f"{where}; {kept}")
             metrics.write({k: v for k, v in r.items() if k not in ("correct", "count")})
         bar.update(len(records))
-        last = records[-1]
-        bar.set_postfix(
-            loss=f"{last['loss']:.3f}", gnorm=f"{last['train_objective_grad_norm']:.3g}", refresh=False
-        )
+        loss, gnorm = records[-1]["loss"], records[-1]["train_objective_grad_norm"]
+        bar.set_postfix(loss=f"{loss:.3f}", gnorm=f"{gnorm:.3g}", refresh=False)
         return records
 
     def diagnose(self, ds: Dataset, fp_distance: bool):
@@ -316,12 +311,10 @@ class _Training:
                 if evaluated:
                     self.evaluate(epoch_record, metrics)
                 if cfg.epoch_lines and main:
-                    bar.write(
-                        f"[{cfg.label}] epoch {self.epoch}/{cfg.epochs}: "
-                        f"{epoch_record['img_per_s']:.1f} img/s, "
-                        f"peak memory {self.peak:.0f} MB, train acc {100 * epoch_record['train_acc']:.1f}%"
-                        + (f", val acc {100 * self.last['val_acc']:.2f}%" if evaluated else "")
-                    )
+                    speed, acc = epoch_record["img_per_s"], 100 * epoch_record["train_acc"]
+                    line = f"[{cfg.label}] epoch {self.epoch}/{cfg.epochs}: {speed:.1f} img/s, "
+                    line += f"peak memory {self.peak:.0f} MB, train acc {acc:.1f}%"
+                    bar.write(line + (f", val acc {100 * self.last['val_acc']:.2f}%" if evaluated else ""))
                 if self.epoch >= cfg.epochs and self.data.test is not None:
                     self.score_test_set(metrics)
                 self.save_checkpoint(metrics)

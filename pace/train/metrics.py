@@ -127,9 +127,8 @@ def plot_runs(runs: Mapping[str, List[Dict[str, Any]]], path: Path, title: str =
         val, train = (f"{name} val", f"{name} train") if label else ("val", "train")
         ax_acc.plot(*_series(records, "eval", "val_acc", 100), "o-", color=color, ms=3, label=val)
         ax_acc.plot(*_series(records, "eval", "train_acc", 100), "--", color=color, lw=0.8, label=train)
-        ax_train_g.plot(
-            *_series(records, "step", "train_objective_grad_norm"), color=color, lw=0.8, label=label
-        )
+        train_gnorm = _series(records, "step", "train_objective_grad_norm")
+        ax_train_g.plot(*train_gnorm, color=color, lw=0.8, label=label)
     ax_g.set(title="gradient norm of the val loss (eval mode)", xlabel="step", yscale="log")
     ax_fp.set(title="FP-distance on val (eval mode)", xlabel="step")
     ax_acc.set(title="accuracy (%)", xlabel="step")

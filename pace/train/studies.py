@@ -164,10 +164,8 @@ def run_lam_sweep(cfg: RunConfig, lams: Sequence[float], modes: Sequence[str], e
         norms = [r.val_grad_norm_mean for r in runs]
         points.setdefault(name, []).append((lam, statistics.fmean(norms), min(norms), max(norms)))
         sigma = for_objective(replace(cfg, pace=mode, lam=lam), mode).sigma
-        accs = [r.val_acc for r in runs]
-        records.append(
-            dict(method=name, lam=lam, sigma=sigma, val_grad_norm_mean_per_draw=norms, val_acc_per_draw=accs)
-        )
+        per_draw = dict(val_grad_norm_mean_per_draw=norms, val_acc_per_draw=[r.val_acc for r in runs])
+        records.append(dict(method=name, lam=lam, sigma=sigma, **per_draw))
         log(f"[sweep] {name} lam {lam:g}: val grad norm (avg over training) {statistics.fmean(norms):.4g}")
     if env.is_main:
         for r in records:
