@@ -226,8 +226,7 @@ def _image_folder_samples(root: Path, split, eval_split, num_classes):
         raise ValueError(
             f"class-count mismatch: {train_dir} has {len(classes)} classes but num_classes is {num_classes}"
         )
-    to_id = train_folder.class_to_idx
-    evals = [(Path(p), to_id[eval_folder.classes[c]]) for p, c in eval_folder.samples]
+    evals = [(Path(p), train_folder.class_to_idx[eval_folder.classes[c]]) for p, c in eval_folder.samples]
     train = [(Path(p), c) for p, c in train_folder.samples]
     return train, evals, len(classes), (f"ImageFolder {train_dir.name}/", f"{eval_dir.name}/")
 

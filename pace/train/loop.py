@@ -289,7 +289,6 @@ class _Training:
         cfg, main = self.cfg, self.main
         if cfg.resume:
             self.resume()
-        start_epoch = self.epoch
         metrics = MetricsLog(self.out_dir / "metrics.jsonl" if main else None, self.metrics_bytes)
         if metrics.missing_bytes:  # 0 on ranks other than 0
             self.log(
@@ -297,7 +296,7 @@ class _Training:
                 "written (deleted or cut short); those records are lost, training goes on"
             )
         sched = self.schedule()
-        total = self.steps_per_epoch * max(0, cfg.epochs - start_epoch)
+        total = self.steps_per_epoch * max(0, cfg.epochs - self.epoch)
         shown = dict(desc=cfg.label, unit="step", file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
         bar = tqdm(total=total, disable=not (main and cfg.progress), **shown)
         reset_peak_memory(self.device)
