@@ -12,6 +12,7 @@ from typing import Any, Dict, Iterator, List, Optional, Union
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file  # pace.io imports it anyway
 
 from ..io import atomic_write
 
@@ -49,8 +50,6 @@ def atomic_write_text(path: PathLike, text: str) -> Path:
 
 def save_weights(model: torch.nn.Module, path: PathLike, metadata: Optional[Dict[str, str]] = None) -> Path:
     """``model``'s state dict as one safetensors file, written atomically."""
-    from safetensors.torch import save_file
-
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     return with_run_file_mode(atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata)))
 
@@ -94,10 +93,8 @@ def load_training_checkpoint(path: PathLike) -> Dict[str, Any]:
         raise ResumeError(f"cannot read checkpoint {path} ({short_reason(exc)})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ResumeError(f"{path} is not a pace-train checkpoint")
-    if ckpt.get("version") != CHECKPOINT_VERSION:
-        raise ResumeError(
-            f"{path} has checkpoint version {ckpt.get('version')}, expected {CHECKPOINT_VERSION}"
-        )
+    if (version := ckpt.get("version")) != CHECKPOINT_VERSION:
+        raise ResumeError(f"{path} has checkpoint version {version}, expected {CHECKPOINT_VERSION}")
     return ckpt
 
 
@@ -125,8 +122,6 @@ def read_state_dict(path: PathLike) -> Dict[str, torch.Tensor]:
         raise ValueError(f"{path} must end in .npz, .safetensors, .pth, .pt or .bin")
     try:
         if suffix == ".safetensors":
-            from safetensors.torch import load_file
-
             return load_file(str(path))
         return _unwrap_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     except Exception as exc:  # noqa: BLE001

@@ -136,11 +136,10 @@ def _add_flags(parser: argparse.ArgumentParser) -> None:
         else:
             group = parser.add_argument_group(line.rstrip(":"))
     for group, flag, kind, help_text in rows:
+        help_text += _default_text(flag[2:].replace("-", "_"))  # "" for the on/off flags
         if kind == "flag":
             group.add_argument(flag, action="store_true", help=help_text)
-            continue
-        help_text += _default_text(flag[2:].replace("-", "_"))
-        if kind in types:
+        elif kind in types:
             group.add_argument(flag, type=types[kind], help=help_text)
         else:
             choices = list(ADAPTERS) if kind == "kinds" else kind.split("|")
@@ -274,24 +273,19 @@ def _run_data(cfg: RunConfig, env, device) -> int:
         notes.append("note: no --checkpoint or --pretrained: the backbone is randomly initialised")
     with _from_flag(f"--adapter {cfg.adapter}"):
         add_adapters(model, cfg.adapter, cfg.rank, cfg.sigma, cfg.backend)
-    for note in notes:
-        log(note, env.is_main)
-    log(
+    notes.append(
         f"model: {cfg.model}, {count_parameters(model)}; adapter {cfg.adapter} rank {cfg.rank}; "
-        f"pace {cfg.pace} (lam {cfg.lam}, sigma {cfg.sigma}); {device.type}, amp {cfg.amp}",
-        env.is_main,
+        f"pace {cfg.pace} (lam {cfg.lam}, sigma {cfg.sigma}); {device.type}, amp {cfg.amp}"
     )
+    log("\n".join(notes), env.is_main)
     data_identity = {"data": str(Path(cfg.data).resolve())}
-    result = run_training(model, bundle, cfg, Path(cfg.out), env, device, data_identity)
+    r = run_training(model, bundle, cfg, Path(cfg.out), env, device, data_identity)
     if env.is_main:
-        state = "done" if result.finished else f"stopped after epoch {result.epochs_done}"
-        print(
-            f"{state}: val acc {100 * result.val_acc:.2f}%, val grad norm {result.val_grad_norm:.4g} "
-            f"(training objective's {result.train_objective_grad_norm:.4g}), val FP-distance "
-            f"{result.val_fp_distance:.4g}, {result.seconds:.1f} s, peak {result.peak_mem_mb:.0f} MB; "
-            f"outputs in {cfg.out}",
-            flush=True,
-        )
+        state = "done" if r.finished else f"stopped after epoch {r.epochs_done}"
+        train_gnorm = f"training objective's {r.train_objective_grad_norm:.4g}"
+        scores = f"val acc {100 * r.val_acc:.2f}%, val grad norm {r.val_grad_norm:.4g} ({train_gnorm})"
+        rest = f"val FP-distance {r.val_fp_distance:.4g}, {r.seconds:.1f} s, peak {r.peak_mem_mb:.0f} MB"
+        print(f"{state}: {scores}, {rest}; outputs in {cfg.out}", flush=True)
     return 0
 
 

@@ -13,6 +13,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from timm.utils import random_seed
 
 from . import distributed as dist
@@ -26,6 +27,7 @@ from .studies import TABLE_NOTES, MethodRuns, format_table, paired_summary
 
 # (table name, --pace mode) in the order of the table.
 VARIANTS = (("baseline", "none"), ("PACE", "pace"), ("PACE_fast", "fast"), ("PACE_lazy", "lazy"))
+TABLE_NAMES = {mode: name for name, mode in VARIANTS}
 NUM_CLASSES = 5  # digits 0-4 to pre-train on, 5-9 to adapt to
 
 
@@ -100,18 +102,14 @@ def split_new_task(x: torch.Tensor, y: torch.Tensor, shots: int, seed: int) -> N
 def make_model(cfg: RunConfig, drop_path: float) -> nn.Module:
     """The digits ViT (or ``cfg.model``) for one grey channel, with a 5-class head."""
     shrink = DIGITS_MODEL_KWARGS if cfg.model == DIGITS_PRESET["model"] else {}
-    kwargs = {"in_chans": 1, **shrink, **(cfg.model_kwargs or {})}
-    return create_timm_model(
-        cfg.model, NUM_CLASSES, drop_path=drop_path, img_size=cfg.img_size, kwargs=kwargs
-    )
+    shape = dict(img_size=cfg.img_size, kwargs={"in_chans": 1, **shrink, **(cfg.model_kwargs or {})})
+    return create_timm_model(cfg.model, NUM_CLASSES, drop_path=drop_path, **shape)
 
 
 def pretrain(
     cfg: RunConfig, x: torch.Tensor, y: torch.Tensor, out: Path, env: dist.DistEnv, device: torch.device
 ) -> Dict[str, torch.Tensor]:
     """The backbone pre-trained on digits 0-4 by rank 0, cached in ``out/pretrain`` per settings."""
-    from safetensors.torch import load_file
-
     cache = out / "pretrain" / "backbone.safetensors"
     meta_path, key, meta = cache.with_suffix(".json"), backbone_key(cfg), {}
     with contextlib.suppress(OSError, ValueError):  # none yet, or unreadable: pre-train again
@@ -142,7 +140,7 @@ class DigitsExperiment:
 
     def __init__(self, cfg: RunConfig, env: dist.DistEnv, device: torch.device, seeds=None, variants=None):
         self.cfg, self.env, self.device, self.out = cfg, env, device, Path(cfg.out)
-        chosen = VARIANTS if cfg.pace is None else [(_table_name(cfg.pace), cfg.pace)]
+        chosen = VARIANTS if cfg.pace is None else [(TABLE_NAMES.get(cfg.pace, cfg.pace), cfg.pace)]
         self.variants = list(variants or chosen)
         self.seeds = list(seeds or [cfg.seed + k for k in range(cfg.repeats)])
         self.fingerprint = {"backbone": backbone_key(cfg), "num_classes": NUM_CLASSES}
@@ -253,10 +251,6 @@ class DigitsExperiment:
         atomic_write_text(self.out / "summary.txt", f"{header}\n{table}\n{TABLE_NOTES}\n")
         runs = {row.name: read_metrics(Path(row.runs[0].out_dir) / "metrics.jsonl") for row in rows}
         plot_runs(runs, self.out / "curves.png", title=f"{header}\n(first draw, seed {seeds[0]})")
-
-
-def _table_name(mode: str) -> str:
-    return {m: n for n, m in VARIANTS}.get(mode, mode)
 
 
 def _export_path(export: Optional[str], name: str, seed: int, n_runs: int) -> Optional[str]:

@@ -134,9 +134,8 @@ class _Training:
             raise ckpt.ResumeError(
                 f"{self.checkpoint_path} is at epoch {ck['epoch']}, past the {cfg.epochs} epoch(s) asked for"
             )
-        with torch.no_grad():
-            for n, p in zip(self.names, self.params):
-                p.copy_(ck["adapter"][n])
+        for n, p in zip(self.names, self.params):
+            p.data.copy_(ck["adapter"][n])  # .data: written in place, outside autograd
         self.opt.load_state_dict(ck["optimizer"])
         if ck.get("scaler"):
             self.scaler.load_state_dict(ck["scaler"])

@@ -54,9 +54,8 @@ def load_checkpoint(model: nn.Module, path: str, allow_partial: bool = False) ->
         raise ValueError(f"no file at {p}")
     if p.suffix.lower() == ".npz":
         if not isinstance(model, VisionTransformer):
-            raise ValueError(
-                f".npz files hold the original ViT release layout; {type(model).__name__} is not a ViT"
-            )
+            kind = type(model).__name__
+            raise ValueError(f".npz files hold the original ViT release layout; {kind} is not a ViT")
         try:
             _load_weights(model, str(p))
         except Exception as exc:  # noqa: BLE001
@@ -75,10 +74,9 @@ def load_checkpoint(model: nn.Module, path: str, allow_partial: bool = False) ->
     backbone_skipped = [k for k in skipped if not _is_classifier(model, k)]
     if backbone_skipped and not allow_partial:
         raise ValueError(
-            f"{p} fits only {len(usable)} of the model's {len(own)} tensors; "
-            f"{len(backbone_skipped)} backbone tensor(s) would stay random, "
-            f"e.g. {', '.join(backbone_skipped[:3])} "
-            "(wrong model? allow a partial load explicitly to go on)"
+            f"{p} fits only {len(usable)} of the model's {len(own)} tensors; {len(backbone_skipped)} "
+            f"backbone tensor(s) would stay random, e.g. {', '.join(backbone_skipped[:3])} (wrong model? "
+            "allow a partial load explicitly to go on)"
         )
     model.load_state_dict(usable, strict=False)
     note = f"loaded {len(usable)}/{len(own)} tensors from {p.name}"

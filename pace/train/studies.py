@@ -119,6 +119,7 @@ def run_search(cfg: RunConfig, env, device) -> int:
     study = DigitsExperiment(cfg, env, device, seeds)
     digits = study.digits()
     tried: List[Dict[str, Any]] = []
+    lines: List[str] = []  # settings come as lr, sigma, lam
 
     def score(name: str, mode: str, **settings) -> float:
         tag = "-".join(f"{k}{v:g}" for k, v in settings.items())
@@ -126,6 +127,8 @@ def run_search(cfg: RunConfig, env, device) -> int:
         val_acc = statistics.fmean(r.val_acc for r in runs)
         gnorm = statistics.fmean(r.val_grad_norm_mean for r in runs)
         tried.append({"method": name, **settings, "val_acc": val_acc, "val_grad_norm_mean": gnorm})
+        shown = " ".join(f"{k} {v:g}" for k, v in settings.items())
+        lines.append(f"{name:<10} {shown}: val acc {100 * val_acc:.2f}%")
         log(f"[search] {name} {tag}: val acc {100 * val_acc:.2f}%", env.is_main)
         return val_acc
 
@@ -136,11 +139,6 @@ def run_search(cfg: RunConfig, env, device) -> int:
         sigma, lam = max(grid, key=lambda sl: score(name, mode, lr=lr, sigma=sl[0], lam=sl[1]))
         chosen[mode] = {"sigma": sigma, "lam": lam}
     if env.is_main:
-        lines = [
-            f"{t['method']:<10} {' '.join(f'{k} {t[k]:g}' for k in ('lr', 'sigma', 'lam') if k in t)}: "
-            f"val acc {100 * t['val_acc']:.2f}%"
-            for t in tried
-        ]
         head = f"search on the validation digits, draws {seeds}, batch {cfg.batch_size}, {cfg.epochs} epochs:"
         print("\n".join([head, *lines, f"chosen: {json.dumps(chosen)}"]), flush=True)
         record = {"seeds": seeds, "tried": tried, "chosen": chosen}
@@ -151,7 +149,7 @@ def run_search(cfg: RunConfig, env, device) -> int:
 def run_lam_sweep(cfg: RunConfig, lams: Sequence[float], modes: Sequence[str], env, device) -> int:
     """The paper's Fig. 4: per objective and lambda, ``val_grad_norm_mean`` (mean and range over
     ``repeats`` draws), written to ``sweep_lam.json`` and ``sweep_lam.png``."""
-    from .default import DigitsExperiment, _table_name
+    from .default import TABLE_NAMES, DigitsExperiment
 
     seeds = [cfg.seed + k for k in range(cfg.repeats)]
     study = DigitsExperiment(cfg, env, device, seeds)
@@ -159,7 +157,7 @@ def run_lam_sweep(cfg: RunConfig, lams: Sequence[float], modes: Sequence[str], e
     points: Dict[str, List[tuple]] = {}
     records: List[Dict[str, Any]] = []
     for mode, lam in ((mode, lam) for mode in modes for lam in lams):
-        name = _table_name(mode)
+        name = TABLE_NAMES.get(mode, mode)
         runs = study.study(digits, f"sweep-lam/lam{lam:g}", name, mode, pace=mode, lam=lam)
         norms = [r.val_grad_norm_mean for r in runs]
         points.setdefault(name, []).append((lam, statistics.fmean(norms), min(norms), max(norms)))
