@@ -12,6 +12,7 @@ from typing import Any, Dict, Iterator, List, Optional, Union
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file  # pace.io imports it anyway
 
 from ..io import atomic_write
 
@@ -47,16 +48,10 @@ def atomic_write_text(path: PathLike, text: str) -> Path:
     return with_run_file_mode(atomic_write(path, lambda tmp: Path(tmp).write_text(text)))
 
 
-def atomic_write_file(path: PathLike, write) -> Path:
-    return with_run_file_mode(atomic_write(path, write))
-
-
 def save_weights(model: torch.nn.Module, path: PathLike, metadata: Optional[Dict[str, str]] = None) -> Path:
     """``model``'s state dict as one safetensors file, written atomically."""
-    from safetensors.torch import save_file
-
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    return atomic_write_file(path, lambda tmp: save_file(state, tmp, metadata=metadata))
+    return with_run_file_mode(atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata)))
 
 
 def capture_rng(generator: Optional[torch.Generator] = None) -> Dict[str, Any]:
@@ -77,19 +72,14 @@ def capture_rng(generator: Optional[torch.Generator] = None) -> Dict[str, Any]:
 def restore_rng(state: Dict[str, Any], generator: Optional[torch.Generator] = None) -> None:
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
-    np.random.set_state(
-        (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"])
-    )
+    keys = n["keys"].numpy().astype(np.uint32)
+    np.random.set_state((n["kind"], keys, n["pos"], n["has_gauss"], n["gauss"]))
     p = state["python"]
     random.setstate((p["version"], tuple(int(v) for v in p["state"].tolist()), p["gauss"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
     if generator is not None and "generator" in state:
         generator.set_state(state["generator"])
-
-
-def save_training_checkpoint(state: Dict[str, Any], path: PathLike) -> Path:
-    return atomic_save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **state}, path)
 
 
 def load_training_checkpoint(path: PathLike) -> Dict[str, Any]:
@@ -103,10 +93,8 @@ def load_training_checkpoint(path: PathLike) -> Dict[str, Any]:
         raise ResumeError(f"cannot read checkpoint {path} ({short_reason(exc)})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ResumeError(f"{path} is not a pace-train checkpoint")
-    if ckpt.get("version") != CHECKPOINT_VERSION:
-        raise ResumeError(
-            f"{path} has checkpoint version {ckpt.get('version')}, expected {CHECKPOINT_VERSION}"
-        )
+    if (version := ckpt.get("version")) != CHECKPOINT_VERSION:
+        raise ResumeError(f"{path} has checkpoint version {version}, expected {CHECKPOINT_VERSION}")
     return ckpt
 
 
@@ -134,8 +122,6 @@ def read_state_dict(path: PathLike) -> Dict[str, torch.Tensor]:
         raise ValueError(f"{path} must end in .npz, .safetensors, .pth, .pt or .bin")
     try:
         if suffix == ".safetensors":
-            from safetensors.torch import load_file
-
             return load_file(str(path))
         return _unwrap_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     except Exception as exc:  # noqa: BLE001
@@ -185,7 +171,4 @@ def claim(out_dir: Path, resume: bool, overwrite: bool) -> Iterator[None]:
             stale.unlink(missing_ok=True)
         for name in refuse_existing(out_dir, resume, overwrite):
             (out_dir / name).unlink()
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+        yield  # closing the file, however the run ends, releases the lock

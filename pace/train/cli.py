@@ -1,5 +1,4 @@
-"""``pace-train``'s command line: flags, and the one place where errors become one line and an exit
-status (a bad input's ValueError / TypeError: 2, naming the flag it came from)."""
+"""``pace-train``'s command line: the flags, and the one place where errors become exit statuses."""
 
 from __future__ import annotations
 
@@ -40,32 +39,25 @@ model and data:
 --model               str    any timm model name
 --model-kwargs        json   extra timm.create_model arguments, a JSON object, e.g. '{{"depth": 6}}'
 --pretrained          flag   load the model's pre-trained weights from the timm hub (needs network)
---checkpoint          str    pre-trained weights: .npz (original ViT layout), .safetensors or .pth/.pt/.bin
-                             (weights only); a classifier of another shape stays as initialised, any other
-                             tensor that does not fit is an error
+--checkpoint          str    pre-trained weights: ViT .npz, .safetensors or .pth/.pt/.bin (weights only); a
+                             classifier of another shape stays as initialised, any other misfit is an error
 --partial-checkpoint  flag   accept a --checkpoint that leaves backbone tensors randomly initialised
---data                str    dataset folder: NOAH format (train800val200.txt, test.txt, ... of 'path label'
-                             lines; paths may not leave DIR) or ImageFolder (train/<class>/*, val/ or test/);
-                             omit it for the built-in default
---split               str    training split: a list file in DIR or DIR/annotations (train800val200) or an
-                             ImageFolder subfolder (train)
---eval-split          str    evaluation split (val200 after --split train800, else test or test_meta.list;
-                             ImageFolder: val, else test)
+--data                str    dataset folder: NOAH lists ('path label' lines, paths inside DIR) or ImageFolder
+                             (train/<class>/*, val/ or test/); omit it for the built-in default
+--split               str    training split: a NOAH list (train800val200) or an ImageFolder subfolder (train)
+--eval-split          str    evaluation split (val200 after train800, else test or test_meta.list; val, test)
 --num-classes         int    number of classes (default: from the labels)
 --img-size            int    input resolution
---augment    none|flip-crop  none (resize) or flip-crop (FGVC / few-shot: resize to 256/224, random crop,
-                             flip), drawn from (seed, epoch, image) whatever --workers
+--augment    none|flip-crop  none (resize) or flip-crop (FGVC / few-shot: resize 256/224, random crop, flip)
 --normalize  imagenet|model  input normalisation: ImageNet mean/std (as the PACE code) or the model's own
 adapter and PACE:
 --adapter             kinds  adapter put into every linear layer (docs/design.md)
 --rank                int    adapter rank
---pace                str    objective, one of {modes}: none (the baseline adapter), pace (two noisy copies),
-                             fast (one copy + a bank of past logits), lazy (pace every --lazy-interval
-                             steps), fpa (consistency with the pre-trained model). Default: none with --data;
-                             the built-in compares none, pace, fast, lazy; --sweep-lam: a list (pace,fpa)
+--pace                str    objective, one of {modes}: none, pace (two noisy copies), fast (one copy + past
+                             logits), lazy (pace every --lazy-interval steps), fpa (vs the pre-trained model);
+                             default none with --data; built-in: none, pace, fast, lazy; --sweep-lam: a list
 --lam                 float  consistency strength lambda; default per objective {lam}
---sigma               float  std of the noise N(1, S^2) on adapter outputs, decreasing with depth; default per
-                             objective {sigma}
+--sigma               float  std S of the adapter noise N(1, S^2), lower in deeper layers; default {sigma}
 --lazy-interval       int    lazy: the PACE step comes every N steps
 --copies              int    pace: number of noisy copies (consistency averaged over pairs)
 optimisation (AdamW, cosine decay to 1% of --lr after linear warm-up):
@@ -80,12 +72,10 @@ run:
 --compile             flag   torch.compile the model for training
 --backend  auto|torch|triton  PaceLinear backend; auto = fused Triton on CUDA, the PyTorch reference elsewhere
 --device     auto|cpu|cuda   where to train; auto = CUDA if present
---seed                int    seed of data order, augmentation, initialisation and noise (rank r: seed + r),
-                             0 .. {max_seed}
+--seed                int    seed of data order, augmentation, init, noise (rank r: seed + r), 0 .. {max_seed}
 --out                 str    output folder
---resume              flag   continue from the last checkpoint (built-in: of each method and draw) to the
-                             result of an uninterrupted run; flags that change the result must match (else
-                             exit 2); --epochs may grow
+--resume              flag   continue from the last checkpoint (of each method and draw) to the result of an
+                             uninterrupted run; flags that change the result must match; --epochs may grow
 --resume-new-optim    flag   with --resume: keep weights and optimiser moments but allow a new --lr, --wd,
                              --warmup-epochs, --epochs, --seed, with fresh random streams (e.g. after a NaN)
 --overwrite           flag   delete the records of a run already in --out and start a new one there
@@ -129,41 +119,31 @@ def _default_text(name: str) -> str:
     return f" (default: {data}" + (f"; built-in: {digits})" if digits != data else ")")
 
 
-def _flag_rows(table: str) -> List[list]:
-    """``[group title, flag, kind, help]`` for each flag of the table."""
-    rows: List[list] = []
-    title = ""
-    for line in table.strip().splitlines():
-        if line.startswith(" "):
-            rows[-1][3] += " " + line.strip()
-        elif line.startswith("--"):
-            rows.append([title, *line.split(maxsplit=2)])
-        else:
-            title = line.rstrip(":")
-    return rows
-
-
 def _add_flags(parser: argparse.ArgumentParser) -> None:
     import pace
 
-    adapters = list(ADAPTERS)
     types = {"str": str, "int": int, "float": float, "json": json.loads, "lams": _lams}
     table = FLAGS.format(
         modes=", ".join(pace.MODES), lam=_per_objective(1), sigma=_per_objective(0), max_seed=MAX_SEED
     )
-    groups: dict = {}
-    for title, flag, kind, help_text in _flag_rows(table):
-        group = (
-            groups[title] if title in groups else groups.setdefault(title, parser.add_argument_group(title))
-        )
+    rows: List[list] = []  # [group, flag, kind, help]
+    group = parser  # the table opens with a group title
+    for line in table.strip().splitlines():
+        if line.startswith(" "):
+            rows[-1][3] += " " + line.strip()
+        elif line.startswith("--"):
+            rows.append([group, *line.split(maxsplit=2)])
+        else:
+            group = parser.add_argument_group(line.rstrip(":"))
+    for group, flag, kind, help_text in rows:
+        help_text += _default_text(flag[2:].replace("-", "_"))  # "" for the on/off flags
         if kind == "flag":
             group.add_argument(flag, action="store_true", help=help_text)
-            continue
-        help_text += _default_text(flag[2:].replace("-", "_"))
-        if kind in types:
+        elif kind in types:
             group.add_argument(flag, type=types[kind], help=help_text)
         else:
-            group.add_argument(flag, choices=adapters if kind == "kinds" else kind.split("|"), help=help_text)
+            choices = list(ADAPTERS) if kind == "kinds" else kind.split("|")
+            group.add_argument(flag, choices=choices, help=help_text)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -175,9 +155,8 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="pace-train",
-        description="Fine-tune a timm model with PACE adapters (PACE, PACE_fast, PACE_lazy_half, FPA). "
-        "Without --data: the built-in experiment (pre-train a small ViT on digits 0-4, adapt it to "
-        "digits 5-9 from a few shots with and without PACE, print a table).",
+        description="Fine-tune a timm model with PACE adapters (PACE, PACE_fast, PACE_lazy_half, FPA); "
+        "without --data, run the built-in digits experiment and print its table.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         argument_default=argparse.SUPPRESS,  # unset flags take RunConfig's defaults (pace.train.config)
@@ -186,36 +165,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-class UsageError(Exception):
-    """Bad input, reported as one line naming the flag, exit status 2."""
-
-
-def _flags(text: str) -> str:
-    """A RunConfig message with its `setting` names written as the flags they come from."""
-    return re.sub(r"`(\w+)`", lambda m: "--" + m.group(1).replace("_", "-"), text)
-
-
 def _check_writable(path: Path, flag: str, want_dir: bool) -> None:
     """Fail before training, not after it, when ``path`` cannot be written."""
     if path.exists() and path.is_dir() != want_dir:
         what, expected = ("a file", "a folder") if want_dir else ("a directory", "a file path")
-        raise UsageError(f"{flag} {path}: is {what}, expected {expected}")
-    existing = path if path.exists() else path.parent
-    while not existing.exists():
-        existing = existing.parent
+        raise ValueError(f"{flag} {path}: is {what}, expected {expected}")
+    existing = next(p for p in (path, *path.parents) if p.exists())
     if not existing.is_dir():
-        raise UsageError(f"{flag} {path}: {existing} is a file")
+        raise ValueError(f"{flag} {path}: {existing} is a file")
     if not os.access(existing, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise UsageError(f"{flag} {path}: not writable")
+        raise ValueError(f"{flag} {path}: not writable")
 
 
 @contextlib.contextmanager
 def _from_flag(flag: str) -> Iterator[None]:
-    """Bad input found by library code becomes a usage error that names the flag it came from."""
+    """Bad input found by library code becomes an error that names the flag it came from."""
     try:
         yield
     except (ValueError, TypeError) as exc:
-        raise UsageError(f"{flag}: {_one_line(exc)}") from None
+        raise ValueError(f"{flag}: {_one_line(exc)}") from None
 
 
 def _device(choice: str, env):
@@ -223,10 +191,10 @@ def _device(choice: str, env):
 
     if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise UsageError("--device cuda: no CUDA device is available")
+            raise ValueError("--device cuda: no CUDA device is available")
         visible = torch.cuda.device_count()
         if env.local_rank >= visible:  # more ranks per node than GPUs: set_device would crash
-            raise UsageError(
+            raise ValueError(
                 f"--device {choice}: LOCAL_RANK {env.local_rank} but only {visible} GPU(s) visible "
                 "(start at most that many processes per node, or pass --device cpu)"
             )
@@ -243,8 +211,8 @@ def _run(given: dict, env) -> int:
         given["progress"] = not given.pop("no_progress")
     try:
         cfg = build_config(given)
-    except ValueError as exc:
-        raise UsageError(_flags(str(exc))) from None
+    except ValueError as exc:  # RunConfig names a setting in backquotes: write it as its flag
+        raise ValueError(re.sub(r"`(\w+)`", lambda m: "--" + m[1].replace("_", "-"), str(exc))) from None
     _check_writable(Path(cfg.out), "--out", want_dir=True)
     if cfg.export:
         _check_writable(Path(cfg.export), "--export", want_dir=False)
@@ -253,7 +221,7 @@ def _run(given: dict, env) -> int:
         torch.set_num_threads(cfg.threads or 1)
     amp = cfg.amp if cfg.amp != "auto" else ("bf16" if device.type == "cuda" else "none")
     if amp == "fp16" and device.type == "cpu":
-        raise UsageError("--amp fp16 needs CUDA (use bf16 or none on CPU)")
+        raise ValueError("--amp fp16 needs CUDA (use bf16 or none on CPU)")
     on_cuda_or_data = device.type == "cuda" or cfg.data is not None
     cfg = replace(cfg, amp=amp, epoch_lines=cfg.epoch_lines and on_cuda_or_data)
     backend = dist.init(env, device)
@@ -267,9 +235,8 @@ def _run(given: dict, env) -> int:
     if cfg.search:
         return run_search(cfg, env, device)
     if cfg.sweep_lam:
-        return run_lam_sweep(
-            replace(cfg, pace=None), cfg.sweep_lam, (cfg.pace or "pace,fpa").split(","), env, device
-        )
+        modes = (cfg.pace or "pace,fpa").split(",")
+        return run_lam_sweep(replace(cfg, pace=None), cfg.sweep_lam, modes, env, device)
     return DigitsExperiment(cfg, env, device).run()
 
 
@@ -306,24 +273,19 @@ def _run_data(cfg: RunConfig, env, device) -> int:
         notes.append("note: no --checkpoint or --pretrained: the backbone is randomly initialised")
     with _from_flag(f"--adapter {cfg.adapter}"):
         add_adapters(model, cfg.adapter, cfg.rank, cfg.sigma, cfg.backend)
-    for note in notes:
-        log(note, env.is_main)
-    log(
+    notes.append(
         f"model: {cfg.model}, {count_parameters(model)}; adapter {cfg.adapter} rank {cfg.rank}; "
-        f"pace {cfg.pace} (lam {cfg.lam}, sigma {cfg.sigma}); {device.type}, amp {cfg.amp}",
-        env.is_main,
+        f"pace {cfg.pace} (lam {cfg.lam}, sigma {cfg.sigma}); {device.type}, amp {cfg.amp}"
     )
+    log("\n".join(notes), env.is_main)
     data_identity = {"data": str(Path(cfg.data).resolve())}
-    result = run_training(model, bundle, cfg, Path(cfg.out), env, device, data_identity)
+    r = run_training(model, bundle, cfg, Path(cfg.out), env, device, data_identity)
     if env.is_main:
-        state = "done" if result.finished else f"stopped after epoch {result.epochs_done}"
-        print(
-            f"{state}: val acc {100 * result.val_acc:.2f}%, val grad norm {result.val_grad_norm:.4g} "
-            f"(training objective's {result.train_objective_grad_norm:.4g}), val FP-distance "
-            f"{result.val_fp_distance:.4g}, {result.seconds:.1f} s, peak {result.peak_mem_mb:.0f} MB; "
-            f"outputs in {cfg.out}",
-            flush=True,
-        )
+        state = "done" if r.finished else f"stopped after epoch {r.epochs_done}"
+        train_gnorm = f"training objective's {r.train_objective_grad_norm:.4g}"
+        scores = f"val acc {100 * r.val_acc:.2f}%, val grad norm {r.val_grad_norm:.4g} ({train_gnorm})"
+        rest = f"val FP-distance {r.val_fp_distance:.4g}, {r.seconds:.1f} s, peak {r.peak_mem_mb:.0f} MB"
+        print(f"{state}: {scores}, {rest}; outputs in {cfg.out}", flush=True)
     return 0
 
 
@@ -347,7 +309,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     out = getattr(args, "out", DEFAULT_OUT)
     try:
         return _run(vars(args), env)
-    except (UsageError, ValueError, TypeError) as exc:  # bad input; these kinds name the flag here
+    except (ValueError, TypeError) as exc:  # bad input; these kinds name the flag here
         flag = {RunFolderError: "--out: ", ResumeError: "--resume: ", UnreadableImageError: "--data: "}
         fix = "; pass --resume to continue that run or --overwrite to replace it"
         message = flag.get(type(exc), "") + _one_line(exc) + (fix if isinstance(exc, RunFolderError) else "")
@@ -355,11 +317,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     except NonFiniteLossError as exc:
         return _fail(_one_line(exc), EXIT_NON_FINITE)
     except OSError as exc:
-        return _fail(
-            f"I/O error: {_one_line(exc)}; the files written before in {out} stay intact "
-            "(the last checkpoint continues with --resume)",
-            EXIT_IO,
-        )
+        kept = f"the files written before in {out} stay intact (the last checkpoint continues with --resume)"
+        return _fail(f"I/O error: {_one_line(exc)}; {kept}", EXIT_IO)
     except KeyboardInterrupt:
         return _fail("interrupted", 130)
     finally:

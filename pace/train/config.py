@@ -1,5 +1,4 @@
-"""The settings of one ``pace-train`` run, every default and check in one place; a ValueError names
-each setting in backquotes, which the CLI turns into flag names."""
+"""A run's settings, defaults and checks; errors name settings in backquotes, which the CLI makes flags."""
 
 from __future__ import annotations
 
@@ -100,9 +99,6 @@ class RunConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
-        self._check_digits_only_and_studies()
-
-    def _check_digits_only_and_studies(self) -> None:
         if self.data is None:
             if self.pretrained or self.checkpoint:
                 raise ValueError(
@@ -169,9 +165,7 @@ DIGITS_MODEL_KWARGS = {"patch_size": 4, "in_chans": 1, "embed_dim": 64, "depth":
 
 # (sigma, lam) per objective. --data: the PACE code's README values (VTAB CIFAR: lam 1, sigma 1.2);
 # fast wants a larger sigma and a smaller lam, lazy a larger lam. Digits: chosen on the validation
-# digits (never the test digits) by `pace-train --search --repeats 1` (pace.train.studies: lr in
-# {3e-3, 1e-2, 3e-2} for the baseline, then sigma in {0.5, 1} x lam in {0.5, 2} per objective);
-# fpa was not searched.
+# digits by `pace-train --search --repeats 1` (pace.train.studies); fpa was not searched.
 MODE_SIGMA_LAM: Dict[str, Dict[str, Tuple[float, float]]] = {
     "data": dict(none=(0.0, 0.0), pace=(1.2, 1.0), fast=(1.5, 0.5), lazy=(1.2, 2.0), fpa=(0.0, 1.0)),
     "digits": dict(none=(0.0, 0.0), pace=(0.5, 2.0), fast=(1.0, 0.5), lazy=(1.0, 0.5), fpa=(0.0, 1.0)),

@@ -8,31 +8,24 @@ from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 import torch
-from torch.utils.data import BatchSampler, Dataset, DistributedSampler
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD  # what the PACE (and NOAH) code uses
+from torch.utils.data import BatchSampler, Dataset, DistributedSampler, TensorDataset
 
 from .checkpoint import short_reason
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)  # what the PACE (and NOAH) code normalises with
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class UnreadableImageError(ValueError):
     """An image file PIL cannot decode; one string argument, so a DataLoader worker re-raises it as itself."""
 
 
-class TensorImages(Dataset):
-    """Images already in memory: ``x [N, C, H, W]``, ``y [N]``."""
+class TensorImages(TensorDataset):
+    """Images already in memory: ``x [N, C, H, W]``, ``y [N]``, each item with its index."""
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
         if x.shape[0] != y.shape[0]:
             raise ValueError(f"x has {x.shape[0]} images but y has {y.shape[0]} labels")
-        self.x, self.y = x, y.long()
-
-    def __len__(self) -> int:
-        return self.x.shape[0]
-
-    def __getitem__(self, i: int):
-        return self.x[i], self.y[i], i
+        super().__init__(x, y.long(), torch.arange(x.shape[0]))
+        self.x, self.y = self.tensors[:2]
 
 
 class ImageFiles(Dataset):
@@ -75,28 +68,19 @@ class DataBundle:
 
 
 def _find_list(root: Path, split: str) -> Optional[Path]:
-    for folder in (root, root / "annotations"):
-        for cand in (folder / split, folder / f"{split}.txt"):
-            if cand.is_file():
-                return cand
-    return None
+    places = (folder / name for folder in (root, root / "annotations") for name in (split, f"{split}.txt"))
+    return next((cand for cand in places if cand.is_file()), None)
 
 
 def _resolve_image(root: Path, rel: str) -> Optional[Path]:
     # NOAH lists name images relative to the dataset folder ("images/train800/000001.jpg"); the
     # few-shot lists and the PACE code's reader take them relative to "images/", some lists keep an
-    # extra leading folder: try those in turn. A path that leads out of the folder is refused.
+    # extra leading folder: try those in turn.
     rel_path = Path(rel)
     candidates = [root / rel_path, root / "images" / rel_path]
     if len(rel_path.parts) > 1:
         candidates.append(root / "images" / Path(*rel_path.parts[1:]))
-    norm = os.path.normpath(rel)
-    if os.path.isabs(norm) or norm == os.pardir or norm.startswith(os.pardir + os.sep):
-        raise ValueError(f"{rel!r} leads outside the dataset folder {root}")
-    for cand in candidates:
-        if cand.is_file():
-            return cand
-    return None
+    return next((cand for cand in candidates if cand.is_file()), None)
 
 
 def read_list(root: Path, list_path: Path) -> List[Tuple[Path, int]]:
@@ -122,10 +106,10 @@ def read_list(root: Path, list_path: Path) -> List[Tuple[Path, int]]:
             raise ValueError(f"{where}: label {label!r} is not an integer") from None
         if y < 0:
             raise ValueError(f"{where}: label {y} is negative")
-        try:
-            path = _resolve_image(root, rel)
-        except ValueError as exc:
-            raise ValueError(f"{where}: {exc}") from None
+        norm = os.path.normpath(rel)
+        if os.path.isabs(norm) or norm == os.pardir or norm.startswith(os.pardir + os.sep):
+            raise ValueError(f"{where}: {rel!r} leads outside the dataset folder {root}")
+        path = _resolve_image(root, rel)
         if path is None:
             missing.append(rel)
         else:
@@ -172,8 +156,6 @@ def load_folder_data(
     eval_split: Optional[str],
     img_size: int,
     augment: str,
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
     num_classes: Optional[int] = None,
     seed: int = 0,
 ) -> DataBundle:
@@ -181,7 +163,7 @@ def load_folder_data(
     root = Path(data_dir)
     if not root.is_dir():
         raise ValueError(f"{root} is not a directory")
-    train_tf, eval_tf = build_transforms(img_size, augment, mean, std)
+    train_tf, eval_tf = build_transforms(img_size, augment, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
     train_list = _find_list(root, split or "train800val200")
     if train_list is not None:
         train, evals, n, names = _noah_samples(root, train_list, split, eval_split, num_classes)
@@ -244,8 +226,7 @@ def _image_folder_samples(root: Path, split, eval_split, num_classes):
         raise ValueError(
             f"class-count mismatch: {train_dir} has {len(classes)} classes but num_classes is {num_classes}"
         )
-    to_id = train_folder.class_to_idx
-    evals = [(Path(p), to_id[eval_folder.classes[c]]) for p, c in eval_folder.samples]
+    evals = [(Path(p), train_folder.class_to_idx[eval_folder.classes[c]]) for p, c in eval_folder.samples]
     train = [(Path(p), c) for p, c in train_folder.samples]
     return train, evals, len(classes), (f"ImageFolder {train_dir.name}/", f"{eval_dir.name}/")
 
@@ -259,12 +240,5 @@ def train_batch_sampler(
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     if n < world_size:
         raise ValueError(f"the training set has {n} samples, fewer than the {world_size} processes")
-    order = DistributedSampler(
-        range(n), num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True
-    )
+    order = DistributedSampler(range(n), num_replicas=world_size, rank=rank, seed=seed, drop_last=True)
     return BatchSampler(order, batch_size, drop_last=n // world_size >= batch_size)
-
-
-def shard_indices(n: int, rank: int, world_size: int) -> List[int]:
-    """Evaluation share of one rank (every sample exactly once over all ranks)."""
-    return list(range(rank, n, world_size))

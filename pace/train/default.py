@@ -1,19 +1,19 @@
-"""The built-in experiment, no download, minutes on a laptop CPU: a small ViT pre-trained on
-scikit-learn's digits 0-4, adapted to 5-9 from a few shots per class with and without PACE
-(docs/design.md section 11)."""
+"""The built-in experiment (docs/design.md section 11): a small ViT on digits 0-4, adapted to 5-9."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from timm.utils import random_seed
 
 from . import distributed as dist
@@ -21,13 +21,13 @@ from .checkpoint import atomic_write_text, load_training_checkpoint, refuse_exis
 from .config import DIGITS_MODEL_KWARGS, DIGITS_PRESET, RunConfig, for_objective
 from .data import DataBundle, TensorImages
 from .loop import RunResult, check_fingerprint, log, run_training
-from .metrics import read_metrics
+from .metrics import plot_runs, read_metrics
 from .model import add_adapters, count_parameters, create_timm_model
-from .plots import plot_runs
 from .studies import TABLE_NOTES, MethodRuns, format_table, paired_summary
 
 # (table name, --pace mode) in the order of the table.
 VARIANTS = (("baseline", "none"), ("PACE", "pace"), ("PACE_fast", "fast"), ("PACE_lazy", "lazy"))
+TABLE_NAMES = {mode: name for name, mode in VARIANTS}
 NUM_CLASSES = 5  # digits 0-4 to pre-train on, 5-9 to adapt to
 
 
@@ -87,7 +87,7 @@ def split_new_task(x: torch.Tensor, y: torch.Tensor, shots: int, seed: int) -> N
     (drawn with ``seed``) and the rest for validation. Train, validation and test are disjoint."""
     fixed = torch.Generator().manual_seed(TEST_SPLIT_SEED)
     draw = torch.Generator().manual_seed(seed)
-    parts: Dict[str, List[torch.Tensor]] = {"train": [], "val": [], "test": []}
+    parts = []  # per digit: (train, val, test) indices
     for c in range(5, 10):
         idx = torch.nonzero(y == c).flatten()
         idx = idx[torch.randperm(idx.numel(), generator=fixed)]
@@ -95,39 +95,26 @@ def split_new_task(x: torch.Tensor, y: torch.Tensor, shots: int, seed: int) -> N
         if shots >= dev.numel():
             raise ValueError(f"shots {shots}: digit {c} has only {dev.numel()} images outside the test half")
         dev = dev[torch.randperm(dev.numel(), generator=draw)]
-        parts["train"].append(dev[:shots])
-        parts["val"].append(dev[shots:])
-        parts["test"].append(test)
-    sets = {k: torch.cat(v) for k, v in parts.items()}
-    return NewTask(**{k: TensorImages(x[i], y[i] - 5) for k, i in sets.items()})
+        parts.append((dev[:shots], dev[shots:], test))
+    return NewTask(*(TensorImages(x[i], y[i] - 5) for i in map(torch.cat, zip(*parts))))
 
 
 def make_model(cfg: RunConfig, drop_path: float) -> nn.Module:
     """The digits ViT (or ``cfg.model``) for one grey channel, with a 5-class head."""
     shrink = DIGITS_MODEL_KWARGS if cfg.model == DIGITS_PRESET["model"] else {}
-    kwargs = {"in_chans": 1, **shrink, **(cfg.model_kwargs or {})}
-    return create_timm_model(
-        cfg.model, NUM_CLASSES, drop_path=drop_path, img_size=cfg.img_size, kwargs=kwargs
-    )
+    shape = dict(img_size=cfg.img_size, kwargs={"in_chans": 1, **shrink, **(cfg.model_kwargs or {})})
+    return create_timm_model(cfg.model, NUM_CLASSES, drop_path=drop_path, **shape)
 
 
 def pretrain(
     cfg: RunConfig, x: torch.Tensor, y: torch.Tensor, out: Path, env: dist.DistEnv, device: torch.device
 ) -> Dict[str, torch.Tensor]:
     """The backbone pre-trained on digits 0-4 by rank 0, cached in ``out/pretrain`` per settings."""
-    from safetensors.torch import load_file
-
     cache = out / "pretrain" / "backbone.safetensors"
-    meta_path = cache.with_suffix(".json")
-    key = backbone_key(cfg)
-
-    def cached() -> bool:
-        try:
-            return cache.is_file() and json.loads(meta_path.read_text()).get("key") == key
-        except (OSError, ValueError):
-            return False
-
-    if env.is_main and not cached():
+    meta_path, key, meta = cache.with_suffix(".json"), backbone_key(cfg), {}
+    with contextlib.suppress(OSError, ValueError):  # none yet, or unreadable: pre-train again
+        meta = json.loads(meta_path.read_text()) if env.is_main and cache.is_file() else {}
+    if env.is_main and meta.get("key") != key:
         run_dir = out / "pretrain" / key
         # A pre-training run that was killed goes on where it stopped.
         run_cfg = replace(pretrain_config(cfg), resume=(run_dir / "checkpoint.pt").exists())
@@ -142,7 +129,7 @@ def pretrain(
             f"held-out 0-4 digits (cached: {cache})"
         )
     elif env.is_main:
-        acc = json.loads(meta_path.read_text()).get("val_acc_0_4", float("nan"))
+        acc = meta.get("val_acc_0_4", float("nan"))
         log(f"using the cached pre-trained backbone {cache} ({100 * acc:.1f}% on held-out 0-4)")
     dist.barrier(env)
     return load_file(str(cache))
@@ -153,10 +140,10 @@ class DigitsExperiment:
 
     def __init__(self, cfg: RunConfig, env: dist.DistEnv, device: torch.device, seeds=None, variants=None):
         self.cfg, self.env, self.device, self.out = cfg, env, device, Path(cfg.out)
-        chosen = VARIANTS if cfg.pace is None else [(_table_name(cfg.pace), cfg.pace)]
+        chosen = VARIANTS if cfg.pace is None else [(TABLE_NAMES.get(cfg.pace, cfg.pace), cfg.pace)]
         self.variants = list(variants or chosen)
         self.seeds = list(seeds or [cfg.seed + k for k in range(cfg.repeats)])
-        self.backbone = {"backbone": backbone_key(cfg)}
+        self.fingerprint = {"backbone": backbone_key(cfg), "num_classes": NUM_CLASSES}
 
     def run_dir(self, name: str, seed: int) -> Path:
         return self.out / name / f"seed{seed}"
@@ -172,12 +159,23 @@ class DigitsExperiment:
             for seed in self.seeds:
                 folder = self.run_dir(name, seed)
                 refuse_existing(folder, self.cfg.resume, self.cfg.overwrite)
-                if self.cfg.resume and (folder / "checkpoint.pt").exists():
-                    saved = load_training_checkpoint(folder / "checkpoint.pt")["fingerprint"]
-                    expected = {**self.run_config(name, mode, seed).fingerprint(), **self.backbone}
-                    expected["num_classes"] = NUM_CLASSES
-                    path, new_optim = folder / "checkpoint.pt", self.cfg.resume_new_optim
-                    check_fingerprint(saved, expected, path, new_optim, partial=True)
+                path = folder / "checkpoint.pt"
+                if self.cfg.resume and path.exists():
+                    expected = {**self.run_config(name, mode, seed).fingerprint(), **self.fingerprint}
+                    saved = load_training_checkpoint(path)["fingerprint"]
+                    check_fingerprint(saved, expected, path, self.cfg.resume_new_optim, partial=True)
+
+    def digits(self) -> tuple:
+        """``(x, y, backbone)``: every digit and the backbone pre-trained on 0-4 (or its cached copy)."""
+        x, y = digits_tensors(self.cfg.img_size)
+        return x, y, pretrain(self.cfg, x, y, self.out, self.env, self.device)
+
+    def study(self, digits, folder: str, name: str, mode: str, **settings) -> List[RunResult]:
+        """One method's runs with other ``settings`` in ``out/folder``, never scored on the test digits."""
+        cfg = replace(self.cfg, out=str(self.out / folder), **settings)
+        experiment = DigitsExperiment(cfg, self.env, self.device, self.seeds, [(name, mode)])
+        experiment.check_before_training()
+        return experiment.run_all(digits, score_test=False)[0].runs
 
     def run_all(self, digits, score_test: bool = True) -> List[MethodRuns]:
         """Every method on every draw (``score_test=False``, the studies: the test digits stay untouched)."""
@@ -219,9 +217,8 @@ class DigitsExperiment:
             adapter = f"adapter {cfg.adapter}, rank {cfg.rank}"
             log(f"model: {cfg.model} {count_parameters(model)} ({adapter})", self.env.is_main)
         data = DataBundle(task.train, task.val, NUM_CLASSES, test=task.test if score_test else None)
-        return run_training(
-            model, data, run_cfg, self.run_dir(name, seed), self.env, self.device, self.backbone
-        )
+        folder = self.run_dir(name, seed)
+        return run_training(model, data, run_cfg, folder, self.env, self.device, self.fingerprint)
 
     def report(self, rows: List[MethodRuns], task: NewTask, total: float) -> None:
         cfg, seeds = self.cfg, self.seeds
@@ -248,16 +245,12 @@ class DigitsExperiment:
             "seeds": seeds,
             "hyperparameters": {"lr": cfg.lr, "batch_size": cfg.batch_size, "epochs": cfg.epochs, **settings},
             "paired": paired_summary(rows),
-            "results": {row.name: [r.as_dict() for r in row.runs] for row in rows},
+            "results": {row.name: [asdict(r) for r in row.runs] for row in rows},
         }
         atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2) + "\n")
         atomic_write_text(self.out / "summary.txt", f"{header}\n{table}\n{TABLE_NOTES}\n")
         runs = {row.name: read_metrics(Path(row.runs[0].out_dir) / "metrics.jsonl") for row in rows}
         plot_runs(runs, self.out / "curves.png", title=f"{header}\n(first draw, seed {seeds[0]})")
-
-
-def _table_name(mode: str) -> str:
-    return {m: n for n, m in VARIANTS}.get(mode, mode)
 
 
 def _export_path(export: Optional[str], name: str, seed: int, n_runs: int) -> Optional[str]:

@@ -1,5 +1,4 @@
-"""Data-parallel training under ``torchrun`` (NCCL on GPUs, gloo on CPU); why gradients are averaged
-by hand rather than by ``DistributedDataParallel``: docs/design.md section 11."""
+"""Data-parallel training under ``torchrun`` (why by hand, not DDP: docs/design.md section 11)."""
 
 from __future__ import annotations
 
@@ -58,9 +57,8 @@ def barrier(env: DistEnv) -> None:
 def broadcast_parameters(params: Sequence[torch.nn.Parameter], env: DistEnv) -> None:
     """Make every rank start from rank 0's values (they are equal already when seeded alike)."""
     if env.enabled:
-        with torch.no_grad():
-            for p in params:
-                dist.broadcast(p.data, src=0)
+        for p in params:
+            dist.broadcast(p.data, src=0)  # .data: written in place, outside autograd
 
 
 def average_gradients(params: Sequence[torch.nn.Parameter], env: DistEnv) -> None:
@@ -72,11 +70,7 @@ def average_gradients(params: Sequence[torch.nn.Parameter], env: DistEnv) -> Non
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
     flat /= env.world_size
     for p, g, chunk in zip(params, grads, flat.split([g.numel() for g in grads])):
-        chunk = chunk.view_as(g).to(g.dtype)
-        if p.grad is None:
-            p.grad = chunk
-        else:
-            p.grad.copy_(chunk)
+        p.grad = g.copy_(chunk.view_as(g))  # back in the gradient's own dtype
 
 
 def all_reduce_sum(values: torch.Tensor, env: DistEnv) -> torch.Tensor:

@@ -1,5 +1,4 @@
-"""The fine-tuning loop: AdamW, timm's cosine schedule, the PACE criterion, diagnostics, per-epoch
-checkpoints, exact resume, data-parallel ranks (docs/design.md section 11)."""
+"""The fine-tuning loop (docs/design.md section 11): AdamW, cosine schedule, checkpoints, exact resume."""
 
 from __future__ import annotations
 
@@ -17,6 +16,7 @@ import torch.nn as nn
 from timm.scheduler import CosineLRScheduler
 from timm.utils import random_seed
 from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm import tqdm
 
 import pace
 
@@ -24,9 +24,8 @@ from . import checkpoint as ckpt
 from . import distributed as dist
 from .checkpoint import atomic_write_text
 from .config import OPTIMISATION_SETTINGS, RunConfig
-from .data import DataBundle, shard_indices, train_batch_sampler
-from .metrics import MetricsLog, peak_memory_mb, read_metrics, reset_peak_memory
-from .plots import plot_runs
+from .data import DataBundle, train_batch_sampler
+from .metrics import MetricsLog, peak_memory_mb, plot_runs, read_metrics, reset_peak_memory
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 SYNC_EVERY = 10  # steps between reads of the step statistics (and progress-bar updates)
@@ -58,9 +57,6 @@ class RunResult:
     finished: bool
     out_dir: str
 
-    def as_dict(self) -> Dict[str, Any]:
-        return asdict(self)
-
 
 MEASURED = tuple(f.name for f in fields(RunResult))[1:9]  # from val_acc to test_acc: NaN until measured
 
@@ -78,7 +74,7 @@ class _Training:
     """One run of the loop over a model whose trainable tensors are the ones to fit."""
 
     def __init__(self, model, data: DataBundle, cfg, out_dir, env, device, fingerprint):
-        self.model, self.data, self.train_ds = model, data, data.train
+        self.model, self.data = model, data
         self.cfg, self.out_dir, self.env, self.device, self.main = cfg, out_dir, env, device, env.is_main
         model.to(device)
         self.names = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -96,19 +92,15 @@ class _Training:
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.wd)
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
         bank = dict(num_samples=n_train, num_classes=data.num_classes) if cfg.pace == "fast" else {}
-        crit = pace.PaceCriterion(
-            cfg.pace, cfg.lam, copies=cfg.copies, lazy_interval=cfg.lazy_interval, **bank
-        )
-        self.crit = crit.to(device)
+        copies = dict(copies=cfg.copies, lazy_interval=cfg.lazy_interval)
+        self.crit = pace.PaceCriterion(cfg.pace, cfg.lam, **copies, **bank).to(device)
         amp_dtype = AMP_DTYPES.get(cfg.amp)
         self.amp = lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
         self.forward_model = torch.compile(model) if cfg.compile else model
         self.checkpoint_path = out_dir / "checkpoint.pt"
-        self.epoch, self.step = 0, 0
-        self.metrics_bytes: Optional[int] = None
+        self.epoch, self.step, self.peak, self.metrics_bytes = 0, 0, 0.0, None
         self.last = dict.fromkeys(MEASURED, float("nan"))
         self.val_grad_norms: List[float] = []
-        self.peak = 0.0
         self.pending: List[tuple] = []  # step statistics still on the device
 
     def log(self, message: str) -> None:
@@ -121,19 +113,14 @@ class _Training:
         return DataLoader(ds, num_workers=self.cfg.workers, generator=generator, **kwargs)
 
     def schedule(self) -> CosineLRScheduler:
-        total = self.steps_per_epoch * self.cfg.epochs
-        warmup = int(round(self.cfg.warmup_epochs * self.steps_per_epoch))
+        cfg, low = self.cfg, self.cfg.lr * self.cfg.min_lr_ratio
+        warmup = int(round(cfg.warmup_epochs * self.steps_per_epoch))
         for group in self.opt.param_groups:
-            group.update(lr=self.cfg.lr, initial_lr=self.cfg.lr, weight_decay=self.cfg.wd)
-        sched = CosineLRScheduler(
-            self.opt,
-            t_initial=max(2, total - warmup),  # 1 only makes timm warn; the lrs are the same
-            lr_min=self.cfg.lr * self.cfg.min_lr_ratio,
-            warmup_t=warmup,
-            warmup_lr_init=self.cfg.lr * self.cfg.min_lr_ratio,
-            warmup_prefix=True,
-            t_in_epochs=False,
-        )
+            group.update(lr=cfg.lr, initial_lr=cfg.lr, weight_decay=cfg.wd)
+        # t_initial 1 only makes timm warn; the learning rates are those of 2
+        t_initial = max(2, self.steps_per_epoch * cfg.epochs - warmup)
+        warm = dict(warmup_t=warmup, warmup_lr_init=low, warmup_prefix=True)
+        sched = CosineLRScheduler(self.opt, t_initial, lr_min=low, t_in_epochs=False, **warm)
         sched.step_update(self.step)
         return sched
 
@@ -147,9 +134,8 @@ class _Training:
             raise ckpt.ResumeError(
                 f"{self.checkpoint_path} is at epoch {ck['epoch']}, past the {cfg.epochs} epoch(s) asked for"
             )
-        with torch.no_grad():
-            for n, p in zip(self.names, self.params):
-                p.copy_(ck["adapter"][n])
+        for n, p in zip(self.names, self.params):
+            p.data.copy_(ck["adapter"][n])  # .data: written in place, outside autograd
         self.opt.load_state_dict(ck["optimizer"])
         if ck.get("scaler"):
             self.scaler.load_state_dict(ck["scaler"])
@@ -174,11 +160,11 @@ class _Training:
         cfg, env, device = self.cfg, self.env, self.device
         self.model.train()
         self.batches.sampler.set_epoch(self.epoch)
-        if hasattr(self.train_ds, "set_epoch"):
-            self.train_ds.set_epoch(self.epoch)
+        if hasattr(self.data.train, "set_epoch"):
+            self.data.train.set_epoch(self.epoch)
         started = time.perf_counter()
         records: List[Dict[str, Any]] = []
-        images = 0
+        images = 0  # on this rank
         for x, y, idx in self.loader:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             idx = torch.as_tensor(idx)  # stays on the CPU: the criterion checks it without a device sync
@@ -214,15 +200,10 @@ class _Training:
             k: sum(r[k] for r in records) for k in ("loss", "correct", "count", "train_objective_grad_norm")
         }
         steps, count = max(len(records), 1), max(total["count"], 1)
-        epoch_record = dict(
-            type="epoch", epoch=self.epoch + 1, step=self.step, seconds=seconds, peak_mem_mb=self.peak
-        )
-        epoch_record.update(
-            train_loss=total["loss"] / steps,
-            train_acc=total["correct"] / count,
-            train_objective_grad_norm_mean=total["train_objective_grad_norm"] / steps,
-            img_per_s=images * env.world_size / max(seconds, 1e-9),
-        )
+        epoch_record = dict(type="epoch", epoch=self.epoch + 1, step=self.step, seconds=seconds)
+        epoch_record.update(peak_mem_mb=self.peak, img_per_s=images * env.world_size / max(seconds, 1e-9))
+        epoch_record.update(train_loss=total["loss"] / steps, train_acc=total["correct"] / count)
+        epoch_record["train_objective_grad_norm_mean"] = total["train_objective_grad_norm"] / steps
         metrics.write(epoch_record)
         return epoch_record
 
@@ -241,25 +222,20 @@ class _Training:
         self.pending.clear()
         for r in records:
             if not all(math.isfinite(r[k]) for k in ("loss", "cls_loss", "consistency")):
-                kept = (
-                    f"the last good checkpoint {self.checkpoint_path} (epoch {r['epoch'] - 1}) is kept"
-                    if self.checkpoint_path.exists() and r["epoch"] > 1
-                    else "no checkpoint was written yet"
-                )
-                raise NonFiniteLossError(
-                    f"non-finite loss ({r['loss']}) at epoch {r['epoch']}, step {r['step']}: stopping; {kept}"
-                )
+                where = f"non-finite loss ({r['loss']}) at epoch {r['epoch']}, step {r['step']}: stopping"
+                kept = f"the last good checkpoint {self.checkpoint_path} (epoch {r['epoch'] - 1}) is kept"
+                if not (self.checkpoint_path.exists() and r["epoch"] > 1):
+                    kept = "no checkpoint was written yet"
+                raise NonFiniteLossError(f"{where}; {kept}")
             metrics.write({k: v for k, v in r.items() if k not in ("correct", "count")})
         bar.update(len(records))
-        last = records[-1]
-        bar.set_postfix(
-            loss=f"{last['loss']:.3f}", gnorm=f"{last['train_objective_grad_norm']:.3g}", refresh=False
-        )
+        loss, gnorm = records[-1]["loss"], records[-1]["train_objective_grad_norm"]
+        bar.set_postfix(loss=f"{loss:.3f}", gnorm=f"{gnorm:.3g}", refresh=False)
         return records
 
     def diagnose(self, ds: Dataset, fp_distance: bool):
         """:func:`pace.heldout_diagnostics` on ``ds`` (eval mode, no noise), each rank measuring its share."""
-        part = Subset(ds, shard_indices(len(ds), self.env.rank, self.env.world_size))
+        part = Subset(ds, range(self.env.rank, len(ds), self.env.world_size))  # each sample on one rank
         loader = self._loader(part, batch_size=self.cfg.eval_batch_size)
         with self.amp():
             return pace.heldout_diagnostics(
@@ -289,6 +265,8 @@ class _Training:
         if self.main:
             metrics.flush()
             state = {
+                "format": ckpt.CHECKPOINT_FORMAT,
+                "version": ckpt.CHECKPOINT_VERSION,
                 "epoch": self.epoch,
                 "epochs": self.cfg.epochs,
                 "step": self.step,
@@ -303,24 +281,21 @@ class _Training:
                 "measured": self.last,
                 "val_grad_norms": self.val_grad_norms,
             }
-            ckpt.save_training_checkpoint(state, self.checkpoint_path)
+            ckpt.atomic_save(state, self.checkpoint_path)
         dist.barrier(self.env)
 
     def run(self) -> RunResult:
         cfg, main = self.cfg, self.main
         if cfg.resume:
             self.resume()
-        start_epoch = self.epoch
         metrics = MetricsLog(self.out_dir / "metrics.jsonl" if main else None, self.metrics_bytes)
-        if main and metrics.missing_bytes:
+        if metrics.missing_bytes:  # 0 on ranks other than 0
             self.log(
                 f"note: {metrics.path} lacks {metrics.missing_bytes} bytes of records the checkpoint had "
                 "written (deleted or cut short); those records are lost, training goes on"
             )
         sched = self.schedule()
-        from tqdm import tqdm
-
-        total = self.steps_per_epoch * max(0, cfg.epochs - start_epoch)
+        total = self.steps_per_epoch * max(0, cfg.epochs - self.epoch)
         shown = dict(desc=cfg.label, unit="step", file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
         bar = tqdm(total=total, disable=not (main and cfg.progress), **shown)
         reset_peak_memory(self.device)
@@ -334,12 +309,10 @@ class _Training:
                 if evaluated:
                     self.evaluate(epoch_record, metrics)
                 if cfg.epoch_lines and main:
-                    bar.write(
-                        f"[{cfg.label}] epoch {self.epoch}/{cfg.epochs}: "
-                        f"{epoch_record['img_per_s']:.1f} img/s, "
-                        f"peak memory {self.peak:.0f} MB, train acc {100 * epoch_record['train_acc']:.1f}%"
-                        + (f", val acc {100 * self.last['val_acc']:.2f}%" if evaluated else "")
-                    )
+                    speed, acc = epoch_record["img_per_s"], 100 * epoch_record["train_acc"]
+                    line = f"[{cfg.label}] epoch {self.epoch}/{cfg.epochs}: {speed:.1f} img/s, "
+                    line += f"peak memory {self.peak:.0f} MB, train acc {acc:.1f}%"
+                    bar.write(line + (f", val acc {100 * self.last['val_acc']:.2f}%" if evaluated else ""))
                 if self.epoch >= cfg.epochs and self.data.test is not None:
                     self.score_test_set(metrics)
                 self.save_checkpoint(metrics)
@@ -349,11 +322,9 @@ class _Training:
         finally:
             bar.close()
             metrics.close()
-        done = dict(steps=self.step, epochs_done=self.epoch, finished=self.epoch >= cfg.epochs)
-        seconds = time.perf_counter() - started
-        return RunResult(
-            cfg.label, **self.last, seconds=seconds, peak_mem_mb=self.peak, **done, out_dir=str(self.out_dir)
-        )
+        seconds, finished = time.perf_counter() - started, self.epoch >= cfg.epochs
+        done = dict(steps=self.step, epochs_done=self.epoch, finished=finished, out_dir=str(self.out_dir))
+        return RunResult(cfg.label, **self.last, seconds=seconds, peak_mem_mb=self.peak, **done)
 
 
 def check_fingerprint(
@@ -395,24 +366,16 @@ def run_training(
             raise refusal or ckpt.RunFolderError(message)
         result = _Training(model, data, cfg, out_dir, env, device, fingerprint or {}).run()
         if env.is_main:
-            _write_outputs(model, result, cfg, out_dir, data.num_classes)
+            if result.finished and has_adapters(model):
+                pace.save_adapter(model, out_dir / "adapter")
+                for name in ("adapter.safetensors", "adapter.json"):
+                    ckpt.with_run_file_mode(out_dir / name)
+            atomic_write_text(out_dir / "result.json", json.dumps(asdict(result), indent=2) + "\n")
+            records = read_metrics(out_dir / "metrics.jsonl")
+            plot_runs({cfg.label: records}, out_dir / "curves.png", title=cfg.label)
+            if result.finished and cfg.export:
+                pace.merge(model)  # in place: the run is over
+                meta = {"format": "pace-merged", "model": cfg.model, "num_classes": str(data.num_classes)}
+                ckpt.save_weights(model, cfg.export, meta)
         dist.barrier(env)
     return result
-
-
-def _write_outputs(model, result: RunResult, cfg: RunConfig, out_dir: Path, num_classes: int) -> None:
-    if result.finished and has_adapters(model):
-        pace.save_adapter(model, out_dir / "adapter")
-        for name in ("adapter.safetensors", "adapter.json"):
-            ckpt.with_run_file_mode(out_dir / name)
-    atomic_write_text(out_dir / "result.json", json.dumps(result.as_dict(), indent=2) + "\n")
-    records = read_metrics(out_dir / "metrics.jsonl")
-    plot_runs({cfg.label: records}, out_dir / "curves.png", title=cfg.label)
-    if result.finished and cfg.export:
-        export_merged(model, cfg.export, {"model": cfg.model, "num_classes": num_classes})
-
-
-def export_merged(model: nn.Module, path: str, meta: Dict[str, Any]) -> Path:
-    """Merge the adapters into the model (in place) and write its weights as one safetensors file."""
-    pace.merge(model)
-    return ckpt.save_weights(model, path, {"format": "pace-merged", **{k: str(v) for k, v in meta.items()}})

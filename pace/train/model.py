@@ -28,10 +28,8 @@ def create_timm_model(
         near = timm.list_models(f"*{name.split('.')[0][:12]}*")[:3]
         hint = f" (similar: {', '.join(near)})" if near else ""
         raise ValueError(f"unknown timm model {name!r}{hint}")
-    kw: Dict[str, Any] = dict(kwargs or {})
-    kw.setdefault("drop_path_rate", drop_path)
-    if img_size is not None:
-        kw.setdefault("img_size", img_size)
+    sized = {} if img_size is None else {"img_size": img_size}
+    kw: Dict[str, Any] = {"drop_path_rate": drop_path, **sized, **(kwargs or {})}
     try:
         model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **kw)
     except TypeError as exc:
@@ -49,18 +47,15 @@ def create_timm_model(
 def load_checkpoint(model: nn.Module, path: str, allow_partial: bool = False) -> str:
     """Load a ViT ``.npz``, ``.safetensors`` or ``.pth`` into ``model`` and return a one-line summary; a
     classifier of another shape stays as initialised, any other tensor left so needs ``allow_partial``."""
-    from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+    from timm.models.vision_transformer import VisionTransformer, _load_weights, checkpoint_filter_fn
 
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"no file at {p}")
     if p.suffix.lower() == ".npz":
-        from timm.models.vision_transformer import _load_weights
-
         if not isinstance(model, VisionTransformer):
-            raise ValueError(
-                f".npz files hold the original ViT release layout; {type(model).__name__} is not a ViT"
-            )
+            kind = type(model).__name__
+            raise ValueError(f".npz files hold the original ViT release layout; {kind} is not a ViT")
         try:
             _load_weights(model, str(p))
         except Exception as exc:  # noqa: BLE001
@@ -79,10 +74,9 @@ def load_checkpoint(model: nn.Module, path: str, allow_partial: bool = False) ->
     backbone_skipped = [k for k in skipped if not _is_classifier(model, k)]
     if backbone_skipped and not allow_partial:
         raise ValueError(
-            f"{p} fits only {len(usable)} of the model's {len(own)} tensors; "
-            f"{len(backbone_skipped)} backbone tensor(s) would stay random, "
-            f"e.g. {', '.join(backbone_skipped[:3])} "
-            "(wrong model? allow a partial load explicitly to go on)"
+            f"{p} fits only {len(usable)} of the model's {len(own)} tensors; {len(backbone_skipped)} "
+            f"backbone tensor(s) would stay random, e.g. {', '.join(backbone_skipped[:3])} (wrong model? "
+            "allow a partial load explicitly to go on)"
         )
     model.load_state_dict(usable, strict=False)
     note = f"loaded {len(usable)}/{len(own)} tensors from {p.name}"

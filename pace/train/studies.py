@@ -1,5 +1,4 @@
-"""The digits experiment's table (paired differences to the baseline, t intervals over draws) and the
-studies around it: ``--search`` (on the validation digits only) and ``--sweep-lam`` (the paper's Fig. 4)."""
+"""The digits table (paired differences, t intervals) and its studies: ``--search``, ``--sweep-lam``."""
 
 from __future__ import annotations
 
@@ -8,7 +7,6 @@ import math
 import statistics
 import sys
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any, Dict, List, Sequence, Tuple
 
 import torch
@@ -16,7 +14,7 @@ import torch
 from .checkpoint import atomic_write_text
 from .config import RunConfig, for_objective
 from .loop import RunResult, log
-from .plots import plot_lam_sweep
+from .metrics import plot_lam_sweep
 
 TABLE_NOTES = (
     "test acc: the test digits, scored once after training; diff: test acc minus the baseline's on the "
@@ -105,7 +103,6 @@ def format_table(rows: List[MethodRuns], device: torch.device) -> str:
     return "\n".join(lines)
 
 
-# ------------------------------------------------------------------------------------------ search
 SEARCH_LRS = (3e-3, 1e-2, 3e-2)
 SEARCH_SIGMAS = (0.5, 1.0)
 SEARCH_LAMS = (0.5, 2.0)
@@ -113,38 +110,25 @@ SEARCH_MODES = (("PACE", "pace"), ("PACE_fast", "fast"), ("PACE_lazy", "lazy"))
 SEARCH_SEED_OFFSET = 1000  # the search's draws of the shots are not the table's
 
 
-class _Study:
-    """Runs of one method with changed settings on the study's backbone, scored on the validation digits."""
-
-    def __init__(self, cfg: RunConfig, env, device) -> None:
-        from .default import digits_tensors, pretrain
-
-        self.cfg, self.env, self.device, self.out = cfg, env, device, Path(cfg.out)
-        x, y = digits_tensors(cfg.img_size)
-        self.digits = (x, y, pretrain(cfg, x, y, self.out, env, device))
-
-    def runs(self, seeds: List[int], name: str, mode: str, folder: str, **settings) -> List[RunResult]:
-        from .default import DigitsExperiment
-
-        cfg = replace(self.cfg, out=str(self.out / folder), **settings)
-        experiment = DigitsExperiment(cfg, self.env, self.device, seeds, [(name, mode)])
-        experiment.check_before_training()
-        return experiment.run_all(self.digits, score_test=False)[0].runs
-
-
 def run_search(cfg: RunConfig, env, device) -> int:
     """The search behind the digits defaults: the baseline's learning rate, then per objective sigma x lam
     at that rate, each candidate scored by its validation accuracy averaged over ``repeats`` draws."""
-    study = _Study(cfg, env, device)
+    from .default import DigitsExperiment
+
     seeds = [cfg.seed + SEARCH_SEED_OFFSET + k for k in range(cfg.repeats)]
+    study = DigitsExperiment(cfg, env, device, seeds)
+    digits = study.digits()
     tried: List[Dict[str, Any]] = []
+    lines: List[str] = []  # settings come as lr, sigma, lam
 
     def score(name: str, mode: str, **settings) -> float:
         tag = "-".join(f"{k}{v:g}" for k, v in settings.items())
-        runs = study.runs(seeds, name, mode, f"search/{tag}", **settings)
+        runs = study.study(digits, f"search/{tag}", name, mode, **settings)
         val_acc = statistics.fmean(r.val_acc for r in runs)
         gnorm = statistics.fmean(r.val_grad_norm_mean for r in runs)
         tried.append({"method": name, **settings, "val_acc": val_acc, "val_grad_norm_mean": gnorm})
+        shown = " ".join(f"{k} {v:g}" for k, v in settings.items())
+        lines.append(f"{name:<10} {shown}: val acc {100 * val_acc:.2f}%")
         log(f"[search] {name} {tag}: val acc {100 * val_acc:.2f}%", env.is_main)
         return val_acc
 
@@ -155,11 +139,6 @@ def run_search(cfg: RunConfig, env, device) -> int:
         sigma, lam = max(grid, key=lambda sl: score(name, mode, lr=lr, sigma=sl[0], lam=sl[1]))
         chosen[mode] = {"sigma": sigma, "lam": lam}
     if env.is_main:
-        lines = [
-            f"{t['method']:<10} {' '.join(f'{k} {t[k]:g}' for k in ('lr', 'sigma', 'lam') if k in t)}: "
-            f"val acc {100 * t['val_acc']:.2f}%"
-            for t in tried
-        ]
         head = f"search on the validation digits, draws {seeds}, batch {cfg.batch_size}, {cfg.epochs} epochs:"
         print("\n".join([head, *lines, f"chosen: {json.dumps(chosen)}"]), flush=True)
         record = {"seeds": seeds, "tried": tried, "chosen": chosen}
@@ -167,26 +146,24 @@ def run_search(cfg: RunConfig, env, device) -> int:
     return 0
 
 
-# -------------------------------------------------------------------------------------- lam sweep
 def run_lam_sweep(cfg: RunConfig, lams: Sequence[float], modes: Sequence[str], env, device) -> int:
     """The paper's Fig. 4: per objective and lambda, ``val_grad_norm_mean`` (mean and range over
     ``repeats`` draws), written to ``sweep_lam.json`` and ``sweep_lam.png``."""
-    from .default import _table_name
+    from .default import TABLE_NAMES, DigitsExperiment
 
-    study = _Study(cfg, env, device)
     seeds = [cfg.seed + k for k in range(cfg.repeats)]
+    study = DigitsExperiment(cfg, env, device, seeds)
+    digits = study.digits()
     points: Dict[str, List[tuple]] = {}
     records: List[Dict[str, Any]] = []
     for mode, lam in ((mode, lam) for mode in modes for lam in lams):
-        name = _table_name(mode)
-        runs = study.runs(seeds, name, mode, f"sweep-lam/lam{lam:g}", pace=mode, lam=lam)
+        name = TABLE_NAMES.get(mode, mode)
+        runs = study.study(digits, f"sweep-lam/lam{lam:g}", name, mode, pace=mode, lam=lam)
         norms = [r.val_grad_norm_mean for r in runs]
         points.setdefault(name, []).append((lam, statistics.fmean(norms), min(norms), max(norms)))
         sigma = for_objective(replace(cfg, pace=mode, lam=lam), mode).sigma
-        accs = [r.val_acc for r in runs]
-        records.append(
-            dict(method=name, lam=lam, sigma=sigma, val_grad_norm_mean_per_draw=norms, val_acc_per_draw=accs)
-        )
+        per_draw = dict(val_grad_norm_mean_per_draw=norms, val_acc_per_draw=[r.val_acc for r in runs])
+        records.append(dict(method=name, lam=lam, sigma=sigma, **per_draw))
         log(f"[sweep] {name} lam {lam:g}: val grad norm (avg over training) {statistics.fmean(norms):.4g}")
     if env.is_main:
         for r in records:
