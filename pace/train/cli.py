@@ -44,11 +44,13 @@ model and data:
 --partial-checkpoint  flag   accept a --checkpoint that leaves backbone tensors randomly initialised
 --data                str    dataset folder: NOAH lists ('path label' lines, paths inside DIR) or ImageFolder
                              (train/<class>/*, val/ or test/); omit it for the built-in default
---split               str    training split: a NOAH list (train800val200) or an ImageFolder subfolder (train)
+--split               str    training split: a list file in DIR or DIR/annotations (train800val200) or an
+                             ImageFolder subfolder (train)
 --eval-split          str    evaluation split (val200 after train800, else test or test_meta.list; val, test)
 --num-classes         int    number of classes (default: from the labels)
 --img-size            int    input resolution
---augment    none|flip-crop  none (resize) or flip-crop (FGVC / few-shot: resize 256/224, random crop, flip)
+--augment    none|flip-crop  none (resize) or flip-crop (FGVC / few-shot: resize 256/224, random crop, flip),
+                             drawn from (seed, epoch, image) whatever --workers
 --normalize  imagenet|model  input normalisation: ImageNet mean/std (as the PACE code) or the model's own
 adapter and PACE:
 --adapter             kinds  adapter put into every linear layer (docs/design.md)
@@ -75,7 +77,8 @@ run:
 --seed                int    seed of data order, augmentation, init, noise (rank r: seed + r), 0 .. {max_seed}
 --out                 str    output folder
 --resume              flag   continue from the last checkpoint (of each method and draw) to the result of an
-                             uninterrupted run; flags that change the result must match; --epochs may grow
+                             uninterrupted run; flags that change the result must match (else exit 2);
+                             --epochs may grow
 --resume-new-optim    flag   with --resume: keep weights and optimiser moments but allow a new --lr, --wd,
                              --warmup-epochs, --epochs, --seed, with fresh random streams (e.g. after a NaN)
 --overwrite           flag   delete the records of a run already in --out and start a new one there
