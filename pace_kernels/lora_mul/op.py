@@ -169,6 +169,16 @@ tf32x3 dots (docs/design.md section 9.3, "The ragged tails"): 2,048 rows takes e
 (5 rows per sample at T = 197) and short per-token calls; long per-token calls keep the buffer."""
 
 
+def _tail_adapter(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                  tail_rows: int) -> tuple[bool, torch.Tensor]:
+    """``(FACTORS, wm operand)`` for the two-GEMM launch over ``tail_rows`` rows: the kernels build
+    ``W0*M`` themselves (``wm`` unread, ``weight`` stands in), or read the buffer made here."""
+    factors = bool(tail_rows <= FACTOR_BUILD_MAX_ROWS)  # a constexpr: a plain bool under tracing too
+    if factors or not tail_rows:
+        return factors, weight
+    return factors, _adapter_weight(weight, lora_a, lora_b, merged=False)
+
+
 DM_SPLIT_TARGET_PROGRAMS = 2 * 132
 """Programs the dM pass aims for: two per SM of an H100 (132 SMs)."""
 DM_SPLIT_MIN_ROWS = 1024
@@ -249,8 +259,7 @@ def _forward_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     n_seg = n_rows // seg_len
     plan = sample_plan(seg_len, SAMPLE_BLOCK_MS)
     tail_rows = n_seg * plan.tail_rows
-    factors = bool(tail_rows <= FACTOR_BUILD_MAX_ROWS)  # a constexpr: a plain bool under tracing too
-    wm = weight if factors or not tail_rows else _adapter_weight(weight, lora_a, lora_b, merged=False)
+    factors, wm = _tail_adapter(weight, lora_a, lora_b, tail_rows)
     _launch_rows_kernels(
         "fwd", operand_bits, plan, n_seg, seg_len,
         (x, weight, lora_a, lora_b, noise, bias_arg, db_arg, y,
@@ -349,8 +358,7 @@ def _backward_impl(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
             n_seg = n_rows // seg_len
             plan = sample_plan(seg_len, SAMPLE_BLOCK_MS)
             tail_rows = n_seg * plan.tail_rows
-            factors = bool(tail_rows <= FACTOR_BUILD_MAX_ROWS)  # a constexpr: a plain bool under tracing too
-            wm = weight if factors or not tail_rows else _adapter_weight(weight, lora_a, lora_b, merged=False)
+            factors, wm = _tail_adapter(weight, lora_a, lora_b, tail_rows)
             _launch_rows_kernels(
                 "dx", operand_bits, plan, n_seg, seg_len,
                 (g, weight, lora_a, lora_b, noise, dx,
