@@ -38,13 +38,17 @@ def _paths(path: PathLike) -> tuple:
 
 def atomic_write(path: PathLike, write: Callable[[str], None]) -> Path:
     """Call ``write(tmp)`` on a temporary file beside ``path``, flush it to disk, rename it over
-    ``path``: a killed process never leaves half a file, and on failure ``path`` is untouched."""
+    ``path``: a killed process never leaves half a file, and on failure ``path`` is untouched. The
+    file gets the mode ``open(path, "w")`` would give it (``mkstemp`` makes it 0600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~umask)  # after write: a writer may replace the file (safetensors does)
         with open(tmp, "rb") as f:  # the rename must not become visible before the data
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -26,14 +26,6 @@ class ResumeError(ValueError):
     """A checkpoint that cannot be continued: unreadable, or written by a different run."""
 
 
-def with_run_file_mode(path: PathLike) -> Path:
-    """Give a file the mode ``open()`` would: ``mkstemp``, which atomic writes use, makes it 0600."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-    return Path(path)
-
-
 def atomic_save(obj: Any, path: PathLike) -> Path:
     def save(tmp: str) -> None:
         try:
@@ -41,17 +33,17 @@ def atomic_save(obj: Any, path: PathLike) -> Path:
         except RuntimeError as exc:  # torch reports a failed write (e.g. a full disk) this way
             raise OSError(f"cannot write {path} ({short_reason(exc)})") from None
 
-    return with_run_file_mode(atomic_write(path, save))
+    return atomic_write(path, save)
 
 
 def atomic_write_text(path: PathLike, text: str) -> Path:
-    return with_run_file_mode(atomic_write(path, lambda tmp: Path(tmp).write_text(text)))
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def save_weights(model: torch.nn.Module, path: PathLike, metadata: Optional[Dict[str, str]] = None) -> Path:
     """``model``'s state dict as one safetensors file, written atomically."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    return with_run_file_mode(atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata)))
+    return atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata))
 
 
 def capture_rng(generator: Optional[torch.Generator] = None) -> Dict[str, Any]:

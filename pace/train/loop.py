@@ -368,8 +368,6 @@ def run_training(
         if env.is_main:
             if result.finished and has_adapters(model):
                 pace.save_adapter(model, out_dir / "adapter")
-                for name in ("adapter.safetensors", "adapter.json"):
-                    ckpt.with_run_file_mode(out_dir / name)
             atomic_write_text(out_dir / "result.json", json.dumps(asdict(result), indent=2) + "\n")
             records = read_metrics(out_dir / "metrics.jsonl")
             plot_runs({cfg.label: records}, out_dir / "curves.png", title=cfg.label)

@@ -13,7 +13,6 @@ from typing import Any, Dict, List, Mapping, Optional
 import torch
 
 from ..io import atomic_write
-from .checkpoint import with_run_file_mode
 
 # Keys whose values depend on the machine's speed, not on the computation: left out when two runs
 # are compared for equality (resume, determinism).
@@ -111,7 +110,7 @@ def _figure(size):  # Agg canvas: no GUI backend, no pyplot state
 
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
-    return with_run_file_mode(atomic_write(path, lambda tmp: fig.savefig(tmp, format="png")))
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
 
 
 def plot_runs(runs: Mapping[str, List[Dict[str, Any]]], path: Path, title: str = "") -> Path:

@@ -61,3 +61,17 @@ def test_load_refuses_a_file_that_misses_trainable_tensors(tmp_path):
     msg = r"holds no tensors for the model's trainable \['blocks.1.mlp.fc2.lora_b'\]"
     with pytest.raises(ValueError, match=msg):
         pace.load_adapter(_model(), tmp_path / "a")
+
+
+def test_atomic_writes_give_the_mode_open_would(tmp_path):
+    # mkstemp makes its files 0600; a saved adapter is meant to be shared like any file written
+    # with open(), so it gets 0666 less the umask.
+    import os
+
+    old = os.umask(0o022)
+    try:
+        pace.save_adapter(pace.inject(_model(), adapter="lora_add"), tmp_path / "adapter")
+        modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    finally:
+        os.umask(old)
+    assert modes == {"adapter.safetensors": 0o644, "adapter.json": 0o644}
