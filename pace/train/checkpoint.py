@@ -163,4 +163,7 @@ def claim(out_dir: Path, resume: bool, overwrite: bool) -> Iterator[None]:
             stale.unlink(missing_ok=True)
         for name in refuse_existing(out_dir, resume, overwrite):
             (out_dir / name).unlink()
-        yield  # closing the file, however the run ends, releases the lock
+        try:
+            yield
+        finally:  # explicitly: a forked DataLoader worker may still hold a copy of the descriptor
+            fcntl.flock(lock, fcntl.LOCK_UN)

@@ -46,7 +46,8 @@ model and data:
                              (train/<class>/*, val/ or test/); omit it for the built-in default
 --split               str    training split: a list file in DIR or DIR/annotations (train800val200) or an
                              ImageFolder subfolder (train)
---eval-split          str    evaluation split (val200 after train800, else test or test_meta.list; val, test)
+--eval-split          str    evaluation split (val200 after train800, else test or test_meta.list;
+                             ImageFolder: val, else test)
 --num-classes         int    number of classes (default: from the labels)
 --img-size            int    input resolution
 --augment    none|flip-crop  none (resize) or flip-crop (FGVC / few-shot: resize 256/224, random crop, flip),
@@ -58,6 +59,7 @@ adapter and PACE:
 --pace                str    objective, one of {modes}: none, pace (two noisy copies), fast (one copy + past
                              logits), lazy (pace every --lazy-interval steps), fpa (vs the pre-trained model);
                              default none with --data; built-in: none, pace, fast, lazy; --sweep-lam: a list
+                             (pace,fpa)
 --lam                 float  consistency strength lambda; default per objective {lam}
 --sigma               float  std S of the adapter noise N(1, S^2), lower in deeper layers; default {sigma}
 --lazy-interval       int    lazy: the PACE step comes every N steps
@@ -76,9 +78,9 @@ run:
 --device     auto|cpu|cuda   where to train; auto = CUDA if present
 --seed                int    seed of data order, augmentation, init, noise (rank r: seed + r), 0 .. {max_seed}
 --out                 str    output folder
---resume              flag   continue from the last checkpoint (of each method and draw) to the result of an
-                             uninterrupted run; flags that change the result must match (else exit 2);
-                             --epochs may grow
+--resume              flag   continue from the last checkpoint (built-in: of each method and draw) to the
+                             result of an uninterrupted run; flags that change the result must match (else
+                             exit 2); --epochs may grow
 --resume-new-optim    flag   with --resume: keep weights and optimiser moments but allow a new --lr, --wd,
                              --warmup-epochs, --epochs, --seed, with fresh random streams (e.g. after a NaN)
 --overwrite           flag   delete the records of a run already in --out and start a new one there
@@ -315,7 +317,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (ValueError, TypeError) as exc:  # bad input; these kinds name the flag here
         flag = {RunFolderError: "--out: ", ResumeError: "--resume: ", UnreadableImageError: "--data: "}
         fix = "; pass --resume to continue that run or --overwrite to replace it"
-        message = flag.get(type(exc), "") + _one_line(exc) + (fix if isinstance(exc, RunFolderError) else "")
+        prefix = next((text for kind, text in flag.items() if isinstance(exc, kind)), "")
+        message = prefix + _one_line(exc) + (fix if isinstance(exc, RunFolderError) else "")
         return _fail(f"error: {message}", EXIT_USAGE)
     except NonFiniteLossError as exc:
         return _fail(_one_line(exc), EXIT_NON_FINITE)

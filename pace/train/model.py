@@ -47,7 +47,7 @@ def create_timm_model(
 def load_checkpoint(model: nn.Module, path: str, allow_partial: bool = False) -> str:
     """Load a ViT ``.npz``, ``.safetensors`` or ``.pth`` into ``model`` and return a one-line summary; a
     classifier of another shape stays as initialised, any other tensor left so needs ``allow_partial``."""
-    from timm.models.vision_transformer import VisionTransformer, _load_weights, checkpoint_filter_fn
+    from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
     p = Path(path)
     if not p.is_file():
@@ -56,6 +56,8 @@ def load_checkpoint(model: nn.Module, path: str, allow_partial: bool = False) ->
         if not isinstance(model, VisionTransformer):
             kind = type(model).__name__
             raise ValueError(f".npz files hold the original ViT release layout; {kind} is not a ViT")
+        from timm.models.vision_transformer import _load_weights  # private: imported only where needed
+
         try:
             _load_weights(model, str(p))
         except Exception as exc:  # noqa: BLE001

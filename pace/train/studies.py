@@ -119,7 +119,6 @@ def run_search(cfg: RunConfig, env, device) -> int:
     study = DigitsExperiment(cfg, env, device, seeds)
     digits = study.digits()
     tried: List[Dict[str, Any]] = []
-    lines: List[str] = []  # settings come as lr, sigma, lam
 
     def score(name: str, mode: str, **settings) -> float:
         tag = "-".join(f"{k}{v:g}" for k, v in settings.items())
@@ -127,8 +126,6 @@ def run_search(cfg: RunConfig, env, device) -> int:
         val_acc = statistics.fmean(r.val_acc for r in runs)
         gnorm = statistics.fmean(r.val_grad_norm_mean for r in runs)
         tried.append({"method": name, **settings, "val_acc": val_acc, "val_grad_norm_mean": gnorm})
-        shown = " ".join(f"{k} {v:g}" for k, v in settings.items())
-        lines.append(f"{name:<10} {shown}: val acc {100 * val_acc:.2f}%")
         log(f"[search] {name} {tag}: val acc {100 * val_acc:.2f}%", env.is_main)
         return val_acc
 
@@ -140,7 +137,11 @@ def run_search(cfg: RunConfig, env, device) -> int:
         chosen[mode] = {"sigma": sigma, "lam": lam}
     if env.is_main:
         head = f"search on the validation digits, draws {seeds}, batch {cfg.batch_size}, {cfg.epochs} epochs:"
-        print("\n".join([head, *lines, f"chosen: {json.dumps(chosen)}"]), flush=True)
+        lines = [head]
+        for t in tried:
+            shown = " ".join(f"{k} {t[k]:g}" for k in ("lr", "sigma", "lam") if k in t)
+            lines.append(f"{t['method']:<10} {shown}: val acc {100 * t['val_acc']:.2f}%")
+        print("\n".join([*lines, f"chosen: {json.dumps(chosen)}"]), flush=True)
         record = {"seeds": seeds, "tried": tried, "chosen": chosen}
         atomic_write_text(study.out / "search.json", json.dumps(record, indent=2) + "\n")
     return 0
